@@ -1,0 +1,437 @@
+//! The config document sidecars run on: one versioned YAML/JSON file listing upstreams.
+//!
+//! The operator renders it into a ConfigMap; standalone users write it by hand. Parsing reports
+//! the field path of a type error, and `validate` reports every rule broken, each with its path
+//! (`upstreams[1].policy.retries.attempts: must be 0..=10, got 11`).
+
+mod duration;
+mod policy;
+
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use self::duration::{Duration, ParseDurationError, DURATION_PATTERN};
+pub use self::policy::{
+    HealthCheck, HealthCheckProtocol, LoadBalancer, OutlierDetection, Policy, Retries, RetryBudget,
+    RetryOn, StatusRange, Timeouts,
+};
+
+/// The only `apiVersion` this build reads.
+pub const API_VERSION: &str = "detour.dev/v1alpha1";
+/// The `kind` of the sidecar config document.
+pub const KIND: &str = "SidecarConfig";
+
+/// The whole document.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    /// Must be `detour.dev/v1alpha1`.
+    pub api_version: String,
+    /// Must be `SidecarConfig`.
+    pub kind: String,
+    /// One entry per local listener.
+    #[serde(default)]
+    pub upstreams: Vec<Upstream>,
+}
+
+/// One upstream service: a local listener, its endpoints and its policy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Upstream {
+    /// Unique name, used as the `upstream` metric label (`namespace/policy` when rendered by the
+    /// operator).
+    pub name: String,
+    /// Local address the application calls, e.g. `127.0.0.1:18080`.
+    pub listen: String,
+    /// Which client pods this upstream applies to (set by the operator). A sidecar started with
+    /// pod labels serves only the upstreams whose selector matches; absent means every pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<LabelSelector>,
+    /// Endpoints to balance over.
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+/// One endpoint (pod) of an upstream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// `ip:port` (`[v6]:port` for IPv6).
+    pub address: String,
+    /// The pod behind the endpoint, for logs, `/config` and per-pod metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default)]
+    pub state: EndpointState,
+}
+
+/// What Kubernetes says about the endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointState {
+    /// Ready to serve.
+    #[default]
+    Ready,
+    /// Shutting down (rolling update): used only when no other endpoint is left.
+    Terminating,
+}
+
+/// Why a document was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid config:\n{0}")]
+    Invalid(FieldErrors),
+}
+
+/// Every rule a document breaks, each with its field path.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FieldErrors(Vec<FieldError>);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+// === impl FieldErrors ===
+
+impl FieldErrors {
+    pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &FieldError> {
+        self.0.iter()
+    }
+
+    pub fn into_result(self) -> Result<(), FieldErrors> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(self)
+        }
+    }
+}
+
+impl fmt::Display for FieldErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{}: {}", e.path, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for FieldErrors {}
+
+// === impl Config ===
+
+impl Config {
+    /// An empty document of the current version.
+    pub fn empty() -> Self {
+        Config {
+            api_version: API_VERSION.to_string(),
+            kind: KIND.to_string(),
+            upstreams: Vec::new(),
+        }
+    }
+
+    /// Parses YAML or JSON (JSON is YAML) and validates it.
+    pub fn from_str_validated(text: &str) -> Result<Self, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        // Fields the schema does not know (typos such as `retires:`) are reported, not ignored.
+        let mut unknown = Vec::new();
+        let mut on_unknown = |p: serde_ignored::Path<'_>| unknown.push(ignored_path(&p));
+        let ignored = serde_ignored::Deserializer::new(de, &mut on_unknown);
+        let cfg: Config = serde_path_to_error::deserialize(ignored).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::Parse {
+                path: if path == "." { "document".into() } else { path },
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        let mut errs = FieldErrors::default();
+        for path in unknown {
+            errs.push(path, "unknown field");
+        }
+        cfg.validate_into(&mut errs);
+        errs.into_result().map_err(ConfigError::Invalid)?;
+        Ok(cfg)
+    }
+
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_str_validated(&text)
+    }
+
+    pub fn validate(&self) -> Result<(), FieldErrors> {
+        let mut errs = FieldErrors::default();
+        self.validate_into(&mut errs);
+        errs.into_result()
+    }
+
+    fn validate_into(&self, errs: &mut FieldErrors) {
+        if self.api_version != API_VERSION {
+            errs.push(
+                "apiVersion",
+                format!("must be {API_VERSION:?}, got {:?}", self.api_version),
+            );
+        }
+        if self.kind != KIND {
+            errs.push("kind", format!("must be {KIND:?}, got {:?}", self.kind));
+        }
+        let mut names = BTreeMap::new();
+        let mut listens = BTreeMap::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let p = format!("upstreams[{i}]");
+            if !valid_name(&u.name) {
+                errs.push(
+                    format!("{p}.name"),
+                    "must be 1-253 characters of a-z, A-Z, 0-9, '-', '.', '_', '/', starting with a letter or digit",
+                );
+            } else if let Some(j) = names.insert(u.name.as_str(), i) {
+                errs.push(
+                    format!("{p}.name"),
+                    format!("duplicates upstreams[{j}].name"),
+                );
+            }
+            match u.listen.parse::<SocketAddr>() {
+                Err(_) => errs.push(
+                    format!("{p}.listen"),
+                    format!("must be ip:port, got {:?}", u.listen),
+                ),
+                Ok(a) => {
+                    if let Some(j) = listens.insert(a, i) {
+                        errs.push(
+                            format!("{p}.listen"),
+                            format!("{a} is already used by upstreams[{j}]"),
+                        );
+                    }
+                }
+            }
+            let mut addrs = BTreeMap::new();
+            for (k, e) in u.endpoints.iter().enumerate() {
+                match e.address.parse::<SocketAddr>() {
+                    Err(_) => errs.push(
+                        format!("{p}.endpoints[{k}].address"),
+                        format!("must be ip:port, got {:?}", e.address),
+                    ),
+                    Ok(a) if a.port() == 0 => {
+                        errs.push(format!("{p}.endpoints[{k}].address"), "port must not be 0")
+                    }
+                    Ok(a) => {
+                        if let Some(j) = addrs.insert(a, k) {
+                            errs.push(
+                                format!("{p}.endpoints[{k}].address"),
+                                format!("duplicates endpoints[{j}]"),
+                            );
+                        }
+                    }
+                }
+            }
+            u.policy.validate(&format!("{p}.policy"), errs);
+        }
+    }
+
+    /// Short stable hash of the document's canonical JSON form (what `/config` and the
+    /// `detour_config_info` metric show, and what the operator records in status).
+    pub fn hash(&self) -> String {
+        let json = serde_json::to_vec(self).expect("config serializes");
+        let digest = Sha256::digest(&json);
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("config serializes")
+    }
+}
+
+impl Endpoint {
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.address.parse().ok()
+    }
+}
+
+impl Upstream {
+    /// The validated listen address. Panics only if called on an unvalidated document.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen.parse().expect("validated listen address")
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'/'))
+}
+
+/// Renders a serde_ignored path the way validation errors spell paths (`upstreams[0].policy`).
+fn ignored_path(p: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match p {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", ignored_path(parent)),
+        Path::Map { parent, key } => {
+            let base = ignored_path(parent);
+            if base.is_empty() {
+                key.clone()
+            } else {
+                format!("{base}.{key}")
+            }
+        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => ignored_path(parent),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: detour.dev/v1alpha1
+kind: SidecarConfig
+upstreams:
+  - name: shop/payments
+    listen: 127.0.0.1:18080
+    endpoints:
+      - address: 10.0.0.1:8080
+        pod: payments-0
+      - address: "[fd00::2]:8080"
+        state: terminating
+    policy:
+      retries:
+        attempts: 3
+        perTryTimeout: 250ms
+      healthCheck:
+        protocol: tcp
+"#;
+
+    #[test]
+    fn parses_and_applies_defaults() {
+        let cfg = Config::from_str_validated(GOOD).unwrap();
+        let u = &cfg.upstreams[0];
+        assert_eq!(u.endpoints[1].state, EndpointState::Terminating);
+        assert_eq!(u.endpoints[0].state, EndpointState::Ready);
+        assert_eq!(u.policy.retries.attempts, 3);
+        assert_eq!(u.policy.retries.per_try_timeout, Duration::from_millis(250));
+        assert_eq!(u.policy.timeouts, Timeouts::default());
+        assert_eq!(u.policy.health_check.protocol, HealthCheckProtocol::Tcp);
+    }
+
+    #[test]
+    fn json_is_accepted_and_round_trips() {
+        let cfg = Config::from_str_validated(GOOD).unwrap();
+        let json = serde_json::to_string(&cfg).unwrap();
+        let back = Config::from_str_validated(&json).unwrap();
+        assert_eq!(cfg, back);
+        assert_eq!(cfg.hash(), back.hash());
+        assert_eq!(cfg.hash().len(), 16);
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let bad = GOOD.replace("attempts: 3", "attempts: many");
+        let e = Config::from_str_validated(&bad).unwrap_err().to_string();
+        assert!(
+            e.starts_with("upstreams[0].policy.retries.attempts: "),
+            "{e}"
+        );
+        let bad = GOOD.replace("250ms", "quarter");
+        let e = Config::from_str_validated(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("upstreams[0].policy.retries.perTryTimeout"),
+            "{e}"
+        );
+        assert!(e.contains("\"quarter\""), "{e}");
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_with_paths() {
+        let bad = GOOD.replace(
+            "      retries:",
+            "      retires:\n        attempts: 1\n      retries:",
+        );
+        let e = Config::from_str_validated(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("upstreams[0].policy.retires: unknown field"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn all_problems_are_reported_together() {
+        let bad = r#"
+apiVersion: detour.dev/v2
+kind: SidecarConfig
+upstreams:
+  - name: a
+    listen: 127.0.0.1:1
+    endpoints: [{address: "nope"}, {address: "127.0.0.1:0"}]
+  - name: a
+    listen: 127.0.0.1:1
+    endpoints: [{address: "127.0.0.1:5"}, {address: "127.0.0.1:5"}]
+    policy: {retries: {attempts: 11}}
+"#;
+        let e = Config::from_str_validated(bad).unwrap_err();
+        let ConfigError::Invalid(errs) = e else {
+            panic!("{e}")
+        };
+        let text = errs.to_string();
+        for want in [
+            "apiVersion: must be \"detour.dev/v1alpha1\"",
+            "upstreams[0].endpoints[0].address: must be ip:port",
+            "upstreams[0].endpoints[1].address: port must not be 0",
+            "upstreams[1].name: duplicates upstreams[0].name",
+            "upstreams[1].listen: 127.0.0.1:1 is already used by upstreams[0]",
+            "upstreams[1].endpoints[1].address: duplicates endpoints[0]",
+            "upstreams[1].policy.retries.attempts: must be 0..=10, got 11",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        assert_eq!(errs.len(), 7, "{text}");
+    }
+
+    #[test]
+    fn hash_changes_with_content() {
+        let a = Config::from_str_validated(GOOD).unwrap();
+        let mut b = a.clone();
+        b.upstreams[0].endpoints.pop();
+        assert_ne!(a.hash(), b.hash());
+    }
+}

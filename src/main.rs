@@ -1,0 +1,79 @@
+//! The `detour` binary: one entry point, one subcommand per role.
+#![forbid(unsafe_code)]
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "detour",
+    version,
+    about = "Makes HTTP 502 Bad Gateway rare, and explains it when it happens"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "DETOUR_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the reverse-proxy sidecar from a config file (standalone or fed by the operator).
+    Sidecar(detour::sidecar::Args),
+    /// Validate a sidecar config file and print every problem with its field path.
+    Check {
+        /// The config file to check.
+        #[arg(long, short)]
+        config: std::path::PathBuf,
+    },
+    /// Run the Kubernetes operator (watches UpstreamPolicy resources).
+    Operator(detour::operator::Args),
+    /// Print the UpstreamPolicy CustomResourceDefinition as YAML.
+    Crd,
+    /// Run the self-contained demo: three simulated pods, the sidecar, traffic and faults.
+    Demo(detour::demo::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let quiet = matches!(
+        cli.command,
+        Command::Demo(_) | Command::Crd | Command::Check { .. }
+    );
+    detour::telemetry::init(&cli.log_format, quiet);
+    match cli.command {
+        Command::Check { config } => {
+            let cfg = detour::config::Config::load(&config)
+                .with_context(|| format!("{} is not a valid detour config", config.display()))?;
+            println!(
+                "{}: ok ({} upstreams, hash {})",
+                config.display(),
+                cfg.upstreams.len(),
+                cfg.hash()
+            );
+            Ok(())
+        }
+        Command::Crd => {
+            print!("{}", detour::api::crd_yaml());
+            Ok(())
+        }
+        Command::Sidecar(args) => runtime()?
+            .block_on(detour::sidecar::run(args))
+            .map_err(Into::into),
+        Command::Operator(args) => runtime()?
+            .block_on(detour::operator::run(args))
+            .map_err(Into::into),
+        Command::Demo(args) => runtime()?
+            .block_on(detour::demo::run(args))
+            .map_err(Into::into),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
