@@ -10,6 +10,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::{
@@ -111,7 +112,7 @@ async fn forward(
     let deadline = start + policy.timeouts.request.get();
     let per_try = policy.retries.per_try_timeout.get();
     up.budget.deposit();
-    let mut tried: Vec<SocketAddr> = Vec::with_capacity(2);
+    let mut tried: SmallVec<[SocketAddr; 4]> = SmallVec::new();
     let mut attempts = 0u32;
     let mut race_retry_left = true;
     let mut failed_before = false;
