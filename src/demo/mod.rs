@@ -1,5 +1,7 @@
 //! `detour demo`: three simulated pods, the sidecar, a traffic generator and injected faults.
 
+pub mod pod;
+
 /// Flags of `detour demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {}
