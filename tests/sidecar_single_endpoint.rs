@@ -117,10 +117,10 @@ async fn hang_gives_504_http_response_timeout() {
         "http_response_timeout",
     );
     assert_eq!(h.pods[0].requests(), attempts as u64);
-    // Attempts of 300 ms each, well inside the 3 s request timeout.
-    assert!(t.elapsed() >= Duration::from_millis(300) * attempts);
+    // Attempts of 800 ms (perTryTimeout) each, inside the 5 s request timeout.
+    assert!(t.elapsed() >= Duration::from_millis(800) * attempts);
     assert!(
-        t.elapsed() < Duration::from_millis(2500),
+        t.elapsed() < Duration::from_millis(4500),
         "{:?}",
         t.elapsed()
     );
@@ -141,7 +141,7 @@ async fn request_deadline_gives_504_even_when_tries_would_continue() {
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{r:?}");
     assert_eq!(r.proxy_error().error, "http_response_timeout");
     assert!(
-        t.elapsed() < Duration::from_millis(1500),
+        t.elapsed() < Duration::from_millis(2500),
         "{:?}",
         t.elapsed()
     );
