@@ -1,5 +1,8 @@
 //! `detour demo`: three simulated pods, the sidecar, a traffic generator and injected faults.
 
+pub mod pod;
+pub mod prom;
+
 /// Flags of `detour demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {}

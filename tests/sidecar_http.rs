@@ -1,0 +1,171 @@
+//! Reverse-proxy HTTP semantics: header rewriting, upgrades passed through, graceful shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{header, Method, Request, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_and_forwarding_headers_added() {
+    let h = Harness::start(1, fast_policy()).await;
+    let req = Request::builder()
+        .method(Method::PUT)
+        .uri("/things/7?x=1")
+        .header(header::HOST, "app.example:8080")
+        .header(header::CONNECTION, "keep-alive, x-session-hop")
+        .header("x-session-hop", "per-connection")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .header(header::TE, "trailers")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-end-to-end", "kept")
+        .body(Full::new(Bytes::from_static(b"payload")))
+        .unwrap();
+    let r = h.send(req).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "payload");
+
+    let rec = h.pods[0].last_request().expect("the pod got the request");
+    assert_eq!(rec.method, Method::PUT);
+    assert_eq!(rec.uri.to_string(), "/things/7?x=1");
+    let hd = &rec.headers;
+    for gone in ["x-session-hop", "keep-alive", "proxy-connection", "te"] {
+        assert!(!hd.contains_key(gone), "{gone} was forwarded: {hd:?}");
+    }
+    // The upstream connection's own `Connection` header, if any, names nothing of the client's.
+    for v in hd.get_all(header::CONNECTION) {
+        assert!(!v.to_str().unwrap().contains("x-session-hop"), "{hd:?}");
+    }
+    assert_eq!(hd["x-end-to-end"], "kept");
+    assert_eq!(
+        hd[header::HOST],
+        "app.example:8080",
+        "Host is what the client asked for"
+    );
+    assert!(
+        hd[header::VIA].to_str().unwrap().contains("detour"),
+        "{:?}",
+        hd[header::VIA]
+    );
+    assert_eq!(hd["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(hd["x-forwarded-proto"], "http");
+    assert_eq!(hd["x-forwarded-host"], "app.example:8080");
+    assert_eq!(&rec.body[..], b"payload");
+    assert_eq!(rec.version, http::Version::HTTP_11);
+}
+
+#[tokio::test]
+async fn a_client_keep_alive_connection_serves_many_requests() {
+    let h = Harness::start(2, fast_policy()).await;
+    let mut conn = connect(h.addr()).await.unwrap();
+    for n in 0..20 {
+        let r = send_on(&mut conn, request(Method::GET, &format!("/{n}")))
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    // The sidecar pools its upstream connections too: far fewer than one per request.
+    let conns: u64 = h.pods.iter().map(SimPod::connections).sum();
+    assert!(
+        conns <= 4,
+        "{conns} upstream connections for 20 sequential requests"
+    );
+}
+
+#[tokio::test]
+async fn websocket_upgrade_passes_through() {
+    let h = Harness::start(1, fast_policy()).await;
+    let mut conn = connect(h.addr()).await.unwrap();
+    let req = Request::builder()
+        .uri("/chat")
+        .header(header::HOST, "app.test")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(Full::default())
+        .unwrap();
+    let resp = within(PATIENCE, "101", conn.send_request(req))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(resp.headers()[header::UPGRADE], "websocket");
+    let rec = h.pods[0].last_request().unwrap();
+    assert_eq!(rec.headers[header::UPGRADE], "websocket");
+    assert_eq!(rec.headers["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+
+    let upgraded = within(PATIENCE, "upgrade", hyper::upgrade::on(resp))
+        .await
+        .unwrap();
+    let mut io = TokioIo::new(upgraded);
+    for msg in [&b"hello through detour"[..], &b"and a second frame"[..]] {
+        io.write_all(msg).await.unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        within(PATIENCE, "echo", io.read_exact(&mut buf))
+            .await
+            .unwrap();
+        assert_eq!(buf, msg);
+    }
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_an_in_flight_slow_request() {
+    let h = Harness::start(1, fast_policy()).await;
+    h.pods[0]
+        .set_fault(Fault::Slow(Duration::from_millis(250)))
+        .await
+        .unwrap();
+    let addr = h.addr();
+    let in_flight = tokio::spawn(send_fresh(addr, request(Method::GET, "/slow")));
+    eventually("the slow request reached the pod", || {
+        h.pods[0].requests() == 1
+    })
+    .await;
+
+    let Harness { sidecar, pods, .. } = h;
+    let t = std::time::Instant::now();
+    within(
+        PATIENCE,
+        "shutdown",
+        sidecar.shutdown(Duration::from_secs(5)),
+    )
+    .await;
+    let r = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request completes");
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.pod(), Some("pod-0"));
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "drain waited for the timeout"
+    );
+    // No new connections once shut down.
+    let refused = tokio::net::TcpStream::connect(addr).await;
+    assert!(refused.is_err(), "still accepting after shutdown");
+    drop(pods);
+}
+
+#[tokio::test]
+async fn shutdown_gives_up_on_requests_slower_than_the_drain_timeout() {
+    let h = Harness::start(1, fast_policy()).await;
+    h.pods[0].set_fault(Fault::Hang).await.unwrap();
+    let mut policy = fast_policy();
+    policy.retries.per_try_timeout = CfgDuration::from_secs(3);
+    h.sidecar
+        .apply(config_for(&[h.pods[0].addr()], policy))
+        .await
+        .unwrap();
+    let addr = h.addr();
+    let _stuck = tokio::spawn(send_fresh(addr, request(Method::GET, "/stuck")));
+    eventually("the request reached the pod", || h.pods[0].requests() == 1).await;
+    let t = std::time::Instant::now();
+    h.sidecar.shutdown(Duration::from_millis(200)).await;
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}

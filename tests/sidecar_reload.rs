@@ -1,0 +1,166 @@
+//! Hot reload through `SidecarHandle::apply`: endpoints that stay keep their health state, a bad
+//! config is refused and the running one keeps serving.
+
+mod common;
+
+use common::*;
+use http::StatusCode;
+
+#[tokio::test]
+async fn an_ejected_endpoint_stays_ejected_across_a_reload() {
+    let mut p = fast_policy();
+    p.outlier_detection.consecutive_gateway_errors = 1;
+    let mut h = Harness::start(2, p).await;
+    h.pods[0].set_fault(Fault::Always502).await.unwrap();
+    for n in 0..100 {
+        assert_eq!(h.get(&format!("/{n}")).await.status, StatusCode::OK);
+        if h.pods[0].requests() > 0 {
+            break;
+        }
+    }
+    assert!(
+        h.endpoint(h.pods[0].addr()).ejected,
+        "pod-0 was not ejected"
+    );
+    // pod-0 would now serve fine: only the ejection keeps traffic away from it.
+    h.pods[0].set_fault(Fault::Healthy).await.unwrap();
+    let seen = h.pods[0].requests();
+    let listen = h.addr();
+
+    // A new config: one more endpoint and a different retry policy.
+    h.pods.push(SimPod::start("pod-2").await.unwrap());
+    h.policy.retries.attempts = 3;
+    let before = h.metrics();
+    h.sidecar
+        .apply(h.config())
+        .await
+        .expect("valid config applies");
+    let after = h.metrics();
+    assert_eq!(
+        after.sum("detour_config_reloads_total", &[("result", "success")])
+            - before.sum("detour_config_reloads_total", &[("result", "success")]),
+        1.0
+    );
+    assert_eq!(h.addr(), listen, "the listener survives a reload");
+    assert!(after.has("detour_config_info", &[("hash", &h.config().hash())]));
+    assert!(
+        h.endpoint(h.pods[0].addr()).ejected,
+        "reload forgot the ejection"
+    );
+    assert_eq!(m(&after, "detour_endpoints", &[("state", "ejected")]), 1.0);
+    for n in 0..30 {
+        let r = h.get(&format!("/after/{n}")).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_ne!(r.pod(), Some("pod-0"));
+    }
+    assert_eq!(
+        h.pods[0].requests(),
+        seen,
+        "an ejected endpoint got traffic after reload"
+    );
+    assert!(h.pods[2].requests() > 0, "the new endpoint got no traffic");
+}
+
+#[tokio::test]
+async fn an_unhealthy_endpoint_stays_unhealthy_across_a_reload() {
+    let mut p = fast_policy();
+    p.health_check.protocol = HealthCheckProtocol::Http;
+    // Once unhealthy, pod-0 needs 100 passing checks (5 s) to come back.
+    p.health_check.healthy_threshold = 100;
+    let mut h = Harness::start(2, p).await;
+    h.pods[0].set_health_fault(Some(Fault::Always503));
+    eventually("pod-0 unhealthy", || {
+        h.endpoint(h.pods[0].addr()).health == detour::sidecar::Health::Unhealthy
+    })
+    .await;
+    h.pods[0].set_health_fault(None);
+    let seen = h.pods[0].requests();
+    h.pods.push(SimPod::start("pod-2").await.unwrap());
+    h.sidecar
+        .apply(h.config())
+        .await
+        .expect("valid config applies");
+    assert_eq!(
+        h.endpoint(h.pods[0].addr()).health,
+        detour::sidecar::Health::Unhealthy,
+        "reload reset the health of an endpoint that stayed"
+    );
+    for n in 0..30 {
+        assert_eq!(h.get(&format!("/{n}")).await.status, StatusCode::OK);
+    }
+    assert_eq!(
+        h.pods[0].requests(),
+        seen,
+        "an unhealthy endpoint got traffic after reload"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_config_is_refused_and_the_old_one_keeps_serving() {
+    let h = Harness::start(2, fast_policy()).await;
+    let running = h.sidecar.config();
+    let hash = running.hash();
+    let before = h.metrics();
+
+    let mut bad = h.config();
+    bad.upstreams[0].policy.retries.attempts = 11;
+    bad.upstreams[0].endpoints[0].address = "not-an-address".into();
+    let err = h
+        .sidecar
+        .apply(bad)
+        .await
+        .expect_err("invalid config must be refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("upstreams[0].policy.retries.attempts"),
+        "{text}"
+    );
+    assert!(text.contains("upstreams[0].endpoints[0].address"), "{text}");
+
+    let after = h.metrics();
+    assert_eq!(
+        after.sum("detour_config_reloads_total", &[("result", "failure")])
+            - before.sum("detour_config_reloads_total", &[("result", "failure")]),
+        1.0
+    );
+    assert_eq!(
+        after.sum("detour_config_reloads_total", &[("result", "success")]),
+        before.sum("detour_config_reloads_total", &[("result", "success")])
+    );
+    assert_eq!(h.sidecar.config(), running);
+    assert!(after.has("detour_config_info", &[("hash", &hash)]));
+    for n in 0..10 {
+        assert_eq!(h.get(&format!("/{n}")).await.status, StatusCode::OK);
+    }
+    assert_eq!(h.pods.iter().map(SimPod::requests).sum::<u64>(), 10);
+}
+
+#[tokio::test]
+async fn the_admin_server_serves_metrics_readiness_and_config() {
+    let h = Harness::start(1, fast_policy()).await;
+    let admin = h.sidecar.admin_addr();
+    let metrics = send_fresh(admin, request(http::Method::GET, "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(metrics.status, StatusCode::OK);
+    Metrics::parse(&metrics.text()).expect("/metrics is Prometheus text");
+    assert!(
+        metrics.text().contains("detour_endpoints{"),
+        "{}",
+        metrics.text()
+    );
+    for path in ["/live", "/ready"] {
+        let r = send_fresh(admin, request(http::Method::GET, path))
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+    }
+    let config = send_fresh(admin, request(http::Method::GET, "/config"))
+        .await
+        .unwrap();
+    assert_eq!(config.status, StatusCode::OK);
+    let json: serde_json::Value = serde_json::from_slice(&config.body).expect("/config is JSON");
+    let text = json.to_string();
+    assert!(text.contains(&h.pods[0].addr().to_string()), "{text}");
+    assert!(text.contains(UPSTREAM), "{text}");
+}
