@@ -1,0 +1,159 @@
+//! Request and response bodies as the proxy moves them: small enums rather than boxed trait
+//! objects, so the common paths (empty GET, pooled upstream stream) allocate nothing extra.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use prometheus::IntCounter;
+
+use super::endpoint::InflightGuard;
+
+/// What is sent upstream.
+#[derive(Debug)]
+pub enum ReqBody {
+    /// Buffered in full: can be replayed on a retry (cheap `Bytes` clone).
+    Full(Option<Bytes>),
+    /// Streamed from the client: sent once, never replayed.
+    Stream(Incoming),
+    /// The first bytes were buffered before the body turned out to exceed the replay limit.
+    Prefixed(Option<Bytes>, Incoming),
+}
+
+/// What is sent to the client.
+#[derive(Debug)]
+pub enum RespBody {
+    Full(Option<Bytes>),
+    Upstream {
+        body: Incoming,
+        /// Keeps the endpoint's in-flight count up until the body is done (least-request).
+        guard: Option<InflightGuard>,
+        /// Counts a body the upstream broke off (`http_response_incomplete`).
+        on_error: Option<IntCounter>,
+    },
+}
+
+// === impl ReqBody ===
+
+impl ReqBody {
+    pub fn empty() -> Self {
+        ReqBody::Full(None)
+    }
+
+    /// A copy for another attempt, when this body can be replayed.
+    pub fn try_clone(&self) -> Option<ReqBody> {
+        match self {
+            ReqBody::Full(b) => Some(ReqBody::Full(b.clone())),
+            _ => None,
+        }
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ReqBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ReqBody::Stream(s) => Pin::new(s).poll_frame(cx),
+            ReqBody::Prefixed(prefix, rest) => match prefix.take() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => Pin::new(rest).poll_frame(cx),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Full(b) => b.is_none(),
+            ReqBody::Stream(s) => s.is_end_stream(),
+            ReqBody::Prefixed(p, rest) => p.is_none() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ReqBody::Stream(s) => s.size_hint(),
+            ReqBody::Prefixed(p, rest) => {
+                let n = p.as_ref().map_or(0, |b| b.len() as u64);
+                let h = rest.size_hint();
+                let mut out = SizeHint::new();
+                out.set_lower(h.lower() + n);
+                if let Some(u) = h.upper() {
+                    out.set_upper(u + n);
+                }
+                out
+            }
+        }
+    }
+}
+
+// === impl RespBody ===
+
+impl RespBody {
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        let b = b.into();
+        RespBody::Full(if b.is_empty() { None } else { Some(b) })
+    }
+
+    pub fn empty() -> Self {
+        RespBody::Full(None)
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RespBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RespBody::Upstream {
+                body,
+                guard,
+                on_error,
+            } => {
+                let res = Pin::new(body).poll_frame(cx);
+                match &res {
+                    Poll::Ready(None) => {
+                        guard.take();
+                    }
+                    Poll::Ready(Some(Err(_))) => {
+                        guard.take();
+                        if let Some(c) = on_error.take() {
+                            c.inc();
+                        }
+                    }
+                    _ => {}
+                }
+                res
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::Full(b) => b.is_none(),
+            RespBody::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            RespBody::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! Why an attempt or a request failed, as small typed values, and the one place that turns a
+//! failure into the response the client sees (status, RFC 9209 `Proxy-Status`, body) and into the
+//! fixed `cause` label set of the metrics.
+
+use std::{error::Error as StdError, fmt, io, net::SocketAddr};
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::body::RespBody;
+
+/// The closed set of failure causes. Labels are RFC 9209 proxy error types where one fits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cause {
+    /// The endpoint refused the TCP connection (nothing listening: pod gone).
+    ConnectionRefused,
+    /// The TCP connection could not be established in time.
+    ConnectionTimeout,
+    /// The connection closed or reset before a complete response head arrived.
+    ConnectionTerminated,
+    /// A reused keep-alive connection was closed by the upstream as the request went out.
+    KeepaliveRace,
+    /// No response head within the per-try timeout or the request deadline.
+    HttpResponseTimeout,
+    /// The response body ended early (the connection broke mid-body).
+    HttpResponseIncomplete,
+    /// The upstream answered bytes that are not a valid HTTP/1 response.
+    HttpProtocolError,
+    /// No endpoint to send the request to.
+    DestinationUnavailable,
+    /// The endpoint answered 502, 503 or 504 itself.
+    UpstreamStatus,
+}
+
+pub const ALL_CAUSES: [Cause; 9] = [
+    Cause::ConnectionRefused,
+    Cause::ConnectionTimeout,
+    Cause::ConnectionTerminated,
+    Cause::KeepaliveRace,
+    Cause::HttpResponseTimeout,
+    Cause::HttpResponseIncomplete,
+    Cause::HttpProtocolError,
+    Cause::DestinationUnavailable,
+    Cause::UpstreamStatus,
+];
+
+/// How far a failed attempt got, which decides whether it may be retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// The request never left: safe to retry whatever the method.
+    NotSent,
+    /// Bytes may have reached the upstream: only idempotent requests are retried.
+    MaybeProcessed,
+}
+
+/// One failed attempt.
+#[derive(Debug)]
+pub struct AttemptError {
+    pub cause: Cause,
+    pub reach: Reach,
+    pub detail: String,
+}
+
+/// The failure the client is told about.
+#[derive(Debug, Clone)]
+pub struct ProxyError {
+    pub cause: Cause,
+    /// Endpoint of the last attempt, when there was one.
+    pub endpoint: Option<SocketAddr>,
+    pub pod: Option<String>,
+    pub attempts: u32,
+    pub detail: String,
+}
+
+// === impl Cause ===
+
+impl Cause {
+    /// The metric label and, for final errors, the RFC 9209 `error` parameter.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::ConnectionRefused => "connection_refused",
+            Cause::ConnectionTimeout => "connection_timeout",
+            Cause::ConnectionTerminated => "connection_terminated",
+            Cause::KeepaliveRace => "keepalive_race",
+            Cause::HttpResponseTimeout => "http_response_timeout",
+            Cause::HttpResponseIncomplete => "http_response_incomplete",
+            Cause::HttpProtocolError => "http_protocol_error",
+            Cause::DestinationUnavailable => "destination_unavailable",
+            Cause::UpstreamStatus => "upstream_status",
+        }
+    }
+
+    /// The RFC 9209 error type reported in `Proxy-Status` when this cause ends a request.
+    pub fn proxy_status_error(self) -> &'static str {
+        match self {
+            // A race is a connection closed under us; the RFC has no finer type.
+            Cause::KeepaliveRace => "connection_terminated",
+            other => other.as_str(),
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Cause::DestinationUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Cause::HttpResponseTimeout | Cause::ConnectionTimeout => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// Counts toward `consecutiveGatewayErrors` of the endpoint.
+    pub fn is_gateway_failure(self) -> bool {
+        !matches!(self, Cause::DestinationUnavailable | Cause::KeepaliveRace)
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// === impl AttemptError ===
+
+impl AttemptError {
+    pub fn new(cause: Cause, reach: Reach, detail: impl Into<String>) -> Self {
+        AttemptError {
+            cause,
+            reach,
+            detail: detail.into(),
+        }
+    }
+
+    /// Classifies a connect failure. The request never left.
+    pub fn connect(err: &io::Error) -> Self {
+        let cause = match err.kind() {
+            io::ErrorKind::TimedOut => Cause::ConnectionTimeout,
+            io::ErrorKind::ConnectionRefused => Cause::ConnectionRefused,
+            // Unreachable, reset during handshake, ...: the endpoint cannot be reached.
+            _ => Cause::ConnectionRefused,
+        };
+        AttemptError::new(cause, Reach::NotSent, format!("connect: {err}"))
+    }
+
+    /// Classifies a hyper client error that happened after the connection was up.
+    /// `reused`: the connection had served a request before; a failure with no response byte on
+    /// such a connection is the keep-alive race.
+    pub fn from_hyper(err: &hyper::Error, sent: bool, reused: bool) -> Self {
+        let reach = if sent {
+            Reach::MaybeProcessed
+        } else {
+            Reach::NotSent
+        };
+        let detail = error_chain(err);
+        let cause = if err.is_parse() || err.is_parse_status() {
+            Cause::HttpProtocolError
+        } else if err.is_timeout() {
+            Cause::HttpResponseTimeout
+        } else if reused && (err.is_incomplete_message() || err.is_canceled() || is_reset(err)) {
+            Cause::KeepaliveRace
+        } else {
+            Cause::ConnectionTerminated
+        };
+        AttemptError::new(cause, reach, detail)
+    }
+}
+
+fn is_reset(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::UnexpectedEof
+            );
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// `outer: inner: innermost`, for logs and `Proxy-Status` details.
+pub fn error_chain(err: &(dyn StdError + 'static)) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let t = e.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = e.source();
+    }
+    s
+}
+
+// === impl ProxyError ===
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        self.cause.status()
+    }
+
+    /// `detour; error=connection_refused; details="..."` (RFC 9209 structured field).
+    pub fn proxy_status(&self) -> String {
+        format!(
+            "detour; error={}; details={}",
+            self.cause.proxy_status_error(),
+            sf_string(&self.details())
+        )
+    }
+
+    pub fn details(&self) -> String {
+        let mut s = String::new();
+        match (&self.endpoint, &self.pod) {
+            (Some(ep), Some(pod)) => s.push_str(&format!("endpoint {ep} (pod {pod}): ")),
+            (Some(ep), None) => s.push_str(&format!("endpoint {ep}: ")),
+            _ => {}
+        }
+        s.push_str(&self.detail);
+        s.push_str(&format!("; attempts={}", self.attempts));
+        s
+    }
+
+    /// The response the sidecar answers itself.
+    pub fn to_response(&self) -> Response<RespBody> {
+        let status = self.status();
+        let body = format!(
+            "{} {}: {}\n{}\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            self.cause.proxy_status_error(),
+            self.details()
+        );
+        let mut resp = Response::new(RespBody::full(body));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Ok(v) = HeaderValue::from_str(&self.proxy_status()) {
+            h.insert("proxy-status", v);
+        }
+        resp
+    }
+}
+
+/// Encodes a structured-field string (RFC 8941 sf-string): printable ASCII, `"` and `\` escaped.
+fn sf_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' '..='~' => out.push(c),
+            _ => out.push('?'),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_cause() {
+        assert_eq!(Cause::ConnectionRefused.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            Cause::HttpResponseTimeout.status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            Cause::ConnectionTimeout.status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            Cause::DestinationUnavailable.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            Cause::KeepaliveRace.proxy_status_error(),
+            "connection_terminated"
+        );
+    }
+
+    #[test]
+    fn proxy_status_is_a_valid_structured_field() {
+        let e = ProxyError {
+            cause: Cause::ConnectionRefused,
+            endpoint: Some("127.0.0.1:9".parse().unwrap()),
+            pod: Some("web-1".into()),
+            attempts: 3,
+            detail: "connect: Connection \"refused\"\n".into(),
+        };
+        assert_eq!(
+            e.proxy_status(),
+            r#"detour; error=connection_refused; details="endpoint 127.0.0.1:9 (pod web-1): connect: Connection \"refused\"?; attempts=3""#
+        );
+        let resp = e.to_response();
+        assert_eq!(resp.status(), 502);
+        assert!(resp.headers()["proxy-status"].to_str().is_ok());
+    }
+
+    #[test]
+    fn connect_errors_classify() {
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            AttemptError::connect(&refused).cause,
+            Cause::ConnectionRefused
+        );
+        let slow = io::Error::from(io::ErrorKind::TimedOut);
+        let e = AttemptError::connect(&slow);
+        assert_eq!(e.cause, Cause::ConnectionTimeout);
+        assert_eq!(e.reach, Reach::NotSent);
+    }
+
+    #[test]
+    fn labels_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for c in ALL_CAUSES {
+            assert!(seen.insert(c.as_str()));
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! Header handling of a reverse proxy (RFC 9110 §7.6): hop-by-hop headers are removed, `Via` and
+//! `X-Forwarded-*` are added, `Host` is what the client asked for.
+
+use std::net::IpAddr;
+
+use http::{header, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1 plus the legacy ones).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+pub const VIA_VALUE: &str = "1.1 detour";
+
+/// Is this an HTTP/1.1 upgrade (WebSocket...) request or response?
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .map(|s| {
+                    s.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+                })
+                .unwrap_or(false)
+        })
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names. For an upgrade,
+/// `Connection: upgrade` and `Upgrade` are kept: they must reach the other side.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if keep_upgrade && name == header::UPGRADE {
+            continue;
+        }
+        headers.remove(&name);
+    }
+    for name in HOP_BY_HOP.iter() {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Adds `Via`, appends the client to `X-Forwarded-For`, and sets `X-Forwarded-Proto`/`-Host` when
+/// no earlier proxy did.
+pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&HeaderValue>) {
+    append_list(headers, header::VIA, VIA_VALUE);
+    append_list(
+        headers,
+        HeaderName::from_static("x-forwarded-for"),
+        &client.to_string(),
+    );
+    let proto = HeaderName::from_static("x-forwarded-proto");
+    if !headers.contains_key(&proto) {
+        headers.insert(proto, HeaderValue::from_static("http"));
+    }
+    let fhost = HeaderName::from_static("x-forwarded-host");
+    if let (false, Some(h)) = (headers.contains_key(&fhost), host) {
+        headers.insert(fhost, h.clone());
+    }
+}
+
+/// Appends `value` to a comma-separated list header (one header line, as proxies do).
+pub fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    let joined = match headers.get(&name).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {value}"),
+        _ => value.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        headers.insert(name, v);
+    }
+}
+
+/// Methods that are safe to send twice (RFC 9110 §9.2.2).
+pub fn is_idempotent(method: &http::Method, headers: &HeaderMap) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    ) || headers.contains_key("idempotency-key")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic x"),
+            ("upgrade", "websocket"),
+            ("x-keep", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-keep"]);
+    }
+
+    #[test]
+    fn upgrade_keeps_upgrade_headers() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn forwarded_headers_append() {
+        let mut h = map(&[("x-forwarded-for", "10.0.0.9"), ("via", "1.1 edge")]);
+        let host = HeaderValue::from_static("shop.example");
+        add_forwarded(&mut h, "127.0.0.1".parse().unwrap(), Some(&host));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9, 127.0.0.1");
+        assert_eq!(h["via"], "1.1 edge, 1.1 detour");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "shop.example");
+    }
+
+    #[test]
+    fn idempotency() {
+        let h = HeaderMap::new();
+        assert!(is_idempotent(&http::Method::GET, &h));
+        assert!(is_idempotent(&http::Method::PUT, &h));
+        assert!(!is_idempotent(&http::Method::POST, &h));
+        assert!(!is_idempotent(&http::Method::PATCH, &h));
+        let k = map(&[("idempotency-key", "abc")]);
+        assert!(is_idempotent(&http::Method::POST, &k));
+    }
+}

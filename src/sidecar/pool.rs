@@ -1,0 +1,172 @@
+//! Keep-alive connections to one endpoint.
+//!
+//! LIFO reuse (the warmest connection first), and no connection is reused after it has been idle
+//! for `poolIdle`: closing idle connections before the upstream does is what prevents the
+//! keep-alive race (a request written into a connection the upstream is closing). Whether a
+//! connection was reused is reported so the rare race that still happens can be told apart.
+
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use tokio::{net::TcpStream, time::Instant};
+
+use super::body::ReqBody;
+
+pub type Sender = http1::SendRequest<ReqBody>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(4),
+            max_idle: 512,
+        }
+    }
+}
+
+/// Cheap to clone: all clones share one set of idle connections.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    addr: SocketAddr,
+    config: Mutex<PoolConfig>,
+    idle: Mutex<Vec<Idle>>,
+}
+
+struct Idle {
+    tx: Sender,
+    since: Instant,
+}
+
+/// A connection ready to send one request.
+pub struct Conn {
+    pub tx: Sender,
+    /// It served a request before (a failure with no response byte is then a keep-alive race).
+    pub reused: bool,
+}
+
+// === impl Pool ===
+
+impl Pool {
+    pub fn new(addr: SocketAddr, config: PoolConfig) -> Self {
+        Pool {
+            inner: Arc::new(Inner {
+                addr,
+                config: Mutex::new(config),
+                idle: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    pub fn set_config(&self, config: PoolConfig) {
+        *self.inner.config.lock() = config;
+    }
+
+    pub fn config(&self) -> PoolConfig {
+        *self.inner.config.lock()
+    }
+
+    pub fn idle_len(&self) -> usize {
+        self.inner.idle.lock().len()
+    }
+
+    /// The most recently used idle connection that is still open, ready and fresh enough.
+    pub fn checkout(&self) -> Option<Conn> {
+        let idle_timeout = self.config().idle_timeout;
+        let now = Instant::now();
+        let mut idle = self.inner.idle.lock();
+        // Oldest first: drop whatever is past the idle timeout.
+        let stale = idle
+            .iter()
+            .take_while(|c| now.saturating_duration_since(c.since) >= idle_timeout)
+            .count();
+        idle.drain(..stale);
+        while let Some(c) = idle.pop() {
+            if c.tx.is_ready() && !c.tx.is_closed() {
+                return Some(Conn {
+                    tx: c.tx,
+                    reused: true,
+                });
+            }
+        }
+        None
+    }
+
+    /// A pooled connection, or a new one.
+    pub async fn get(&self) -> io::Result<Conn> {
+        if let Some(c) = self.checkout() {
+            return Ok(c);
+        }
+        Ok(Conn {
+            tx: self.connect(false).await?,
+            reused: false,
+        })
+    }
+
+    /// Opens a new connection (with upgrade support when asked: such connections are not pooled).
+    pub async fn connect(&self, upgrades: bool) -> io::Result<Sender> {
+        let cfg = self.config();
+        let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(self.inner.addr))
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within {:?}", cfg.connect_timeout),
+                )
+            })??;
+        let _ = stream.set_nodelay(true);
+        let (tx, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        if upgrades {
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+        } else {
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+        Ok(tx)
+    }
+
+    /// Returns a connection once its response has been read to the end; a connection whose
+    /// response was abandoned closes instead and is dropped.
+    pub fn release(&self, mut tx: Sender) {
+        let pool = self.clone();
+        if tx.is_ready() {
+            pool.put(tx);
+            return;
+        }
+        tokio::spawn(async move {
+            if tx.ready().await.is_ok() {
+                pool.put(tx);
+            }
+        });
+    }
+
+    fn put(&self, tx: Sender) {
+        let cfg = self.config();
+        let mut idle = self.inner.idle.lock();
+        if idle.len() >= cfg.max_idle {
+            idle.remove(0);
+        }
+        idle.push(Idle {
+            tx,
+            since: Instant::now(),
+        });
+    }
+}

@@ -1,0 +1,488 @@
+//! The running sidecar: listeners, the upstreams behind them, health-check tasks, and the apply
+//! step that swaps in a new config without dropping requests or forgetting endpoint state.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use hyper::{server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{watch, Mutex, Notify},
+    task::JoinHandle,
+    time::Instant,
+};
+
+use super::{
+    admin,
+    endpoint::EndpointSnapshot,
+    health, labels,
+    metrics::{Metrics, UpstreamMetrics},
+    proxy,
+    upstream::UpstreamRt,
+    Error,
+};
+use crate::config::{Config, HealthCheck};
+
+/// How the sidecar runs (as opposed to what it proxies, which is the `Config`).
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Admin server address (`/metrics`, `/live`, `/ready`, `/config`).
+    pub admin: SocketAddr,
+    /// Longest wait for in-flight requests on shutdown.
+    pub drain_timeout: Duration,
+    /// This pod's labels: only upstreams whose `workloadSelector` matches are served.
+    pub pod_labels: Option<BTreeMap<String, String>>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            drain_timeout: Duration::from_secs(30),
+            pod_labels: None,
+        }
+    }
+}
+
+/// Starts sidecars.
+pub struct Sidecar;
+
+/// A running sidecar. Dropping it does not stop it; call `shutdown`.
+pub struct SidecarHandle {
+    shared: Arc<Shared>,
+    admin_addr: SocketAddr,
+    admin_task: JoinHandle<()>,
+}
+
+pub(super) struct Shared {
+    pub metrics: Arc<Metrics>,
+    opts: Options,
+    state: Mutex<State>,
+    /// What `/config` shows; replaced after each apply.
+    pub view: ArcSwap<View>,
+    pub ready: AtomicBool,
+    stop_accepting: watch::Sender<bool>,
+    conns: ConnTracker,
+}
+
+struct State {
+    listeners: HashMap<String, ListenerRt>,
+}
+
+/// One local listener and the upstream currently behind it.
+struct ListenerRt {
+    addr: SocketAddr,
+    slot: Arc<ArcSwap<UpstreamRt>>,
+    stop: watch::Sender<bool>,
+    checkers: HashMap<SocketAddr, JoinHandle<()>>,
+    health_check: HealthCheck,
+}
+
+/// The running config and live endpoint state, as `/config` serves it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct View {
+    pub hash: String,
+    pub config: Config,
+    #[serde(skip)]
+    pub upstreams: Vec<(String, SocketAddr, Arc<ArcSwap<UpstreamRt>>)>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamView {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub endpoints: Vec<EndpointSnapshot>,
+}
+
+/// Counts open client connections so shutdown can wait for them.
+#[derive(Default)]
+struct ConnTracker {
+    open: AtomicUsize,
+    idle: Notify,
+}
+
+// === impl Sidecar ===
+
+impl Sidecar {
+    /// Validates `config`, binds the admin server and every listener, and starts serving.
+    pub async fn start(config: Config, opts: Options) -> Result<SidecarHandle, Error> {
+        let handle = Self::start_empty(opts).await?;
+        handle.apply(config).await?;
+        Ok(handle)
+    }
+
+    /// Starts with no upstreams and not ready (`/ready` answers 503) until a config is applied.
+    pub async fn start_empty(opts: Options) -> Result<SidecarHandle, Error> {
+        let metrics = Metrics::new();
+        let admin_listener = TcpListener::bind(opts.admin)
+            .await
+            .map_err(|source| Error::Bind {
+                what: "--admin".into(),
+                addr: opts.admin.to_string(),
+                source,
+            })?;
+        let admin_addr = admin_listener.local_addr().map_err(Error::Io)?;
+        let empty = Config::empty();
+        let shared = Arc::new(Shared {
+            metrics,
+            opts,
+            state: Mutex::new(State {
+                listeners: HashMap::new(),
+            }),
+            view: ArcSwap::from_pointee(View {
+                hash: empty.hash(),
+                config: empty,
+                upstreams: Vec::new(),
+            }),
+            ready: AtomicBool::new(false),
+            stop_accepting: watch::channel(false).0,
+            conns: ConnTracker::default(),
+        });
+        let admin_task = tokio::spawn(admin::serve(admin_listener, shared.clone()));
+        Ok(SidecarHandle {
+            shared,
+            admin_addr,
+            admin_task,
+        })
+    }
+}
+
+// === impl SidecarHandle ===
+
+impl SidecarHandle {
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The bound address of an upstream's listener (useful with `listen: 127.0.0.1:0`).
+    pub fn listener_addr(&self, upstream: &str) -> Option<SocketAddr> {
+        self.shared
+            .view
+            .load()
+            .upstreams
+            .iter()
+            .find(|(n, _, _)| n == upstream)
+            .map(|(_, a, _)| *a)
+    }
+
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics_text()
+    }
+
+    /// The running config.
+    pub fn config(&self) -> Config {
+        self.shared.view.load().config.clone()
+    }
+
+    /// Live endpoint state per upstream, as `/config` shows it.
+    pub fn upstreams(&self) -> Vec<UpstreamView> {
+        self.shared.upstream_views()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::Relaxed)
+    }
+
+    /// Applies a new config. An invalid one (or one whose listener cannot be bound) is refused
+    /// with every problem named, and the running config keeps serving.
+    pub async fn apply(&self, config: Config) -> Result<(), Error> {
+        let res = self.shared.apply(config).await;
+        match &res {
+            Ok(()) => {
+                self.shared.metrics.reloads_success.inc();
+                self.shared.ready.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.shared.metrics.reloads_failure.inc();
+                tracing::error!(error = %e, "config rejected; the running config stays in place");
+            }
+        }
+        res
+    }
+
+    /// Counts a config that failed before it could be applied (unreadable or unparsable file).
+    pub fn record_rejected(&self, err: &dyn std::error::Error) {
+        self.shared.metrics.reloads_failure.inc();
+        tracing::error!(error = %err, "config rejected; the running config stays in place");
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to `drain`), then stops.
+    pub async fn shutdown(self, drain: Duration) {
+        self.shared.ready.store(false, Ordering::Relaxed);
+        let _ = self.shared.stop_accepting.send(true);
+        let mut state = self.shared.state.lock().await;
+        for (_, l) in state.listeners.drain() {
+            let _ = l.stop.send(true);
+            for (_, t) in l.checkers {
+                t.abort();
+            }
+        }
+        drop(state);
+        let deadline = Instant::now() + drain;
+        loop {
+            let notified = self.shared.conns.idle.notified();
+            if self.shared.conns.open.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::warn!(
+                    open = self.shared.conns.open.load(Ordering::SeqCst),
+                    "drain timeout: closing remaining connections"
+                );
+                break;
+            }
+        }
+        self.admin_task.abort();
+    }
+}
+
+// === impl Shared ===
+
+impl Shared {
+    pub fn metrics_text(&self) -> String {
+        let now = Instant::now();
+        for (_, _, slot) in self.view.load().upstreams.iter() {
+            let up = slot.load();
+            up.metrics.set_endpoint_counts(up.endpoint_counts(now));
+        }
+        self.metrics.encode()
+    }
+
+    pub fn upstream_views(&self) -> Vec<UpstreamView> {
+        let now = Instant::now();
+        self.view
+            .load()
+            .upstreams
+            .iter()
+            .map(|(name, addr, slot)| UpstreamView {
+                name: name.clone(),
+                listen: *addr,
+                endpoints: slot.load().snapshot(now),
+            })
+            .collect()
+    }
+
+    async fn apply(self: &Arc<Self>, config: Config) -> Result<(), Error> {
+        config.validate().map_err(Error::Invalid)?;
+        let mut state = self.state.lock().await;
+        let selected: Vec<(usize, &crate::config::Upstream)> = config
+            .upstreams
+            .iter()
+            .enumerate()
+            .filter(
+                |(_, u)| match (&self.opts.pod_labels, &u.workload_selector) {
+                    (Some(pod), Some(sel)) => labels::matches(sel, pod),
+                    _ => true,
+                },
+            )
+            .collect();
+
+        // Bind every new listener first: if one fails, nothing changes.
+        let mut fresh: HashMap<String, TcpListener> = HashMap::new();
+        for (i, u) in &selected {
+            let key = listen_key(u);
+            if state.listeners.contains_key(&key) || fresh.contains_key(&key) {
+                continue;
+            }
+            let l = TcpListener::bind(u.listen_addr())
+                .await
+                .map_err(|source| Error::Bind {
+                    what: format!("upstreams[{i}].listen"),
+                    addr: u.listen.clone(),
+                    source,
+                })?;
+            fresh.insert(key, l);
+        }
+
+        let mut keep = Vec::new();
+        let mut names_after = Vec::new();
+        for (_, u) in &selected {
+            let key = listen_key(u);
+            names_after.push(u.name.clone());
+            if let Some(l) = state.listeners.get_mut(&key) {
+                let prev = l.slot.load_full();
+                let same = prev.name == u.name;
+                let metrics = if same {
+                    prev.metrics.clone()
+                } else {
+                    Arc::new(UpstreamMetrics::new(&self.metrics, &u.name))
+                };
+                let next = Arc::new(UpstreamRt::build(u, same.then_some(&*prev), metrics));
+                self.restart_checkers(l, &next);
+                l.slot.store(next);
+            } else {
+                let listener = fresh.remove(&key).expect("bound above");
+                let addr = listener.local_addr().map_err(Error::Io)?;
+                let metrics = Arc::new(UpstreamMetrics::new(&self.metrics, &u.name));
+                let up = Arc::new(UpstreamRt::build(u, None, metrics));
+                let slot = Arc::new(ArcSwap::new(up.clone()));
+                let (stop, stop_rx) = watch::channel(false);
+                tokio::spawn(accept_loop(listener, slot.clone(), stop_rx, self.clone()));
+                let mut l = ListenerRt {
+                    addr,
+                    slot,
+                    stop,
+                    checkers: HashMap::new(),
+                    health_check: u.policy.health_check.clone(),
+                };
+                self.restart_checkers(&mut l, &up);
+                tracing::info!(upstream = %u.name, listen = %addr, endpoints = u.endpoints.len(), "listening");
+                state.listeners.insert(key.clone(), l);
+            }
+            keep.push(key);
+        }
+
+        // Listeners no longer configured stop accepting; their open connections finish.
+        let gone: Vec<String> = state
+            .listeners
+            .keys()
+            .filter(|k| !keep.contains(k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(l) = state.listeners.remove(&key) {
+                let _ = l.stop.send(true);
+                for (_, t) in l.checkers {
+                    t.abort();
+                }
+                let up = l.slot.load();
+                if !names_after.contains(&up.name) {
+                    up.metrics.remove();
+                }
+                tracing::info!(upstream = %up.name, listen = %l.addr, "listener removed");
+            }
+        }
+
+        let upstreams = keep
+            .iter()
+            .map(|k| {
+                let l = &state.listeners[k];
+                (l.slot.load().name.clone(), l.addr, l.slot.clone())
+            })
+            .collect();
+        let hash = config.hash();
+        self.metrics.set_config_hash(&hash);
+        tracing::info!(hash = %hash, upstreams = keep.len(), "config applied");
+        self.view.store(Arc::new(View {
+            hash,
+            config,
+            upstreams,
+        }));
+        Ok(())
+    }
+
+    /// Keeps the checks of endpoints that stay (same settings), stops those of removed endpoints,
+    /// starts checks for new ones at once.
+    fn restart_checkers(&self, l: &mut ListenerRt, up: &Arc<UpstreamRt>) {
+        let hc = &up.policy.health_check;
+        if *hc != l.health_check {
+            for (_, t) in l.checkers.drain() {
+                t.abort();
+            }
+            l.health_check = hc.clone();
+        }
+        l.checkers.retain(|addr, t| {
+            let stays = up.endpoints.iter().any(|e| e.addr == *addr);
+            if !stays {
+                t.abort();
+            }
+            stays
+        });
+        for ep in &up.endpoints {
+            if l.checkers.contains_key(&ep.addr) {
+                continue;
+            }
+            if let Some(t) =
+                health::spawn(up.name.clone(), ep.clone(), hc.clone(), up.metrics.clone())
+            {
+                l.checkers.insert(ep.addr, t);
+            }
+        }
+    }
+}
+
+/// Listeners are identified by address, so renaming an upstream keeps its socket; port-0
+/// listeners (tests) are per upstream.
+fn listen_key(u: &crate::config::Upstream) -> String {
+    let addr = u.listen_addr();
+    if addr.port() == 0 {
+        format!("{}@{}", u.name, u.listen)
+    } else {
+        addr.to_string()
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    slot: Arc<ArcSwap<UpstreamRt>>,
+    mut stop: watch::Receiver<bool>,
+    shared: Arc<Shared>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        tokio::spawn(serve_conn(stream, peer, slot.clone(), shared.clone()));
+    }
+}
+
+async fn serve_conn(
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: Arc<ArcSwap<UpstreamRt>>,
+    shared: Arc<Shared>,
+) {
+    let _ = stream.set_nodelay(true);
+    shared.conns.open.fetch_add(1, Ordering::SeqCst);
+    let svc = service_fn(move |req| {
+        // Each request uses the upstream as configured when it arrived, to its end.
+        let up = slot.load_full();
+        async move { Ok::<_, Infallible>(proxy::handle(req, up, peer).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let mut stop = shared.stop_accepting.subscribe();
+    let stopping = *stop.borrow();
+    if stopping {
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+    } else {
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = stop.changed() => {
+                // Finish the request in flight, then close.
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+    if shared.conns.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+        shared.conns.idle.notify_waiters();
+    }
+}

@@ -1,0 +1,130 @@
+//! The running form of one configured upstream: its endpoints (with live state), policy, retry
+//! budget and metric handles. Replaced as a whole on reload (an `ArcSwap` per listener), while the
+//! `Endpoint`s that stay are carried over, so health and ejection state survive reloads.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+
+use tokio::time::Instant;
+
+use super::{
+    budget::Budget,
+    endpoint::{Endpoint, EndpointSnapshot, Failure, Health},
+    metrics::UpstreamMetrics,
+    pool::{Pool, PoolConfig},
+};
+use crate::config::{Policy, Upstream};
+
+pub struct UpstreamRt {
+    pub name: String,
+    pub policy: Policy,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    pub metrics: Arc<UpstreamMetrics>,
+    pub budget: Arc<Budget>,
+}
+
+impl UpstreamRt {
+    /// Builds the running upstream from its config, reusing endpoints (and their state, pools)
+    /// and the retry budget of `prev` where they carry over.
+    pub fn build(
+        cfg: &Upstream,
+        prev: Option<&UpstreamRt>,
+        metrics: Arc<UpstreamMetrics>,
+    ) -> UpstreamRt {
+        let pool_cfg = pool_config(&cfg.policy);
+        let old: HashMap<SocketAddr, &Arc<Endpoint>> = prev
+            .map(|p| p.endpoints.iter().map(|e| (e.addr, e)).collect())
+            .unwrap_or_default();
+        let endpoints = cfg
+            .endpoints
+            .iter()
+            .filter_map(|e| {
+                let addr = e.socket_addr()?;
+                Some(match old.get(&addr) {
+                    Some(existing) if existing.pod == e.pod => {
+                        existing.set_state(e.state);
+                        existing.pool.set_config(pool_cfg);
+                        (*existing).clone()
+                    }
+                    _ => Arc::new(Endpoint::new(
+                        addr,
+                        e.pod.clone(),
+                        e.state,
+                        Pool::new(addr, pool_cfg),
+                    )),
+                })
+            })
+            .collect();
+        let budget = match prev {
+            Some(p) if p.policy.retries.budget == cfg.policy.retries.budget => p.budget.clone(),
+            _ => Arc::new(Budget::new(&cfg.policy.retries.budget)),
+        };
+        UpstreamRt {
+            name: cfg.name.clone(),
+            policy: cfg.policy.clone(),
+            endpoints,
+            metrics,
+            budget,
+        }
+    }
+
+    /// Records a failure of live traffic and ejects the endpoint when outlier detection says so
+    /// and `maxEjectionPercent` allows it.
+    pub fn record_failure(&self, ep: &Endpoint, failure: Failure, now: Instant) {
+        let od = &self.policy.outlier_detection;
+        let Some(reason) = ep.record_failure(failure, od, now) else {
+            return;
+        };
+        let n = self.endpoints.len();
+        let max = if od.max_ejection_percent == 0 {
+            0
+        } else {
+            (n * od.max_ejection_percent as usize / 100).max(1)
+        };
+        let ejected = self.endpoints.iter().filter(|e| e.is_ejected(now)).count();
+        if ejected >= max {
+            self.metrics.ejections_capped.inc();
+            tracing::debug!(upstream = %self.name, endpoint = %ep.addr, "ejection skipped: maxEjectionPercent reached");
+            return;
+        }
+        let d = ep.eject(od, now);
+        self.metrics.ejection(reason);
+        tracing::warn!(
+            upstream = %self.name,
+            endpoint = %ep.addr,
+            pod = ep.pod.as_deref().unwrap_or(""),
+            reason = reason.as_str(),
+            ejected_for_ms = d.as_millis() as u64,
+            "endpoint ejected"
+        );
+    }
+
+    /// Healthy (eligible), unhealthy, ejected, terminating.
+    pub fn endpoint_counts(&self, now: Instant) -> [i64; 4] {
+        let mut c = [0i64; 4];
+        for e in &self.endpoints {
+            let i = if e.is_terminating() {
+                3
+            } else if e.is_ejected(now) {
+                2
+            } else if e.health() == Health::Unhealthy {
+                1
+            } else {
+                0
+            };
+            c[i] += 1;
+        }
+        c
+    }
+
+    pub fn snapshot(&self, now: Instant) -> Vec<EndpointSnapshot> {
+        self.endpoints.iter().map(|e| e.snapshot(now)).collect()
+    }
+}
+
+pub fn pool_config(p: &Policy) -> PoolConfig {
+    PoolConfig {
+        connect_timeout: p.timeouts.connect.get(),
+        idle_timeout: p.timeouts.pool_idle.get(),
+        ..PoolConfig::default()
+    }
+}
