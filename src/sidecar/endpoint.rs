@@ -135,7 +135,9 @@ impl Endpoint {
             probation: AtomicBool::new(false),
             epoch: now,
             ejection: Mutex::new(EjectionHistory::default()),
-            ewma: Mutex::new((0.0, now)),
+            // A new endpoint starts at 1 ms, not 0: an untested (maybe hung) pod must not look
+            // infinitely fast to peak-EWMA.
+            ewma: Mutex::new((1e6, now)),
         }
     }
 
@@ -206,6 +208,7 @@ impl Endpoint {
     }
 
     /// Usable for normal balancing: healthy (or not yet checked), not ejected, not terminating.
+    #[cfg(test)]
     pub fn is_eligible(&self, now: Instant) -> bool {
         !self.is_terminating() && self.health() != Health::Unhealthy && !self.is_ejected(now)
     }

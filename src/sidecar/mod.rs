@@ -110,6 +110,8 @@ pub async fn run(args: Args) -> Result<(), Error> {
         .map_err(Error::Signal)?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(Error::Signal)?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(Error::Signal)?;
     let mut tick = tokio::time::interval(args.reload_interval.get().max(Duration::from_millis(50)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -120,7 +122,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
                 reload_if_changed(&sidecar, &args.config, &mut last).await;
             }
             _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = int.recv() => break,
         }
     }
     tracing::info!(drain_timeout = %args.drain_timeout, "shutting down: draining in-flight requests");
@@ -151,11 +153,12 @@ async fn reload_if_changed(sidecar: &SidecarHandle, path: &Path, last: &mut Opti
         })
         .and_then(Config::from_str_validated);
     match parsed {
-        Ok(cfg) => {
-            if sidecar.apply(cfg).await.is_ok() {
-                tracing::info!(path = %path.display(), "config loaded");
-            }
-        }
+        Ok(cfg) => match sidecar.apply(cfg).await {
+            Ok(()) => tracing::info!(path = %path.display(), "config loaded"),
+            // The port may free up (an old process still draining): try the same bytes again.
+            Err(Error::Bind { .. }) => *last = None,
+            Err(_) => {}
+        },
         Err(e) => sidecar.record_rejected(&e),
     }
 }

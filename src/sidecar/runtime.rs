@@ -308,27 +308,37 @@ impl Shared {
             fresh.insert(key, l);
         }
 
+        // Endpoint state follows the upstream's name, wherever it listens now.
+        let prev_by_name: HashMap<String, Arc<UpstreamRt>> = state
+            .listeners
+            .values()
+            .map(|l| {
+                let up = l.slot.load_full();
+                (up.name.clone(), up)
+            })
+            .collect();
         let mut keep = Vec::new();
-        let mut names_after = Vec::new();
+        let names_after: Vec<&str> = selected.iter().map(|(_, u)| u.name.as_str()).collect();
         for (_, u) in &selected {
             let key = listen_key(u);
-            names_after.push(u.name.clone());
+            let prev = prev_by_name.get(&u.name);
+            let metrics = match prev {
+                Some(p) => p.metrics.clone(),
+                None => Arc::new(UpstreamMetrics::new(&self.metrics, &u.name)),
+            };
+            let next = Arc::new(UpstreamRt::build(u, prev.map(|p| &**p), metrics));
             if let Some(l) = state.listeners.get_mut(&key) {
-                let prev = l.slot.load_full();
-                let same = prev.name == u.name;
-                let metrics = if same {
-                    prev.metrics.clone()
-                } else {
-                    Arc::new(UpstreamMetrics::new(&self.metrics, &u.name))
-                };
-                let next = Arc::new(UpstreamRt::build(u, same.then_some(&*prev), metrics));
+                let before = l.slot.load_full();
+                if before.name != u.name && !names_after.contains(&before.name.as_str()) {
+                    // Renamed: the old name's series go.
+                    before.metrics.remove();
+                }
                 self.restart_checkers(l, &next);
                 l.slot.store(next);
             } else {
                 let listener = fresh.remove(&key).expect("bound above");
                 let addr = listener.local_addr().map_err(Error::Io)?;
-                let metrics = Arc::new(UpstreamMetrics::new(&self.metrics, &u.name));
-                let up = Arc::new(UpstreamRt::build(u, None, metrics));
+                let up = next;
                 let slot = Arc::new(ArcSwap::new(up.clone()));
                 let (stop, stop_rx) = watch::channel(false);
                 tokio::spawn(accept_loop(listener, slot.clone(), stop_rx, self.clone()));
@@ -360,7 +370,7 @@ impl Shared {
                     t.abort();
                 }
                 let up = l.slot.load();
-                if !names_after.contains(&up.name) {
+                if !names_after.contains(&up.name.as_str()) {
                     up.metrics.remove();
                 }
                 tracing::info!(upstream = %up.name, listen = %l.addr, "listener removed");
@@ -449,7 +459,15 @@ async fn accept_loop(
             },
             _ = stop.changed() => return,
         };
-        tokio::spawn(serve_conn(stream, peer, slot.clone(), shared.clone()));
+        // Counted before the task starts, so a shutdown right now still waits for it.
+        shared.conns.open.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(serve_conn(
+            stream,
+            peer,
+            slot.clone(),
+            stop.clone(),
+            shared.clone(),
+        ));
     }
 }
 
@@ -457,14 +475,16 @@ async fn serve_conn(
     stream: TcpStream,
     peer: SocketAddr,
     slot: Arc<ArcSwap<UpstreamRt>>,
+    mut listener_stop: watch::Receiver<bool>,
     shared: Arc<Shared>,
 ) {
     let _ = stream.set_nodelay(true);
-    shared.conns.open.fetch_add(1, Ordering::SeqCst);
+    let client = Arc::new(proxy::Client::new(peer));
     let svc = service_fn(move |req| {
         // Each request uses the upstream as configured when it arrived, to its end.
         let up = slot.load_full();
-        async move { Ok::<_, Infallible>(proxy::handle(req, up, peer).await) }
+        let client = client.clone();
+        async move { Ok::<_, Infallible>(proxy::handle(req, up, &client).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -473,15 +493,19 @@ async fn serve_conn(
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
     let mut stop = shared.stop_accepting.subscribe();
-    let stopping = *stop.borrow();
+    let stopping = *stop.borrow() || *listener_stop.borrow();
     if stopping {
         conn.as_mut().graceful_shutdown();
         let _ = conn.await;
     } else {
         tokio::select! {
             _ = conn.as_mut() => {}
+            // Shutdown, or this listener left the config: finish the request in flight, close.
             _ = stop.changed() => {
-                // Finish the request in flight, then close.
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+            _ = listener_stop.changed() => {
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
             }

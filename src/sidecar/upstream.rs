@@ -20,6 +20,9 @@ pub struct UpstreamRt {
     pub endpoints: Vec<Arc<Endpoint>>,
     pub metrics: Arc<UpstreamMetrics>,
     pub budget: Arc<Budget>,
+    /// Serializes "count the ejected, then eject" so concurrent failures cannot exceed
+    /// `maxEjectionPercent`. Taken only when an endpoint is about to be ejected.
+    eject_lock: parking_lot::Mutex<()>,
 }
 
 impl UpstreamRt {
@@ -64,6 +67,7 @@ impl UpstreamRt {
             endpoints,
             metrics,
             budget,
+            eject_lock: parking_lot::Mutex::new(()),
         }
     }
 
@@ -80,6 +84,10 @@ impl UpstreamRt {
         } else {
             (n * od.max_ejection_percent as usize / 100).max(1)
         };
+        let _serial = self.eject_lock.lock();
+        if ep.is_ejected(now) {
+            return;
+        }
         let ejected = self.endpoints.iter().filter(|e| e.is_ejected(now)).count();
         if ejected >= max {
             self.metrics.ejections_capped.inc();
