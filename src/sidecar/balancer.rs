@@ -144,10 +144,7 @@ fn p2c<'a>(candidates: &[&'a Arc<Endpoint>], lb: LoadBalancer) -> Option<&'a Arc
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        config::{EndpointState, HealthCheck, OutlierDetection},
-        sidecar::pool::Pool,
-    };
+    use crate::config::{EndpointState, HealthCheck, OutlierDetection};
 
     fn eps(n: u16) -> Vec<Arc<Endpoint>> {
         (1..=n)
@@ -157,7 +154,8 @@ mod tests {
                     addr,
                     None,
                     EndpointState::Ready,
-                    Pool::new(addr, Default::default()),
+                    Default::default(),
+                    0,
                 ))
             })
             .collect()

@@ -19,6 +19,7 @@ mod pool;
 mod proxy;
 mod runtime;
 mod upstream;
+mod workers;
 
 use std::{
     net::SocketAddr,
@@ -52,8 +53,8 @@ pub struct Args {
     /// workloadSelector selects this pod are served.
     #[arg(long, env = "DETOUR_POD_LABELS")]
     pub pod_labels: Option<PathBuf>,
-    /// Worker threads. 1 runs everything on one thread (no cross-thread wake-ups: the cheapest
-    /// per request); the default is one per CPU.
+    /// Worker threads serving traffic (thread per core: each has its own accept socket and
+    /// connection pools). Default: one per CPU.
     #[arg(long, env = "DETOUR_THREADS")]
     pub threads: Option<usize>,
 }
@@ -94,10 +95,16 @@ pub async fn run(args: Args) -> Result<(), Error> {
         )?)),
         None => None,
     };
+    let workers = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     let opts = Options {
         admin: args.admin,
         drain_timeout: args.drain_timeout.get(),
         pod_labels,
+        workers,
     };
     // Start even without a valid file (the operator's ConfigMap may not exist yet): admin up,
     // /ready 503 until a valid config arrives.

@@ -264,7 +264,7 @@ async fn forward(
                     m.rescued.inc();
                 }
                 if mode != Mode::Upgrade {
-                    ep.pool.release(tx);
+                    ep.pool().release(tx);
                 }
                 return Ok(client_response(resp, guard, up, gateway));
             }
@@ -353,14 +353,14 @@ async fn attempt(
     let guard = ep.start_request();
     let connecting = async {
         match mode {
-            Mode::Pooled => ep.pool.get().await,
+            Mode::Pooled => ep.pool().get().await,
             Mode::Fresh => ep
-                .pool
+                .pool()
                 .connect(false)
                 .await
                 .map(|tx| Conn { tx, reused: false }),
             Mode::Upgrade => ep
-                .pool
+                .pool()
                 .connect(true)
                 .await
                 .map(|tx| Conn { tx, reused: false }),

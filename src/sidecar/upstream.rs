@@ -10,7 +10,7 @@ use super::{
     budget::Budget,
     endpoint::{Endpoint, EndpointSnapshot, Failure, Health},
     metrics::UpstreamMetrics,
-    pool::{Pool, PoolConfig},
+    pool::PoolConfig,
 };
 use crate::config::{Policy, Upstream};
 
@@ -32,6 +32,7 @@ impl UpstreamRt {
         cfg: &Upstream,
         prev: Option<&UpstreamRt>,
         metrics: Arc<UpstreamMetrics>,
+        workers: usize,
     ) -> UpstreamRt {
         let pool_cfg = pool_config(&cfg.policy);
         let old: HashMap<SocketAddr, &Arc<Endpoint>> = prev
@@ -45,14 +46,15 @@ impl UpstreamRt {
                 Some(match old.get(&addr) {
                     Some(existing) if existing.pod == e.pod => {
                         existing.set_state(e.state);
-                        existing.pool.set_config(pool_cfg);
+                        existing.set_pool_config(pool_cfg);
                         (*existing).clone()
                     }
                     _ => Arc::new(Endpoint::new(
                         addr,
                         e.pod.clone(),
                         e.state,
-                        Pool::new(addr, pool_cfg),
+                        pool_cfg,
+                        workers,
                     )),
                 })
             })
