@@ -232,6 +232,8 @@ impl Config {
                     format!("{p}.listen"),
                     format!("must be ip:port, got {:?}", u.listen),
                 ),
+                // Port 0 (any free port, used by tests and the demo) never collides.
+                Ok(a) if a.port() == 0 => {}
                 Ok(a) => {
                     if let Some(j) = listens.insert(a, i) {
                         errs.push(

@@ -52,6 +52,10 @@ pub struct Args {
     /// workloadSelector selects this pod are served.
     #[arg(long, env = "DETOUR_POD_LABELS")]
     pub pod_labels: Option<PathBuf>,
+    /// Worker threads. 1 runs everything on one thread (no cross-thread wake-ups: the cheapest
+    /// per request); the default is one per CPU.
+    #[arg(long, env = "DETOUR_THREADS")]
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -82,19 +82,28 @@ impl Pool {
         self.inner.idle.lock().len()
     }
 
-    /// The most recently used idle connection that is still open, ready and fresh enough.
+    /// The most recently used connection that is idle (ready), still open and fresh enough.
+    ///
+    /// Connections go back into the pool as soon as their response head is in, still busy with
+    /// the body; the connection task flips them to ready when the body is done, so returning a
+    /// connection costs no task and no wake-up.
     pub fn checkout(&self) -> Option<Conn> {
         let idle_timeout = self.config().idle_timeout;
         let now = Instant::now();
         let mut idle = self.inner.idle.lock();
-        // Oldest first: drop whatever is past the idle timeout.
+        // Oldest first: drop whatever is past the idle timeout, and closed connections.
         let stale = idle
             .iter()
             .take_while(|c| now.saturating_duration_since(c.since) >= idle_timeout)
             .count();
         idle.drain(..stale);
-        while let Some(c) = idle.pop() {
-            if c.tx.is_ready() && !c.tx.is_closed() {
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            if idle[i].tx.is_closed() {
+                idle.remove(i);
+            } else if idle[i].tx.is_ready() {
+                let c = idle.remove(i);
                 return Some(Conn {
                     tx: c.tx,
                     reused: true,
@@ -143,19 +152,11 @@ impl Pool {
         Ok(tx)
     }
 
-    /// Returns a connection once its response has been read to the end; a connection whose
-    /// response was abandoned closes instead and is dropped.
-    pub fn release(&self, mut tx: Sender) {
-        let pool = self.clone();
-        if tx.is_ready() {
-            pool.put(tx);
-            return;
-        }
-        tokio::spawn(async move {
-            if tx.ready().await.is_ok() {
-                pool.put(tx);
-            }
-        });
+    /// Returns a connection whose response head has arrived. It is handed out again only once
+    /// its response body has been read to the end; if the body is abandoned the connection
+    /// closes and is dropped at the next checkout.
+    pub fn release(&self, tx: Sender) {
+        self.put(tx);
     }
 
     fn put(&self, tx: Sender) {

@@ -10,6 +10,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::{
@@ -101,17 +102,22 @@ async fn forward(
     }
 
     let limit = policy.retries.max_buffered_body_bytes as usize;
-    let mut body = Some(buffer_body(body, limit).await.map_err(|e| {
-        Reject::Client(
-            StatusCode::BAD_REQUEST,
-            format!("reading request body: {e}"),
-        )
-    })?);
+    // A client that trickles its body must not hold the request past its deadline.
+    let buffered = tokio::time::timeout(policy.timeouts.request.get(), buffer_body(body, limit))
+        .await
+        .map_err(|_| {
+            Reject::Client(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not received in time".into(),
+            )
+        })?
+        .map_err(|e| Reject::Client(StatusCode::BAD_REQUEST, format!("reading request body: {e}")))?;
+    let mut body = Some(buffered);
 
     let deadline = start + policy.timeouts.request.get();
     let per_try = policy.retries.per_try_timeout.get();
     up.budget.deposit();
-    let mut tried: Vec<SocketAddr> = Vec::with_capacity(2);
+    let mut tried: SmallVec<[SocketAddr; 4]> = SmallVec::new();
     let mut attempts = 0u32;
     let mut race_retry_left = true;
     let mut failed_before = false;

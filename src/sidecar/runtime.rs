@@ -25,7 +25,7 @@ use tokio::{
 
 use super::{
     admin,
-    endpoint::EndpointSnapshot,
+    endpoint::{Endpoint, EndpointSnapshot},
     health, labels,
     metrics::{Metrics, UpstreamMetrics},
     proxy,
@@ -85,7 +85,8 @@ struct ListenerRt {
     addr: SocketAddr,
     slot: Arc<ArcSwap<UpstreamRt>>,
     stop: watch::Sender<bool>,
-    checkers: HashMap<SocketAddr, JoinHandle<()>>,
+    /// Health-check task per endpoint, with the endpoint it updates.
+    checkers: HashMap<SocketAddr, (Arc<Endpoint>, JoinHandle<()>)>,
     health_check: HealthCheck,
 }
 
@@ -226,7 +227,7 @@ impl SidecarHandle {
         let mut state = self.shared.state.lock().await;
         for (_, l) in state.listeners.drain() {
             let _ = l.stop.send(true);
-            for (_, t) in l.checkers {
+            for (_, (_, t)) in l.checkers {
                 t.abort();
             }
         }
@@ -355,7 +356,7 @@ impl Shared {
         for key in gone {
             if let Some(l) = state.listeners.remove(&key) {
                 let _ = l.stop.send(true);
-                for (_, t) in l.checkers {
+                for (_, (_, t)) in l.checkers {
                     t.abort();
                 }
                 let up = l.slot.load();
@@ -389,13 +390,17 @@ impl Shared {
     fn restart_checkers(&self, l: &mut ListenerRt, up: &Arc<UpstreamRt>) {
         let hc = &up.policy.health_check;
         if *hc != l.health_check {
-            for (_, t) in l.checkers.drain() {
+            for (_, (_, t)) in l.checkers.drain() {
                 t.abort();
             }
             l.health_check = hc.clone();
         }
-        l.checkers.retain(|addr, t| {
-            let stays = up.endpoints.iter().any(|e| e.addr == *addr);
+        l.checkers.retain(|addr, (checked, t)| {
+            // Same address but a new Endpoint (another pod took the IP): check the new one.
+            let stays = up
+                .endpoints
+                .iter()
+                .any(|e| e.addr == *addr && Arc::ptr_eq(e, checked));
             if !stays {
                 t.abort();
             }
@@ -408,7 +413,7 @@ impl Shared {
             if let Some(t) =
                 health::spawn(up.name.clone(), ep.clone(), hc.clone(), up.metrics.clone())
             {
-                l.checkers.insert(ep.addr, t);
+                l.checkers.insert(ep.addr, (ep.clone(), t));
             }
         }
     }
