@@ -239,9 +239,11 @@ fn demo_policy() -> Policy {
     p.health_check.jitter = config::Duration::from_millis(50);
     p.outlier_detection.base_ejection_time = config::Duration::from_secs(2);
     p.outlier_detection.max_ejection_time = config::Duration::from_secs(10);
-    p.retries.per_try_timeout = config::Duration::from_millis(300);
+    // A healthy pod answers in about a millisecond; 500 ms leaves room for a busy laptop while
+    // three tries still fit in the client's 2 s patience.
+    p.retries.per_try_timeout = config::Duration::from_millis(500);
     p.retries.budget.min_per_second = 20;
-    p.timeouts.request = config::Duration::from_millis(1500);
+    p.timeouts.request = config::Duration::from_millis(1800);
     p.timeouts.connect = config::Duration::from_millis(250);
     // One pod down out of three must not trigger panic mode (33% < 50% would).
     p.panic_threshold = 30;

@@ -111,7 +111,12 @@ async fn forward(
                 "request body not received in time".into(),
             )
         })?
-        .map_err(|e| Reject::Client(StatusCode::BAD_REQUEST, format!("reading request body: {e}")))?;
+        .map_err(|e| {
+            Reject::Client(
+                StatusCode::BAD_REQUEST,
+                format!("reading request body: {e}"),
+            )
+        })?;
     let mut body = Some(buffered);
 
     let deadline = start + policy.timeouts.request.get();
