@@ -43,9 +43,9 @@ pub fn fast_policy() -> Policy {
     p.retries.attempts = 2;
     // Long enough that a healthy answer on a loaded 2-core machine never times out; short
     // enough that a hung endpoint costs well under a second.
-    p.retries.per_try_timeout = ms(800);
+    p.retries.per_try_timeout = CfgDuration::from_secs(1);
     p.retries.budget.min_per_second = 100;
-    p.timeouts.request = CfgDuration::from_secs(5);
+    p.timeouts.request = CfgDuration::from_secs(6);
     p.timeouts.connect = ms(500);
     // Panic mode changes which endpoint is picked; the tests about it turn it on.
     p.panic_threshold = 0;
