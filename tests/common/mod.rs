@@ -308,3 +308,33 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     })
     .await
 }
+
+/// An address that accepts no connection and refuses none: a listener with a full accept queue
+/// that never accepts, so new SYNs are dropped and connects time out (a hung node, a black hole).
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    _listener: tokio::net::TcpListener,
+    _queued: Vec<TcpStream>,
+}
+
+pub async fn blackhole() -> Blackhole {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    let listener = socket.listen(0).unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..16 {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => queued.push(s),
+            Ok(Err(e)) => panic!("black hole refused a connection: {e}"),
+            Err(_) => {
+                return Blackhole {
+                    addr,
+                    _listener: listener,
+                    _queued: queued,
+                }
+            }
+        }
+    }
+    panic!("the accept queue of {addr} never filled up");
+}
