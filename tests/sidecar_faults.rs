@@ -90,7 +90,7 @@ async fn assert_ejected_after_three(h: &Harness, before: &Metrics, cause: &str) 
     );
     let after = h.metrics();
     let failures = assert_absorbed(&after, before, cause, sent + 10);
-    assert_eq!(failures, 3.0);
+    assert_eq!(failures, 3.0, "3 failures eject");
     assert_eq!(
         d(
             &after,
@@ -209,8 +209,8 @@ async fn hanging_pod_is_left_after_the_per_try_timeout() {
     let before = h.metrics();
     let t = Instant::now();
     assert_ejected_after_three(&h, &before, "http_response_timeout").await;
-    // Each hung attempt costs one per-try timeout (800 ms), not the 5 s request timeout.
-    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    // Each hung attempt costs one per-try timeout (1 s), not the 6 s request timeout.
+    assert!(t.elapsed() < Duration::from_secs(12), "{:?}", t.elapsed());
     assert_eq!(h.pods[0].requests(), 3);
 }
 
@@ -263,7 +263,7 @@ async fn slow_pod_within_the_per_try_timeout_is_waited_for_and_beyond_it_is_left
     );
     assert!(d(&after, &before, "detour_request_duration_seconds_sum", &[]) >= 0.3);
 
-    // Slower than perTryTimeout (800 ms): the attempt times out and pod-1 answers.
+    // Slower than perTryTimeout (1 s): the attempt times out and pod-1 answers.
     h.pods[0]
         .set_fault(Fault::Slow(Duration::from_secs(2)))
         .await
@@ -355,6 +355,9 @@ async fn a_request_on_a_stale_keep_alive_connection_is_retried_on_a_fresh_one() 
 async fn flapping_pod_failures_are_all_absorbed() {
     let mut policy = fast_policy();
     policy.health_check.protocol = HealthCheckProtocol::Http;
+    policy.health_check.timeout = ms(200);
+    // As deployed: should both endpoints look unhealthy at once, balance over both.
+    policy.panic_threshold = 50;
     policy.outlier_detection.base_ejection_time = ms(200);
     policy.outlier_detection.max_ejection_time = ms(400);
     let h = Harness::start(2, policy).await;

@@ -65,7 +65,7 @@ async fn an_ejected_endpoint_stays_ejected_across_a_reload() {
 async fn an_unhealthy_endpoint_stays_unhealthy_across_a_reload() {
     let mut p = fast_policy();
     p.health_check.protocol = HealthCheckProtocol::Http;
-    // Once unhealthy, pod-0 needs 100 passing checks (5 s) to come back.
+    // Once unhealthy, pod-0 needs 100 passing checks (20 s) to come back.
     p.health_check.healthy_threshold = 100;
     let mut h = Harness::start(2, p).await;
     h.pods[0].set_health_fault(Some(Fault::Always503));
@@ -86,7 +86,13 @@ async fn an_unhealthy_endpoint_stays_unhealthy_across_a_reload() {
         "reload reset the health of an endpoint that stayed"
     );
     for n in 0..30 {
-        assert_eq!(h.get(&format!("/{n}")).await.status, StatusCode::OK);
+        let r = h.get(&format!("/{n}")).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{r:?}\n{:?}",
+            h.sidecar.upstreams()[0].endpoints
+        );
     }
     assert_eq!(
         h.pods[0].requests(),

@@ -117,10 +117,10 @@ async fn hang_gives_504_http_response_timeout() {
         "http_response_timeout",
     );
     assert_eq!(h.pods[0].requests(), attempts as u64);
-    // Attempts of 800 ms (perTryTimeout) each, inside the 5 s request timeout.
-    assert!(t.elapsed() >= Duration::from_millis(800) * attempts);
+    // Attempts of 1 s (perTryTimeout) each, inside the 6 s request timeout.
+    assert!(t.elapsed() >= Duration::from_secs(1) * attempts);
     assert!(
-        t.elapsed() < Duration::from_millis(4500),
+        t.elapsed() < Duration::from_millis(5500),
         "{:?}",
         t.elapsed()
     );

@@ -1,18 +1,511 @@
-//! `detour demo`: three simulated pods, the sidecar, a traffic generator and injected faults.
+//! `detour demo`: three simulated pods, the sidecar in front of them, a traffic generator, and a
+//! scripted timeline of faults (a pod killed, a pod answering 502, a pod hanging; one at a time,
+//! each healed before the next). The client should see no error while the sidecar's metrics
+//! count what it absorbed. Everything runs in this process on 127.0.0.1.
 
 pub mod pod;
 pub mod prom;
+pub mod traffic;
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::watch;
+
+use self::{
+    pod::{Fault, SimPod},
+    prom::Metrics,
+    traffic::Traffic,
+};
+use crate::config::{self, Config, Endpoint, HealthCheckProtocol, Policy, Upstream};
+use crate::sidecar::{Options, Sidecar, SidecarHandle};
+
+/// The demo's upstream name (the `upstream` label of every metric).
+pub const UPSTREAM: &str = "demo/shop";
+const PODS: [&str; 3] = ["shop-0", "shop-1", "shop-2"];
+/// The timeline needs room for a fault, its detection and its healing, three times.
+const MIN_DURATION: Duration = Duration::from_secs(5);
 
 /// Flags of `detour demo`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// How long traffic runs; the fault timeline is spread over it (at least 5s).
+    #[arg(long, default_value = "36s")]
+    pub duration: config::Duration,
+    /// After the summary, keep the pods and the sidecar up (serving /metrics) until Ctrl-C.
+    #[arg(long)]
+    pub keep_running: bool,
+    /// Concurrent client connections of the traffic generator (1-64).
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Address of the sidecar's admin server (/metrics, /config); port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub admin: SocketAddr,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Args {
+            duration: config::Duration::from_secs(36),
+            keep_running: false,
+            connections: 4,
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("the demo is not built yet")]
-    NotBuilt,
+    #[error("--duration: must be at least {}s, got {got}", MIN_DURATION.as_secs())]
+    DurationTooShort { got: config::Duration },
+    #[error("--connections: must be 1..=64, got {0}")]
+    Connections(usize),
+    #[error(transparent)]
+    Pod(#[from] pod::Error),
+    #[error("starting the sidecar: {0}")]
+    Sidecar(#[from] crate::sidecar::Error),
+    #[error("the sidecar's metrics: {0}")]
+    Metrics(#[from] prom::ParseError),
+    #[error("writing the demo's output: {0}")]
+    Output(#[from] std::io::Error),
+    #[error(
+        "the client saw {errors} errors in {requests} requests; first ones:\n  {}",
+        examples.join("\n  ")
+    )]
+    ClientErrors {
+        errors: u64,
+        requests: u64,
+        examples: Vec<String>,
+    },
 }
 
-pub async fn run(_args: Args) -> Result<(), Error> {
-    Err(Error::NotBuilt)
+/// What the demo measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    pub elapsed: Duration,
+    pub requests: u64,
+    pub client_errors: u64,
+    /// Failed attempts by cause, as the sidecar counted them.
+    pub failed_attempts: BTreeMap<String, u64>,
+    pub retries: u64,
+    pub rescued: u64,
+    pub budget_exhausted: u64,
+    pub ejections: u64,
+    /// Responses the sidecar answered itself or passed through as 502/503/504.
+    pub gateway_errors: u64,
+    pub metrics_url: String,
+}
+
+/// Runs the demo, printing to stdout.
+pub async fn run(args: Args) -> Result<(), Error> {
+    let mut out = std::io::stdout();
+    run_with(&args, &mut out).await.map(|_| ())
+}
+
+/// Runs the demo, writing its display to `out`. Client-visible errors are an `Err`.
+pub async fn run_with(args: &Args, out: &mut (dyn Write + Send)) -> Result<Summary, Error> {
+    let duration = args.duration.get();
+    if duration < MIN_DURATION {
+        return Err(Error::DurationTooShort { got: args.duration });
+    }
+    if !(1..=64).contains(&args.connections) {
+        return Err(Error::Connections(args.connections));
+    }
+
+    let mut pods = Vec::new();
+    for name in PODS {
+        pods.push(SimPod::start(name).await?);
+    }
+    let opts = Options {
+        admin: args.admin,
+        ..Options::default()
+    };
+    let sidecar = Sidecar::start(demo_config(&pods), opts).await?;
+    let listen = sidecar
+        .listener_addr(UPSTREAM)
+        .expect("the demo upstream has a listener");
+    let metrics_url = format!("http://{}/metrics", sidecar.admin_addr());
+
+    writeln!(
+        out,
+        "detour demo: 3 simulated pods, the detour sidecar in front of them, and a client"
+    )?;
+    for p in &pods {
+        writeln!(out, "  pod {} on {}", p.name(), p.addr())?;
+    }
+    writeln!(
+        out,
+        "  sidecar listening on {listen}, metrics at {metrics_url}"
+    )?;
+    writeln!(
+        out,
+        "  client: {} keep-alive connections, GETs and POSTs with Idempotency-Key, for {}",
+        args.connections, args.duration
+    )?;
+    writeln!(out)?;
+
+    let traffic = Arc::new(Traffic::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut workers = traffic::spawn(
+        listen,
+        args.connections,
+        Duration::from_millis(10),
+        traffic.clone(),
+        stop_rx,
+    );
+
+    let start = Instant::now();
+    let baseline = scrape(&sidecar)?;
+    let mut timeline = timeline(duration).into_iter().peekable();
+    let mut status = String::from("all pods healthy");
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        // Events due now happen before the progress line, so each line shows the current fault.
+        while let Some((at, _)) = timeline.peek() {
+            if start.elapsed() < *at {
+                break;
+            }
+            let (_, step) = timeline.next().expect("peeked");
+            status = step.apply(&pods).await?;
+            writeln!(out, "{:>5.1}s  >> {status}", start.elapsed().as_secs_f64())?;
+        }
+        if start.elapsed() >= duration {
+            break;
+        }
+        let next_event = timeline.peek().map(|(at, _)| start + *at);
+        let wake = tokio::time::sleep_until(
+            next_event
+                .unwrap_or(start + duration)
+                .min(start + duration)
+                .into(),
+        );
+        tokio::select! {
+            _ = tick.tick() => {
+                let m = scrape(&sidecar)?;
+                writeln!(out, "{}", progress_line(start.elapsed(), &traffic, &m, &baseline, &status))?;
+            }
+            _ = wake => {}
+        }
+    }
+    let _ = stop_tx.send(true);
+    while workers.join_next().await.is_some() {}
+
+    let m = scrape(&sidecar)?;
+    let summary = summarize(start.elapsed(), &traffic, &m, &baseline, metrics_url);
+    writeln!(out)?;
+    write_summary(out, &summary)?;
+
+    if args.keep_running {
+        writeln!(
+            out,
+            "\nStill serving {} (and the pods); press Ctrl-C to stop.",
+            summary.metrics_url
+        )?;
+        out.flush()?;
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    sidecar.shutdown(Duration::from_secs(2)).await;
+    drop(pods);
+
+    if summary.client_errors > 0 {
+        return Err(Error::ClientErrors {
+            errors: summary.client_errors,
+            requests: summary.requests,
+            examples: traffic.first_errors(),
+        });
+    }
+    writeln!(
+        out,
+        "\nThe client saw 0 errors: every failure above was absorbed by the sidecar."
+    )?;
+    out.flush()?;
+    Ok(summary)
+}
+
+/// A policy tuned for a short demo: quick health checks, short ejections, a per-try timeout
+/// well below the client's 2 s patience.
+fn demo_policy() -> Policy {
+    let mut p = Policy::default();
+    p.health_check.protocol = HealthCheckProtocol::Http;
+    p.health_check.interval = config::Duration::from_millis(300);
+    p.health_check.timeout = config::Duration::from_millis(200);
+    p.health_check.jitter = config::Duration::from_millis(50);
+    p.outlier_detection.base_ejection_time = config::Duration::from_secs(2);
+    p.outlier_detection.max_ejection_time = config::Duration::from_secs(10);
+    // A healthy pod answers in about a millisecond; 500 ms leaves room for a busy laptop while
+    // three tries still fit in the client's 2 s patience.
+    p.retries.per_try_timeout = config::Duration::from_millis(500);
+    p.retries.budget.min_per_second = 20;
+    p.timeouts.request = config::Duration::from_millis(1800);
+    p.timeouts.connect = config::Duration::from_millis(250);
+    // One pod down out of three must not trigger panic mode (33% < 50% would).
+    p.panic_threshold = 30;
+    p
+}
+
+fn demo_config(pods: &[SimPod]) -> Config {
+    let mut cfg = Config::empty();
+    cfg.upstreams.push(Upstream {
+        name: UPSTREAM.to_string(),
+        listen: "127.0.0.1:0".to_string(),
+        workload_selector: None,
+        endpoints: pods
+            .iter()
+            .map(|p| Endpoint {
+                address: p.addr().to_string(),
+                pod: Some(p.name().to_string()),
+                state: config::EndpointState::Ready,
+            })
+            .collect(),
+        policy: demo_policy(),
+    });
+    cfg
+}
+
+// === timeline ===
+
+enum Step {
+    Kill(usize),
+    Revive(usize),
+    Fault(usize, Fault),
+    Heal(usize),
+}
+
+impl Step {
+    /// Does the step and describes the pods' state after it.
+    async fn apply(self, pods: &[SimPod]) -> Result<String, pod::Error> {
+        Ok(match self {
+            Step::Kill(i) => {
+                pods[i].kill().await?;
+                format!("{} killed (connections refused)", pods[i].name())
+            }
+            Step::Revive(i) => {
+                pods[i].revive().await?;
+                format!("{} back; all pods healthy", pods[i].name())
+            }
+            Step::Fault(i, f) => {
+                let what = match &f {
+                    Fault::Always502 => "answers every request with 502".to_string(),
+                    Fault::Hang => "hangs (reads requests, never answers)".to_string(),
+                    other => format!("{other:?}"),
+                };
+                pods[i].set_fault(f).await?;
+                format!("{} {what}", pods[i].name())
+            }
+            Step::Heal(i) => {
+                pods[i].set_fault(Fault::Healthy).await?;
+                format!("{} healed; all pods healthy", pods[i].name())
+            }
+        })
+    }
+}
+
+/// One fault at a time, each healed before the next, spread over `total`.
+fn timeline(total: Duration) -> Vec<(Duration, Step)> {
+    let at = |f: f64| total.mul_f64(f);
+    vec![
+        (at(0.12), Step::Kill(0)),
+        (at(0.32), Step::Revive(0)),
+        (at(0.42), Step::Fault(1, Fault::Always502)),
+        (at(0.60), Step::Heal(1)),
+        (at(0.70), Step::Fault(2, Fault::Hang)),
+        (at(0.88), Step::Heal(2)),
+    ]
+}
+
+// === display ===
+
+fn scrape(sidecar: &SidecarHandle) -> Result<Metrics, prom::ParseError> {
+    Metrics::parse(&sidecar.metrics_text())
+}
+
+fn counter(m: &Metrics, base: &Metrics, name: &str, labels: &[(&str, &str)]) -> u64 {
+    let mut all = vec![("upstream", UPSTREAM)];
+    all.extend_from_slice(labels);
+    (m.sum(name, &all) - base.sum(name, &all)).max(0.0).round() as u64
+}
+
+fn failed_attempts(m: &Metrics, base: &Metrics) -> BTreeMap<String, u64> {
+    let now = m.by_label(
+        "detour_attempt_failures_total",
+        &[("upstream", UPSTREAM)],
+        "cause",
+    );
+    let before = base.by_label(
+        "detour_attempt_failures_total",
+        &[("upstream", UPSTREAM)],
+        "cause",
+    );
+    now.into_iter()
+        .map(|(cause, v)| {
+            let d = v - before.get(&cause).copied().unwrap_or(0.0);
+            (cause, d.max(0.0).round() as u64)
+        })
+        .filter(|(_, v)| *v > 0)
+        .collect()
+}
+
+fn progress_line(
+    elapsed: Duration,
+    traffic: &Traffic,
+    m: &Metrics,
+    base: &Metrics,
+    status: &str,
+) -> String {
+    let absorbed = failed_attempts(m, base);
+    let absorbed = if absorbed.is_empty() {
+        "none".to_string()
+    } else {
+        absorbed
+            .iter()
+            .map(|(c, n)| format!("{c} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "{:>5.1}s  requests {:>6}  client errors {}  | sidecar absorbed: {absorbed} | retries {} rescued {} ejections {}  [{status}]",
+        elapsed.as_secs_f64(),
+        traffic.requests(),
+        traffic.errors(),
+        counter(m, base, "detour_retries_total", &[]),
+        counter(m, base, "detour_requests_rescued_total", &[]),
+        counter(m, base, "detour_ejections_total", &[]),
+    )
+}
+
+fn summarize(
+    elapsed: Duration,
+    traffic: &Traffic,
+    m: &Metrics,
+    base: &Metrics,
+    metrics_url: String,
+) -> Summary {
+    Summary {
+        elapsed,
+        requests: traffic.requests(),
+        client_errors: traffic.errors(),
+        failed_attempts: failed_attempts(m, base),
+        retries: counter(m, base, "detour_retries_total", &[]),
+        rescued: counter(m, base, "detour_requests_rescued_total", &[]),
+        budget_exhausted: counter(m, base, "detour_retry_budget_exhausted_total", &[]),
+        ejections: counter(m, base, "detour_ejections_total", &[]),
+        gateway_errors: counter(m, base, "detour_gateway_errors_total", &[]),
+        metrics_url,
+    }
+}
+
+fn write_summary(out: &mut (dyn Write + Send), s: &Summary) -> std::io::Result<()> {
+    let row =
+        |out: &mut (dyn Write + Send), label: &str, v: u64| writeln!(out, "  {label:<46} {v:>8}");
+    writeln!(out, "Summary ({:.1} s)", s.elapsed.as_secs_f64())?;
+    writeln!(out, "  {:-<56}", "")?;
+    writeln!(out, "  what the client saw")?;
+    row(out, "  requests", s.requests)?;
+    row(out, "  client-visible errors", s.client_errors)?;
+    writeln!(out, "  what the sidecar absorbed")?;
+    let total: u64 = s.failed_attempts.values().sum();
+    row(out, "  failed attempts, all causes", total)?;
+    for (cause, n) in &s.failed_attempts {
+        row(out, &format!("    {cause}"), *n)?;
+    }
+    row(out, "  retries", s.retries)?;
+    row(out, "  requests rescued by a retry", s.rescued)?;
+    row(
+        out,
+        "  retries refused by the retry budget",
+        s.budget_exhausted,
+    )?;
+    row(out, "  endpoint ejections", s.ejections)?;
+    row(out, "  502/503/504 sent to the client", s.gateway_errors)?;
+    writeln!(out, "  {:-<56}", "")?;
+    writeln!(out, "  metrics: {}", s.metrics_url)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeline_runs_one_fault_at_a_time_inside_the_run() {
+        let t = timeline(Duration::from_secs(36));
+        assert_eq!(t.len(), 6);
+        assert!(t.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(t.last().unwrap().0 < Duration::from_secs(36));
+        // Every fault is healed before the next one starts.
+        let mut faulty: Option<usize> = None;
+        for (_, step) in &t {
+            match step {
+                Step::Kill(i) | Step::Fault(i, _) => {
+                    assert!(faulty.is_none());
+                    faulty = Some(*i);
+                }
+                Step::Revive(i) | Step::Heal(i) => {
+                    assert_eq!(faulty.take(), Some(*i));
+                }
+            }
+        }
+        assert!(faulty.is_none());
+    }
+
+    #[test]
+    fn demo_config_is_valid() {
+        let cfg = demo_config(&[]);
+        cfg.validate().unwrap();
+    }
+
+    #[tokio::test]
+    async fn bad_flags_name_the_flag() {
+        let mut out = Vec::new();
+        let args = Args {
+            duration: config::Duration::from_secs(1),
+            ..Args::default()
+        };
+        let e = run_with(&args, &mut out).await.unwrap_err().to_string();
+        assert!(e.starts_with("--duration: must be at least 5s"), "{e}");
+        let args = Args {
+            connections: 0,
+            ..Args::default()
+        };
+        let e = run_with(&args, &mut out).await.unwrap_err().to_string();
+        assert!(e.starts_with("--connections"), "{e}");
+    }
+
+    #[test]
+    fn summary_table_lists_causes() {
+        let s = Summary {
+            elapsed: Duration::from_secs(36),
+            requests: 1234,
+            client_errors: 0,
+            failed_attempts: BTreeMap::from([
+                ("connection_refused".to_string(), 1),
+                ("upstream_status".to_string(), 3),
+            ]),
+            retries: 4,
+            rescued: 4,
+            budget_exhausted: 0,
+            ejections: 2,
+            gateway_errors: 0,
+            metrics_url: "http://127.0.0.1:1/metrics".into(),
+        };
+        let mut out = Vec::new();
+        write_summary(&mut out, &s).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("client-visible errors"), "{text}");
+        assert!(text.contains("    connection_refused"), "{text}");
+        assert!(text.contains("failed attempts, all causes"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.contains("failed attempts") && l.ends_with(" 4")),
+            "{text}"
+        );
+        assert!(text.contains("http://127.0.0.1:1/metrics"), "{text}");
+    }
 }

@@ -65,6 +65,8 @@ pub enum Fault {
     StaleKeepAlive(Duration),
     /// Answers bytes that are not HTTP, then closes.
     Malformed,
+    /// Sends a 200 head announcing a 1000-byte body, then a few bytes of it, then closes.
+    TruncatedBody,
     /// Answers normally after this delay.
     Slow(Duration),
     /// Healthy for `period`, then `bad` for `period`, and so on.
@@ -176,6 +178,7 @@ struct Stats {
 enum ConnAction {
     Reset,
     Malformed,
+    Truncated,
     Close,
 }
 
@@ -539,6 +542,16 @@ impl Shared {
                     tracing::debug!(pod = %self.name, error = %e, "SO_LINGER 0 failed");
                 }
             }
+            ConnAction::Truncated => {
+                let mut ctl = ctl;
+                let _ = ctl
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\ncontent-type: text/plain\r\n\r\nthe first bytes")
+                    .await;
+                let _ = ctl.flush().await;
+                // Let the head and the first bytes go out before the close.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = ctl.shutdown().await;
+            }
             ConnAction::Malformed => {
                 let mut ctl = ctl;
                 let _ = ctl
@@ -626,6 +639,7 @@ impl Shared {
             Fault::Refuse => return self.act(&conn, ConnAction::Close).await,
             Fault::ResetAfterRequest => return self.act(&conn, ConnAction::Reset).await,
             Fault::Malformed => return self.act(&conn, ConnAction::Malformed).await,
+            Fault::TruncatedBody => return self.act(&conn, ConnAction::Truncated).await,
             Fault::Hang => {
                 let mut rx = self.effective.subscribe();
                 while *rx.borrow_and_update() == Fault::Hang {
@@ -944,6 +958,22 @@ mod tests {
         assert!(bytes.starts_with(b"THIS IS NOT HTTP"), "{bytes:?}");
         let e = get(pod.addr(), "/").await.unwrap_err();
         assert!(e.is_parse(), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn truncated_body_sends_a_head_and_part_of_the_body() {
+        let pod = SimPod::start("p0").await.unwrap();
+        pod.set_fault(Fault::TruncatedBody).await.unwrap();
+        let (bytes, _) = raw(pod.addr()).await;
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\nthe first bytes"), "{text}");
+        let mut s = connect(pod.addr()).await;
+        let e = send(&mut s, req("GET", "/", "")).await.unwrap_err();
+        assert!(
+            e.is_incomplete_message() || e.is_body_write_aborted() || !e.is_parse(),
+            "{e:?}"
+        );
     }
 
     #[tokio::test]

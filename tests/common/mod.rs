@@ -31,9 +31,10 @@ pub fn ms(n: u64) -> CfgDuration {
 pub fn fast_policy() -> Policy {
     let mut p = Policy::default();
     p.health_check.protocol = HealthCheckProtocol::None;
-    p.health_check.interval = ms(50);
-    p.health_check.timeout = ms(40);
-    p.health_check.jitter = ms(5);
+    // A check must not time out just because the shared machine is busy.
+    p.health_check.interval = ms(200);
+    p.health_check.timeout = ms(150);
+    p.health_check.jitter = ms(10);
     p.health_check.healthy_threshold = 1;
     p.health_check.unhealthy_threshold = 2;
     p.outlier_detection.consecutive_gateway_errors = 3;
@@ -42,9 +43,9 @@ pub fn fast_policy() -> Policy {
     p.retries.attempts = 2;
     // Long enough that a healthy answer on a loaded 2-core machine never times out; short
     // enough that a hung endpoint costs well under a second.
-    p.retries.per_try_timeout = ms(800);
+    p.retries.per_try_timeout = CfgDuration::from_secs(1);
     p.retries.budget.min_per_second = 100;
-    p.timeouts.request = CfgDuration::from_secs(5);
+    p.timeouts.request = CfgDuration::from_secs(6);
     p.timeouts.connect = ms(500);
     // Panic mode changes which endpoint is picked; the tests about it turn it on.
     p.panic_threshold = 0;
@@ -306,4 +307,34 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
         }
     })
     .await
+}
+
+/// An address that accepts no connection and refuses none: a listener with a full accept queue
+/// that never accepts, so new SYNs are dropped and connects time out (a hung node, a black hole).
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    _listener: tokio::net::TcpListener,
+    _queued: Vec<TcpStream>,
+}
+
+pub async fn blackhole() -> Blackhole {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    let listener = socket.listen(0).unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..16 {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => queued.push(s),
+            Ok(Err(e)) => panic!("black hole refused a connection: {e}"),
+            Err(_) => {
+                return Blackhole {
+                    addr,
+                    _listener: listener,
+                    _queued: queued,
+                }
+            }
+        }
+    }
+    panic!("the accept queue of {addr} never filled up");
 }

@@ -1,0 +1,87 @@
+//! `detour demo`, shortened: the client must see no error while the sidecar absorbs a killed
+//! pod, a pod answering 502 and a hanging pod.
+
+use std::{process::Command, sync::Mutex};
+
+use detour::demo::{run_with, Args};
+
+/// Two demos at once on two cores would measure the machine, not the sidecar.
+static ONE_DEMO_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+#[test]
+fn a_short_demo_absorbs_every_fault() {
+    let _one = ONE_DEMO_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let args = Args {
+        duration: detour::config::Duration::from_secs(6),
+        ..Args::default()
+    };
+    let mut out = Vec::new();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let res = rt.block_on(run_with(&args, &mut out));
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let s = res.unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(s.client_errors, 0, "{text}");
+    assert!(s.requests >= 100, "{text}");
+    for cause in [
+        "connection_refused",
+        "upstream_status",
+        "http_response_timeout",
+    ] {
+        assert!(
+            s.failed_attempts.get(cause).copied().unwrap_or(0) >= 1,
+            "no {cause} absorbed:\n{text}"
+        );
+    }
+    let failed: u64 = s.failed_attempts.values().sum();
+    assert!(s.rescued >= 1 && s.rescued <= failed, "{text}");
+    assert!(s.retries >= s.rescued, "{text}");
+    assert!(s.ejections >= 1, "{text}");
+    assert_eq!(s.gateway_errors, 0, "{text}");
+    assert!(s.metrics_url.starts_with("http://127.0.0.1:"), "{text}");
+    // The display: a progress line per second, each timeline event, and the summary.
+    assert!(
+        text.lines()
+            .filter(|l| l.contains("client errors 0"))
+            .count()
+            >= 4,
+        "{text}"
+    );
+    for want in [
+        "killed",
+        "502",
+        "hangs",
+        "Summary",
+        "client-visible errors",
+        &s.metrics_url,
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+}
+
+#[test]
+fn the_demo_command_exits_0_and_prints_the_summary() {
+    let _one = ONE_DEMO_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new(env!("CARGO_BIN_EXE_detour"))
+        .args(["demo", "--duration", "5s", "--connections", "2"])
+        .output()
+        .expect("run detour demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+    assert!(stdout.contains("client-visible errors"), "{stdout}");
+    assert!(stdout.contains("/metrics"), "{stdout}");
+}
+
+#[test]
+fn the_demo_command_refuses_a_bad_duration() {
+    let out = Command::new(env!("CARGO_BIN_EXE_detour"))
+        .args(["demo", "--duration", "1s"])
+        .output()
+        .expect("run detour demo");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--duration"), "{stderr}");
+}
