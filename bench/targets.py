@@ -122,6 +122,28 @@ def main():
                 "; ".join(f"{t} {med(rss_mib(t)):.1f} MiB" for t in peers if ("s1", t) in cells),
                 rss < RSS_LIMIT_MIB)
 
+    # The figures side by side: one column per proxy, medians over the repetitions.
+    cols = [me] + peers
+    out += ["", "| median of the runs | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+
+    def line(label, scen, fn):
+        if any((scen, t) in cells for t in cols):
+            out.append(f"| {label} | " + " | ".join(fn(t) if (scen, t) in cells else "—" for t in cols) + " |")
+
+    def f(scen, key, nd, unit=""):
+        return lambda t: f"{cell(scen, t, key):,.{nd}f}{unit}"
+
+    line("S1 req/s ÷ paired direct req/s", "s1", f("s1", "ratio", 2))
+    line("S1 req/s", "s1", f("s1", "rps", 0))
+    line("S1 p50 / p99 / p99.9 ms", "s1", lambda t: " / ".join(
+        f"{cell('s1', t, k):.{nd}f}" for k, nd in (("p50", 2), ("p99", 1), ("p999", 1))))
+    line("S1 peak RSS", "s1", lambda t: f"{med([(d.get('rss_peak_kb') or 0) / 1024 for d, _ in cells[('s1', t)]]):.1f} MiB")
+    for scen in ("s2", "s3", "s4", "s5"):
+        line(f"{scen.upper()} client-visible errors (longest 2xx gap s)", scen,
+             lambda t, scen=scen: f"{cell(scen, t, 'errors'):,.0f} ({cell(scen, t, 'gap'):.1f})")
+        line(f"{scen.upper()} req/s, p99 ms", scen,
+             lambda t, scen=scen: f"{cell(scen, t, 'rps'):,.0f}, {cell(scen, t, 'p99'):.1f}")
+
     la = [d.get("loadavg") for d in runs if d.get("loadavg") is not None]
     out += ["", f"Runs: {len(runs)}; 1-min load average at run start {min(la):.1f}-{max(la):.1f} "
             f"on {os.cpu_count()} cores. Met: {sum(1 for v in verdicts if v)} of {len(verdicts)}."]
