@@ -50,6 +50,8 @@ pub mod reason {
 }
 
 /// Resilience policy for calls from selected client pods to one Service.
+// Several printer columns share a `type_`, which this lint mistakes for repeated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "detour.dev",
