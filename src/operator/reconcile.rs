@@ -94,9 +94,9 @@ pub struct Shared {
     pub recorder: Recorder,
     /// One lock per namespace: two policies of a namespace never render concurrently.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Last write per object: (hash of what was written, resourceVersion the cache showed then).
-    /// While the cache still shows that version our write has not come back through the watch,
-    /// so the same write is not sent again.
+    /// Last write per object: (hash of what was written, resourceVersion the server returned).
+    /// Until the cache reaches that version it may show the old state, and the write must not
+    /// be repeated.
     written: Mutex<HashMap<String, (u64, Option<String>)>>,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<ObjectRef<Policy>, u32>>,
@@ -123,12 +123,25 @@ impl Shared {
         self.locks.lock().entry(ns.to_string()).or_default().clone()
     }
 
-    /// True when `value` was already sent based on the cache state `rv`.
-    fn already_written(&self, key: &str, value: u64, rv: &Option<String>) -> bool {
-        self.written
-            .lock()
-            .get(key)
-            .is_some_and(|(v, at)| *v == value && at == rv)
+    /// True when `value` was already written and the cache has not caught up with that write
+    /// yet (it shows an older resourceVersion, or none). Writing again would only repeat it.
+    fn already_written(&self, key: &str, value: u64, cached_rv: Option<&str>) -> bool {
+        let memo = self.written.lock();
+        let Some((v, written)) = memo.get(key) else {
+            return false;
+        };
+        if *v != value {
+            return false;
+        }
+        match (written.as_deref(), cached_rv) {
+            (None, _) | (Some(_), None) => true,
+            // resourceVersions are opaque, but every API server in use issues increasing
+            // integers; when they are not, the cache is taken as stale while it differs.
+            (Some(w), Some(c)) => match (w.parse::<u64>(), c.parse::<u64>()) {
+                (Ok(w), Ok(c)) => c < w,
+                _ => c != w,
+            },
+        }
     }
 
     fn remember(&self, key: String, value: u64, rv: Option<String>) {
@@ -284,15 +297,16 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
         let value = hash_of(&without_times(&status));
         // An unreadable object shows no status in the cache, so only our own memory stops a
         // write loop for it.
-        let rv = match &p.0 {
-            Ok(_) => p.meta().resource_version.clone(),
+        let cached_rv = match &p.0 {
+            Ok(_) => p.meta().resource_version.as_deref(),
             Err(_) => None,
         };
-        if ctx.shared.already_written(&key, value, &rv) {
+        if ctx.shared.already_written(&key, value, cached_rv) {
             continue;
         }
-        patch_status(ns, &name, &status, ctx).await?;
-        ctx.shared.remember(key, value, rv);
+        let written_rv = patch_status(ns, &name, &status, ctx).await?;
+        ctx.shared
+            .remember(key, value, written_rv.filter(|_| p.0.is_ok()));
         publish_transitions(p, previous.as_ref(), &status, ctx).await;
     }
     Ok(())
@@ -309,10 +323,11 @@ async fn apply_config_map(
     let key = format!("configmap/{ns}");
     let rv = cached
         .as_ref()
-        .and_then(|c| c.metadata.resource_version.clone());
+        .and_then(|c| c.metadata.resource_version.as_deref());
     let Some(config) = config else {
         // No policies left in the namespace.
-        if cached.is_none() || ctx.shared.already_written(&key, 0, &rv) {
+        // Remembered without a version: skipped until the cache drops the deleted object.
+        if cached.is_none() || ctx.shared.already_written(&key, 0, rv) {
             return Ok(());
         }
         match api.delete(CONFIG_MAP, &DeleteParams::default()).await {
@@ -326,7 +341,7 @@ async fn apply_config_map(
                 })
             }
         }
-        ctx.shared.remember(key, 0, rv);
+        ctx.shared.remember(key, 0, None);
         ctx.shared.metrics.rendered("deleted");
         info!(namespace = %ns, "deleted {CONFIG_MAP}: no policies left");
         return Ok(());
@@ -338,7 +353,7 @@ async fn apply_config_map(
             && c.labels().get(MANAGED_BY.0).map(String::as_str) == Some(MANAGED_BY.1)
     });
     let value = hash_of(&yaml);
-    if up_to_date || ctx.shared.already_written(&key, value, &rv) {
+    if up_to_date || ctx.shared.already_written(&key, value, rv) {
         ctx.shared.metrics.rendered("unchanged");
         return Ok(());
     }
@@ -353,18 +368,20 @@ async fn apply_config_map(
         },
         "data": { CONFIG_KEY: yaml },
     });
-    api.patch(
-        CONFIG_MAP,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map_err(|source| Error::Kube {
-        action: "apply",
-        target: format!("configmap {ns}/{CONFIG_MAP}"),
-        source,
-    })?;
-    ctx.shared.remember(key, value, rv);
+    let written = api
+        .patch(
+            CONFIG_MAP,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(|source| Error::Kube {
+            action: "apply",
+            target: format!("configmap {ns}/{CONFIG_MAP}"),
+            source,
+        })?;
+    ctx.shared
+        .remember(key, value, written.metadata.resource_version);
     ctx.shared.metrics.rendered("applied");
     debug!(namespace = %ns, %hash, upstreams = config.upstreams.len(), "applied {CONFIG_MAP}");
     Ok(())
@@ -375,7 +392,7 @@ async fn patch_status(
     name: &str,
     status: &UpstreamPolicyStatus,
     ctx: &Context,
-) -> Result<(), Error> {
+) -> Result<Option<String>, Error> {
     let api: Api<Policy> = Api::namespaced(ctx.client.clone(), ns);
     let body = json!({
         "apiVersion": UpstreamPolicy::api_version(&()),
@@ -390,12 +407,12 @@ async fn patch_status(
         )
         .await;
     match res {
-        Ok(_) => {
+        Ok(obj) => {
             ctx.shared.metrics.status_patched("ok");
-            Ok(())
+            Ok(obj.meta().resource_version.clone())
         }
         // Deleted meanwhile: its own event will follow.
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
         Err(source) => {
             ctx.shared.metrics.status_patched("error");
             Err(Error::Kube {
