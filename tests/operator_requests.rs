@@ -319,7 +319,7 @@ async fn deleting_the_last_policy_deletes_the_config_then_releases_the_finalizer
         None,
     );
     let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "detour-config", "namespace": "shop", "resourceVersion": "3", "labels": {"app.kubernetes.io/managed-by": "detour-operator"}}, "data": {"config.yaml": "x"}});
-    let Fixture { ctx, mut handle } = fixture(&[p.clone()], &[cm.clone()]);
+    let Fixture { ctx, mut handle } = fixture(std::slice::from_ref(&p), std::slice::from_ref(&cm));
     let task = tokio::spawn({
         let ctx = ctx.clone();
         async move { run(&ctx).await }
