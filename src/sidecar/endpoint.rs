@@ -371,6 +371,12 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
+impl InflightGuard {
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.0
+    }
+}
+
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::Relaxed);
