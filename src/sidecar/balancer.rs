@@ -9,6 +9,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use rand::Rng;
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::endpoint::{Endpoint, Health};
@@ -51,43 +52,13 @@ pub fn pick(
     panic_threshold: u32,
     now: Instant,
 ) -> Result<Pick, NoEndpoint> {
-    let untried = |e: &Endpoint| !tried.contains(&e.addr);
-    let mut total = 0usize;
-    let mut eligible = 0usize;
-    for e in endpoints {
-        if !e.is_terminating() {
-            total += 1;
-            if e.is_eligible(now) {
-                eligible += 1;
-            }
-        }
-    }
-    let panic = total > 0 && (eligible * 100) < (panic_threshold as usize * total);
-    let first_tier = |e: &Endpoint| {
-        if panic {
-            !e.is_terminating()
-        } else {
-            e.is_eligible(now)
-        }
-    };
-    let draining_ok =
-        |e: &Endpoint| e.is_terminating() && e.health() != Health::Unhealthy && !e.is_ejected(now);
-
-    let tiers: [&dyn Fn(&Endpoint) -> bool; 4] = [
-        &|e| untried(e) && first_tier(e),
-        &|e| untried(e) && draining_ok(e),
-        &|e| first_tier(e),
-        &|e| draining_ok(e),
-    ];
-    for (i, tier) in tiers.iter().enumerate() {
-        if let Some(endpoint) = p2c(endpoints, tier, lb) {
-            let in_panic = panic && (i == 0 || i == 2);
-            return Ok(Pick {
-                endpoint,
-                panic: in_panic,
-            });
-        }
-    }
+    // One pass sorts every endpoint into its tier; the state read here is the state used.
+    let mut eligible: SmallVec<[&Arc<Endpoint>; 8]> = SmallVec::new();
+    let mut eligible_tried: SmallVec<[&Arc<Endpoint>; 8]> = SmallVec::new();
+    let mut bad: SmallVec<[&Arc<Endpoint>; 8]> = SmallVec::new();
+    let mut bad_tried: SmallVec<[&Arc<Endpoint>; 8]> = SmallVec::new();
+    let mut draining: SmallVec<[&Arc<Endpoint>; 8]> = SmallVec::new();
+    let mut draining_tried: SmallVec<[&Arc<Endpoint>; 8]> = SmallVec::new();
     let mut why = NoEndpoint {
         total: endpoints.len(),
         unhealthy: 0,
@@ -95,27 +66,65 @@ pub fn pick(
         terminating: 0,
     };
     for e in endpoints {
-        if e.is_terminating() {
+        let was_tried = tried.contains(&e.addr);
+        let ejected = e.is_ejected(now);
+        let unhealthy = e.health() == Health::Unhealthy;
+        let (fresh, again) = if e.is_terminating() {
             why.terminating += 1;
-        } else if e.is_ejected(now) {
-            why.ejected += 1;
-        } else if e.health() == Health::Unhealthy {
-            why.unhealthy += 1;
+            if ejected || unhealthy {
+                continue;
+            }
+            (&mut draining, &mut draining_tried)
+        } else if ejected || unhealthy {
+            if ejected {
+                why.ejected += 1;
+            } else {
+                why.unhealthy += 1;
+            }
+            (&mut bad, &mut bad_tried)
+        } else {
+            (&mut eligible, &mut eligible_tried)
+        };
+        if was_tried {
+            again.push(e);
+        } else {
+            fresh.push(e);
+        }
+    }
+    // Panic when too few endpoints can take traffic; healthy terminating ones count as capacity
+    // (they still serve), so one ejected pod next to draining ones does not get all the traffic.
+    let usable = eligible.len() + eligible_tried.len() + draining.len() + draining_tried.len();
+    let total = usable + bad.len() + bad_tried.len();
+    let panic = !bad.is_empty() || !bad_tried.is_empty();
+    let panic = panic && usable * 100 < panic_threshold as usize * total;
+    if panic {
+        // Balance over every ready endpoint, good or bad (Envoy's panic routing).
+        eligible.extend(bad.iter().copied());
+        eligible_tried.extend(bad_tried.iter().copied());
+    }
+    let tiers: [(&[&Arc<Endpoint>], bool); 4] = [
+        (&eligible, panic),
+        (&draining, false),
+        (&eligible_tried, panic),
+        (&draining_tried, false),
+    ];
+    for (candidates, in_panic) in tiers {
+        if let Some(endpoint) = p2c(candidates, lb) {
+            return Ok(Pick {
+                endpoint: endpoint.clone(),
+                panic: in_panic,
+            });
         }
     }
     Err(why)
 }
 
 /// Two random distinct candidates; the less loaded one wins.
-fn p2c(
-    endpoints: &[Arc<Endpoint>],
-    ok: &dyn Fn(&Endpoint) -> bool,
-    lb: LoadBalancer,
-) -> Option<Arc<Endpoint>> {
-    let n = endpoints.iter().filter(|e| ok(e)).count();
+fn p2c<'a>(candidates: &[&'a Arc<Endpoint>], lb: LoadBalancer) -> Option<&'a Arc<Endpoint>> {
+    let n = candidates.len();
     match n {
         0 => return None,
-        1 => return endpoints.iter().find(|e| ok(e)).cloned(),
+        1 => return Some(candidates[0]),
         _ => {}
     }
     let mut rng = rand::rng();
@@ -124,43 +133,18 @@ fn p2c(
     if b >= a {
         b += 1;
     }
-    let mut first = None;
-    let mut second = None;
-    for (i, e) in endpoints.iter().filter(|e| ok(e)).enumerate() {
-        if i == a {
-            first = Some(e);
-        }
-        if i == b {
-            second = Some(e);
-        }
-    }
-    let (x, y) = (first?, second?);
-    let better = match lb {
-        LoadBalancer::LeastRequest => {
-            if y.inflight() < x.inflight() {
-                y
-            } else {
-                x
-            }
-        }
-        LoadBalancer::PeakEwma => {
-            if y.ewma_load() < x.ewma_load() {
-                y
-            } else {
-                x
-            }
-        }
+    let (x, y) = (candidates[a], candidates[b]);
+    let y_better = match lb {
+        LoadBalancer::LeastRequest => y.inflight() < x.inflight(),
+        LoadBalancer::PeakEwma => y.ewma_load() < x.ewma_load(),
     };
-    Some(better.clone())
+    Some(if y_better { y } else { x })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        config::{EndpointState, HealthCheck, OutlierDetection},
-        sidecar::pool::Pool,
-    };
+    use crate::config::{EndpointState, HealthCheck, OutlierDetection};
 
     fn eps(n: u16) -> Vec<Arc<Endpoint>> {
         (1..=n)
@@ -170,7 +154,8 @@ mod tests {
                     addr,
                     None,
                     EndpointState::Ready,
-                    Pool::new(addr, Default::default()),
+                    Default::default(),
+                    0,
                 ))
             })
             .collect()
@@ -268,6 +253,19 @@ mod tests {
         let err = lr(&e, &[], 50).unwrap_err();
         assert_eq!(err.terminating, 2);
         assert!(err.to_string().contains("2 terminating"));
+    }
+
+    #[test]
+    fn healthy_terminating_beats_an_ejected_ready_endpoint() {
+        let e = eps(3);
+        e[0].eject(&OutlierDetection::default(), Instant::now());
+        e[1].set_state(EndpointState::Terminating);
+        e[2].set_state(EndpointState::Terminating);
+        for _ in 0..50 {
+            let p = lr(&e, &[], 50).unwrap();
+            assert_ne!(p.endpoint.addr, e[0].addr);
+            assert!(!p.panic);
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Retry budget: retries may add at most `percent` of the requests seen over the last 10 seconds,
-//! plus `minPerSecond` retries in any second, so retries cannot multiply load during an outage
-//! (the Finagle/Linkerd idea, kept as a plain sliding window).
+//! plus a reserve of `minPerSecond` retries in each second (so a quiet upstream can still retry),
+//! so retries cannot multiply load during an outage (the Finagle/Linkerd idea, kept as a plain
+//! sliding window).
 
 use parking_lot::Mutex;
 use tokio::time::Instant;
@@ -18,8 +19,9 @@ pub struct Budget {
 
 #[derive(Default)]
 struct Window {
-    /// (requests, retries) per second, ring-indexed by second.
-    buckets: [(u64, u64); WINDOW_SECS],
+    /// (requests, retries paid by the ratio, retries paid by the reserve) per second,
+    /// ring-indexed by second.
+    buckets: [(u64, u64, u64); WINDOW_SECS],
     /// The second (since epoch) the newest bucket belongs to.
     current: u64,
 }
@@ -43,7 +45,7 @@ impl Budget {
             let gap = (sec - w.current).min(WINDOW_SECS as u64);
             for i in 1..=gap {
                 let idx = ((w.current + i) % WINDOW_SECS as u64) as usize;
-                w.buckets[idx] = (0, 0);
+                w.buckets[idx] = (0, 0, 0);
             }
             w.current = sec;
         }
@@ -60,12 +62,15 @@ impl Budget {
     pub fn try_withdraw(&self) -> bool {
         let (percent, min) = (self.percent, self.min_per_second);
         self.with_window(|w, i| {
+            if w.buckets[i].2 < min {
+                w.buckets[i].2 += 1;
+                return true;
+            }
             let (requests, retries) = w
                 .buckets
                 .iter()
-                .fold((0, 0), |(a, b), (r, t)| (a + r, b + t));
-            let this_second = w.buckets[i].1;
-            let ok = this_second < min || (retries + 1) * 100 <= requests * percent;
+                .fold((0, 0), |(a, b), (r, t, _)| (a + r, b + t));
+            let ok = (retries + 1) * 100 <= requests * percent;
             if ok {
                 w.buckets[i].1 += 1;
             }
@@ -94,6 +99,15 @@ mod tests {
         }
         let granted = (0..100).filter(|_| b.try_withdraw()).count();
         assert_eq!(granted, 20);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reserve_adds_to_the_ratio() {
+        let b = budget(20, 5);
+        for _ in 0..100 {
+            b.deposit();
+        }
+        assert_eq!((0..100).filter(|_| b.try_withdraw()).count(), 25);
     }
 
     #[tokio::test(start_paused = true)]

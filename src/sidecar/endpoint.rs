@@ -18,13 +18,15 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::pool::Pool;
+use super::pool::{Pool, PoolConfig};
 use crate::config::{EndpointState, HealthCheck, OutlierDetection};
 
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub pod: Option<String>,
-    pub pool: Pool,
+    /// One pool per worker thread (plus one for callers outside the workers), so a connection
+    /// is only ever used by the thread that drives it.
+    pools: Box<[Pool]>,
     terminating: AtomicBool,
     inflight: AtomicU32,
     /// Active health: see `Health`.
@@ -118,12 +120,18 @@ pub struct EndpointSnapshot {
 // === impl Endpoint ===
 
 impl Endpoint {
-    pub fn new(addr: SocketAddr, pod: Option<String>, state: EndpointState, pool: Pool) -> Self {
+    pub fn new(
+        addr: SocketAddr,
+        pod: Option<String>,
+        state: EndpointState,
+        pool: PoolConfig,
+        workers: usize,
+    ) -> Self {
         let now = Instant::now();
         Endpoint {
             addr,
             pod,
-            pool,
+            pools: (0..=workers).map(|_| Pool::new(addr, pool)).collect(),
             terminating: AtomicBool::new(state == EndpointState::Terminating),
             inflight: AtomicU32::new(0),
             health: AtomicU8::new(Health::Unknown as u8),
@@ -135,7 +143,22 @@ impl Endpoint {
             probation: AtomicBool::new(false),
             epoch: now,
             ejection: Mutex::new(EjectionHistory::default()),
-            ewma: Mutex::new((0.0, now)),
+            // A new endpoint starts at 1 ms, not 0: an untested (maybe hung) pod must not look
+            // infinitely fast to peak-EWMA.
+            ewma: Mutex::new((1e6, now)),
+        }
+    }
+
+    /// The connection pool of the calling thread.
+    pub fn pool(&self) -> &Pool {
+        let last = self.pools.len() - 1;
+        let i = super::workers::current().map_or(last, |w| w.min(last));
+        &self.pools[i]
+    }
+
+    pub fn set_pool_config(&self, cfg: PoolConfig) {
+        for p in self.pools.iter() {
+            p.set_config(cfg);
         }
     }
 
@@ -206,6 +229,7 @@ impl Endpoint {
     }
 
     /// Usable for normal balancing: healthy (or not yet checked), not ejected, not terminating.
+    #[cfg(test)]
     pub fn is_eligible(&self, now: Instant) -> bool {
         !self.is_terminating() && self.health() != Health::Unhealthy && !self.is_ejected(now)
     }
@@ -333,7 +357,7 @@ impl Endpoint {
             probation: self.probation.load(Ordering::Relaxed),
             inflight: self.inflight(),
             consecutive_gateway_errors: self.consecutive_gateway.load(Ordering::Relaxed),
-            idle_connections: self.pool.idle_len(),
+            idle_connections: self.pools.iter().map(Pool::idle_len).sum(),
         }
     }
 }
@@ -376,7 +400,8 @@ mod tests {
             "127.0.0.1:1".parse().unwrap(),
             None,
             EndpointState::Ready,
-            Pool::new("127.0.0.1:1".parse().unwrap(), Default::default()),
+            PoolConfig::default(),
+            0,
         ))
     }
 

@@ -29,9 +29,13 @@ pub enum Cause {
     DestinationUnavailable,
     /// The endpoint answered 502, 503 or 504 itself.
     UpstreamStatus,
+    /// The sidecar itself could not open a connection (out of ports or file descriptors): not
+    /// the endpoint's fault, so it is not held against it.
+    ProxyInternalError,
 }
 
-pub const ALL_CAUSES: [Cause; 9] = [
+pub const ALL_CAUSES: [Cause; 10] = [
+    Cause::ProxyInternalError,
     Cause::ConnectionRefused,
     Cause::ConnectionTimeout,
     Cause::ConnectionTerminated,
@@ -86,6 +90,7 @@ impl Cause {
             Cause::HttpProtocolError => "http_protocol_error",
             Cause::DestinationUnavailable => "destination_unavailable",
             Cause::UpstreamStatus => "upstream_status",
+            Cause::ProxyInternalError => "proxy_internal_error",
         }
     }
 
@@ -106,9 +111,12 @@ impl Cause {
         }
     }
 
-    /// Counts toward `consecutiveGatewayErrors` of the endpoint.
-    pub fn is_gateway_failure(self) -> bool {
-        !matches!(self, Cause::DestinationUnavailable | Cause::KeepaliveRace)
+    /// Failures that say something about the endpoint (for outlier detection).
+    pub fn is_endpoint_fault(self) -> bool {
+        !matches!(
+            self,
+            Cause::DestinationUnavailable | Cause::KeepaliveRace | Cause::ProxyInternalError
+        )
     }
 }
 
@@ -131,10 +139,15 @@ impl AttemptError {
 
     /// Classifies a connect failure. The request never left.
     pub fn connect(err: &io::Error) -> Self {
+        // EADDRNOTAVAIL, EMFILE, ENFILE, ENOBUFS, ENOMEM: our own resources ran out.
+        const LOCAL: [i32; 5] = [99, 24, 23, 105, 12];
         let cause = match err.kind() {
             io::ErrorKind::TimedOut => Cause::ConnectionTimeout,
-            io::ErrorKind::ConnectionRefused => Cause::ConnectionRefused,
-            // Unreachable, reset during handshake, ...: the endpoint cannot be reached.
+            io::ErrorKind::AddrNotAvailable => Cause::ProxyInternalError,
+            _ if err.raw_os_error().is_some_and(|c| LOCAL.contains(&c)) => {
+                Cause::ProxyInternalError
+            }
+            // Refused, unreachable, reset during the handshake: the endpoint cannot be reached.
             _ => Cause::ConnectionRefused,
         };
         AttemptError::new(cause, Reach::NotSent, format!("connect: {err}"))

@@ -1,8 +1,6 @@
 //! Header handling of a reverse proxy (RFC 9110 §7.6): hop-by-hop headers are removed, `Via` and
 //! `X-Forwarded-*` are added, `Host` is what the client asked for.
 
-use std::net::IpAddr;
-
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1 plus the legacy ones).
@@ -58,23 +56,31 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Adds `Via`, appends the client to `X-Forwarded-For`, and sets `X-Forwarded-Proto`/`-Host` when
-/// no earlier proxy did.
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&HeaderValue>) {
-    append_list(headers, header::VIA, VIA_VALUE);
-    append_list(
-        headers,
-        HeaderName::from_static("x-forwarded-for"),
-        &client.to_string(),
-    );
+/// Adds `Via` and appends the client to `X-Forwarded-For`; sets `X-Forwarded-Proto` and
+/// `X-Forwarded-Host` when no earlier proxy did. Allocates only when a list must be extended.
+pub fn add_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue) {
+    let xff = HeaderName::from_static("x-forwarded-for");
+    if headers.contains_key(&xff) {
+        append_list(headers, xff, client_ip.to_str().unwrap_or_default());
+    } else {
+        headers.insert(xff, client_ip.clone());
+    }
+    add_via(headers);
     let proto = HeaderName::from_static("x-forwarded-proto");
     if !headers.contains_key(&proto) {
         headers.insert(proto, HeaderValue::from_static("http"));
     }
     let fhost = HeaderName::from_static("x-forwarded-host");
-    if let (false, Some(h)) = (headers.contains_key(&fhost), host) {
-        headers.insert(fhost, h.clone());
+    if !headers.contains_key(&fhost) {
+        if let Some(h) = headers.get(header::HOST).cloned() {
+            headers.insert(fhost, h);
+        }
     }
+}
+
+/// Adds this hop to `Via` (a second field line when one exists: same meaning, no allocation).
+pub fn add_via(headers: &mut HeaderMap) {
+    headers.append(header::VIA, HeaderValue::from_static(VIA_VALUE));
 }
 
 /// Appends `value` to a comma-separated list header (one header line, as proxies do).
@@ -140,13 +146,22 @@ mod tests {
 
     #[test]
     fn forwarded_headers_append() {
-        let mut h = map(&[("x-forwarded-for", "10.0.0.9"), ("via", "1.1 edge")]);
-        let host = HeaderValue::from_static("shop.example");
-        add_forwarded(&mut h, "127.0.0.1".parse().unwrap(), Some(&host));
+        let mut h = map(&[
+            ("x-forwarded-for", "10.0.0.9"),
+            ("via", "1.1 edge"),
+            ("host", "shop.example"),
+        ]);
+        add_forwarded(&mut h, &HeaderValue::from_static("127.0.0.1"));
         assert_eq!(h["x-forwarded-for"], "10.0.0.9, 127.0.0.1");
-        assert_eq!(h["via"], "1.1 edge, 1.1 detour");
+        let via: Vec<_> = h.get_all("via").iter().collect();
+        assert_eq!(via, vec!["1.1 edge", "1.1 detour"]);
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "shop.example");
+        let mut fresh = HeaderMap::new();
+        add_forwarded(&mut fresh, &HeaderValue::from_static("::1"));
+        assert_eq!(fresh["x-forwarded-for"], "::1");
+        assert_eq!(fresh["via"], "1.1 detour");
+        assert!(!fresh.contains_key("x-forwarded-host"));
     }
 
     #[test]

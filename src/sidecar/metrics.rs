@@ -4,7 +4,10 @@
 //! resolved once when the upstream is installed, so the request path does no label lookups except
 //! for the response status, and every series of an upstream is removed when it goes away.
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc, OnceLock,
+};
 
 use parking_lot::RwLock;
 use prometheus::{
@@ -86,7 +89,10 @@ pub struct Metrics {
 pub struct UpstreamMetrics {
     name: String,
     metrics: Arc<Metrics>,
-    statuses: RwLock<HashMap<u16, IntCounter>>,
+    /// `detour_requests_total` per status 100-599, created on first use (no lock per request).
+    statuses: Box<[OnceLock<IntCounter>]>,
+    /// Set when the upstream left the config: late requests must not bring series back.
+    removed: AtomicBool,
     pub duration: prometheus::Histogram,
     attempt_failures: Vec<IntCounter>,
     proxy_errors: Vec<IntCounter>,
@@ -210,7 +216,8 @@ impl UpstreamMetrics {
         let proxy_causes = proxy_causes();
         UpstreamMetrics {
             name: name.to_string(),
-            statuses: RwLock::new(HashMap::new()),
+            statuses: (100..600).map(|_| OnceLock::new()).collect(),
+            removed: AtomicBool::new(false),
             duration: m.duration.with_label_values(&[u]),
             attempt_failures: ALL_CAUSES
                 .iter()
@@ -268,16 +275,22 @@ impl UpstreamMetrics {
     }
 
     pub fn response(&self, status: u16) {
-        if let Some(c) = self.statuses.read().get(&status) {
+        let Some(slot) = self.statuses.get(status.wrapping_sub(100) as usize) else {
+            return;
+        };
+        if let Some(c) = slot.get() {
             c.inc();
             return;
         }
-        let c = self
-            .metrics
-            .requests
-            .with_label_values(&[self.name.as_str(), &status.to_string()]);
-        c.inc();
-        self.statuses.write().insert(status, c);
+        if self.removed.load(Ordering::Relaxed) {
+            return;
+        }
+        slot.get_or_init(|| {
+            self.metrics
+                .requests
+                .with_label_values(&[self.name.as_str(), &status.to_string()])
+        })
+        .inc();
     }
 
     pub fn attempt_failure(&self, cause: Cause) {
@@ -325,10 +338,13 @@ impl UpstreamMetrics {
 
     /// Removes every series of this upstream (it left the config).
     pub fn remove(&self) {
+        self.removed.store(true, Ordering::Relaxed);
         let m = &self.metrics;
         let u = self.name.as_str();
-        for s in self.statuses.read().keys() {
-            let _ = m.requests.remove_label_values(&[u, &s.to_string()]);
+        for (i, slot) in self.statuses.iter().enumerate() {
+            if slot.get().is_some() {
+                let _ = m.requests.remove_label_values(&[u, &(100 + i).to_string()]);
+            }
         }
         let _ = m.duration.remove_label_values(&[u]);
         for c in ALL_CAUSES {

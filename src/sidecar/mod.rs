@@ -19,6 +19,7 @@ mod pool;
 mod proxy;
 mod runtime;
 mod upstream;
+mod workers;
 
 use std::{
     net::SocketAddr,
@@ -52,8 +53,8 @@ pub struct Args {
     /// workloadSelector selects this pod are served.
     #[arg(long, env = "DETOUR_POD_LABELS")]
     pub pod_labels: Option<PathBuf>,
-    /// Worker threads. 1 runs everything on one thread (no cross-thread wake-ups: the cheapest
-    /// per request); the default is one per CPU.
+    /// Worker threads serving traffic (thread per core: each has its own accept socket and
+    /// connection pools). Default: one per CPU.
     #[arg(long, env = "DETOUR_THREADS")]
     pub threads: Option<usize>,
 }
@@ -94,10 +95,16 @@ pub async fn run(args: Args) -> Result<(), Error> {
         )?)),
         None => None,
     };
+    let workers = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     let opts = Options {
         admin: args.admin,
         drain_timeout: args.drain_timeout.get(),
         pod_labels,
+        workers,
     };
     // Start even without a valid file (the operator's ConfigMap may not exist yet): admin up,
     // /ready 503 until a valid config arrives.
@@ -110,6 +117,8 @@ pub async fn run(args: Args) -> Result<(), Error> {
         .map_err(Error::Signal)?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(Error::Signal)?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(Error::Signal)?;
     let mut tick = tokio::time::interval(args.reload_interval.get().max(Duration::from_millis(50)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -120,7 +129,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
                 reload_if_changed(&sidecar, &args.config, &mut last).await;
             }
             _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = int.recv() => break,
         }
     }
     tracing::info!(drain_timeout = %args.drain_timeout, "shutting down: draining in-flight requests");
@@ -151,11 +160,12 @@ async fn reload_if_changed(sidecar: &SidecarHandle, path: &Path, last: &mut Opti
         })
         .and_then(Config::from_str_validated);
     match parsed {
-        Ok(cfg) => {
-            if sidecar.apply(cfg).await.is_ok() {
-                tracing::info!(path = %path.display(), "config loaded");
-            }
-        }
+        Ok(cfg) => match sidecar.apply(cfg).await {
+            Ok(()) => tracing::info!(path = %path.display(), "config loaded"),
+            // The port may free up (an old process still draining): try the same bytes again.
+            Err(Error::Bind { .. }) => *last = None,
+            Err(_) => {}
+        },
         Err(e) => sidecar.record_rejected(&e),
     }
 }

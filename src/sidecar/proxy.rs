@@ -16,20 +16,35 @@ use tokio::time::Instant;
 use super::{
     balancer,
     body::{ReqBody, RespBody},
-    endpoint::{Endpoint, Failure},
+    endpoint::{Endpoint, Failure, InflightGuard},
     errors::{AttemptError, Cause, ProxyError, Reach},
     headers,
     metrics::NoRetry,
-    pool::Sender,
+    pool::{Conn, Sender},
     upstream::UpstreamRt,
 };
 use crate::config::{LoadBalancer, RetryOn};
+
+/// Who is calling, computed once per client connection.
+#[derive(Clone, Debug)]
+pub struct Client {
+    pub addr: SocketAddr,
+    /// The client IP as a header value, for `X-Forwarded-For`.
+    pub ip_header: HeaderValue,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip_header = HeaderValue::from_str(&addr.ip().to_string()).expect("an IP is ASCII");
+        Client { addr, ip_header }
+    }
+}
 
 /// Handles one client request end to end and always produces a response.
 pub async fn handle(
     req: Request<Incoming>,
     up: Arc<UpstreamRt>,
-    client: SocketAddr,
+    client: &Client,
 ) -> Response<RespBody> {
     let start = Instant::now();
     let resp = match forward(req, &up, client, start).await {
@@ -38,6 +53,7 @@ pub async fn handle(
             up.metrics.proxy_error(e.cause);
             tracing::warn!(
                 upstream = %up.name,
+                client = %client.addr,
                 status = e.status().as_u16(),
                 cause = e.cause.proxy_status_error(),
                 details = %e.details(),
@@ -58,7 +74,7 @@ pub async fn handle(
 
 enum Reject {
     Proxy(ProxyError),
-    /// The client's own fault (bad body...): not a gateway error.
+    /// The client's own fault (bad or aborted body...): not a gateway error.
     Client(StatusCode, String),
 }
 
@@ -68,152 +84,153 @@ impl From<ProxyError> for Reject {
     }
 }
 
+/// How an attempt gets its connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A pooled keep-alive connection, or a new one.
+    Pooled,
+    /// A new connection (after a keep-alive race).
+    Fresh,
+    /// A new connection that can be upgraded (WebSocket); never pooled.
+    Upgrade,
+}
+
 /// The result of one attempt.
 enum Attempt {
     Response {
         resp: Response<Incoming>,
         tx: Sender,
-        guard: super::endpoint::InflightGuard,
+        guard: InflightGuard,
     },
     Failed {
         err: AttemptError,
         /// The body, when the request never left and the body was not consumed.
         body: Option<ReqBody>,
     },
+    /// The client's request body failed while it was being sent.
+    ClientAborted(String),
 }
 
 async fn forward(
     req: Request<Incoming>,
     up: &Arc<UpstreamRt>,
-    client: SocketAddr,
+    client: &Client,
     start: Instant,
 ) -> Result<Response<RespBody>, Reject> {
     let policy = &up.policy;
+    let retries = &policy.retries;
     let m = &up.metrics;
     let mut req = req;
     let upgrade = headers::is_upgrade(req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let mut on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     prepare_head(&mut parts, client, upgrade);
     let idempotent = headers::is_idempotent(&parts.method, &parts.headers);
-
-    if let Some(on_client) = client_upgrade {
-        return forward_upgrade(parts, body, on_client, up).await;
-    }
-
-    let limit = policy.retries.max_buffered_body_bytes as usize;
-    // A client that trickles its body must not hold the request past its deadline.
-    let buffered = tokio::time::timeout(policy.timeouts.request.get(), buffer_body(body, limit))
-        .await
-        .map_err(|_| {
-            Reject::Client(
-                StatusCode::REQUEST_TIMEOUT,
-                "request body not received in time".into(),
-            )
-        })?
-        .map_err(|e| {
-            Reject::Client(
-                StatusCode::BAD_REQUEST,
-                format!("reading request body: {e}"),
-            )
-        })?;
-    let mut body = Some(buffered);
-
     let deadline = start + policy.timeouts.request.get();
-    let per_try = policy.retries.per_try_timeout.get();
+
+    let mut body = Some(if body.is_end_stream() {
+        ReqBody::empty()
+    } else {
+        // A client that trickles its body must not hold the request past its deadline.
+        let limit = retries.max_buffered_body_bytes as usize;
+        tokio::time::timeout_at(deadline, buffer_body(body, limit))
+            .await
+            .map_err(|_| {
+                Reject::Client(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request body not received in time".into(),
+                )
+            })?
+            .map_err(|e| {
+                Reject::Client(
+                    StatusCode::BAD_REQUEST,
+                    format!("reading request body: {e}"),
+                )
+            })?
+    });
+
     up.budget.deposit();
     let mut tried: SmallVec<[SocketAddr; 4]> = SmallVec::new();
     let mut attempts = 0u32;
     let mut race_retry_left = true;
     let mut failed_before = false;
-    let mut fresh_on: Option<SocketAddr> = None;
+    let mut fresh_on: Option<Arc<Endpoint>> = None;
+    let mut last: Option<Arc<Endpoint>> = None;
 
     loop {
         let now = Instant::now();
-        let fresh = fresh_on.take();
-        let ep = match fresh {
-            // Keep-alive race: the same endpoint again, on a new connection.
-            Some(addr) => up
-                .endpoints
-                .iter()
-                .find(|e| e.addr == addr)
-                .cloned()
-                .expect("endpoint of this upstream"),
-            None => {
-                match balancer::pick(
-                    &up.endpoints,
-                    &tried,
-                    policy.load_balancer,
-                    policy.panic_threshold,
-                    now,
-                ) {
-                    Ok(p) => {
-                        if p.panic {
-                            m.panic.inc();
-                        }
-                        attempts += 1;
-                        p.endpoint
-                    }
-                    Err(why) => {
-                        return Err(ProxyError {
-                            cause: Cause::DestinationUnavailable,
-                            endpoint: None,
-                            pod: None,
-                            attempts,
-                            detail: why.to_string(),
-                        }
-                        .into())
-                    }
-                }
-            }
-        };
-        if !tried.contains(&ep.addr) {
-            tried.push(ep.addr);
-        }
         let Some(left) = deadline
             .checked_duration_since(now)
             .filter(|d| !d.is_zero())
         else {
             return Err(ProxyError {
                 cause: Cause::HttpResponseTimeout,
-                endpoint: Some(ep.addr),
-                pod: ep.pod.clone(),
+                endpoint: last.as_ref().map(|e| e.addr),
+                pod: last.as_ref().and_then(|e| e.pod.clone()),
                 attempts,
                 detail: format!(
-                    "request deadline of {} passed before a response",
+                    "request deadline (timeouts.request {}) passed before a response",
                     policy.timeouts.request
                 ),
             }
             .into());
         };
-        let try_timeout = per_try.min(left);
-        let replayable = body.as_ref().and_then(ReqBody::try_clone);
-        let this_body = match replayable {
+        let (ep, mode) = match fresh_on.take() {
+            // Keep-alive race: the same endpoint again, on a new connection.
+            Some(ep) => (ep, Mode::Fresh),
+            None => {
+                let pick = balancer::pick(
+                    &up.endpoints,
+                    &tried,
+                    policy.load_balancer,
+                    policy.panic_threshold,
+                    now,
+                )
+                .map_err(|why| ProxyError {
+                    cause: Cause::DestinationUnavailable,
+                    endpoint: None,
+                    pod: None,
+                    attempts,
+                    detail: why.to_string(),
+                })?;
+                if pick.panic {
+                    m.panic.inc();
+                }
+                attempts += 1;
+                let mode = if upgrade { Mode::Upgrade } else { Mode::Pooled };
+                (pick.endpoint, mode)
+            }
+        };
+        if !tried.contains(&ep.addr) {
+            tried.push(ep.addr);
+        }
+        last = Some(ep.clone());
+        // Per-try timeouts exist to try elsewhere: a request that can never be retried on a
+        // timeout (non-idempotent, or timeouts not retried) gets the whole remaining deadline,
+        // so slow non-idempotent work is not cut short.
+        let retry_on_timeout =
+            idempotent && retries.on.contains(&RetryOn::Timeout) && retries.attempts > 0;
+        let try_budget = if retry_on_timeout {
+            retries.per_try_timeout.get().min(left)
+        } else {
+            left
+        };
+        let this_body = match body.as_ref().and_then(ReqBody::try_clone) {
             Some(copy) => copy,
             None => body.take().unwrap_or_else(ReqBody::empty),
         };
-        let outcome = match tokio::time::timeout(
-            try_timeout,
-            attempt(&ep, &parts, this_body, fresh.is_some()),
-        )
-        .await
-        {
-            Ok(o) => o,
-            Err(_) => Attempt::Failed {
-                err: AttemptError::new(
-                    Cause::HttpResponseTimeout,
-                    Reach::MaybeProcessed,
-                    format!("no response headers within {}", fmt_dur(try_timeout)),
-                ),
-                body: None,
-            },
-        };
 
-        match outcome {
+        match attempt(&ep, &parts, this_body, mode, now + try_budget).await {
             Attempt::Response { resp, tx, guard } => {
                 let status = resp.status();
                 if policy.load_balancer == LoadBalancer::PeakEwma {
                     ep.observe_latency(now.elapsed(), Instant::now());
+                }
+                if status == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(on_client) = on_client_upgrade.take() {
+                        ep.record_success();
+                        return Ok(tunnel(resp, on_client, guard));
+                    }
                 }
                 let gateway = matches!(status.as_u16(), 502..=504);
                 if gateway {
@@ -235,7 +252,7 @@ async fn forward(
                             tracing::debug!(upstream = %up.name, endpoint = %ep.addr, %status, "retrying a gateway error");
                             continue;
                         }
-                        Err(why) => note_no_retry(up, why),
+                        Err(why) => m.retry_skipped(why),
                     }
                     m.upstream_error(status.as_u16());
                 } else if status.is_server_error() {
@@ -243,11 +260,19 @@ async fn forward(
                 } else {
                     ep.record_success();
                 }
-                if failed_before && !gateway {
+                if failed_before && status.as_u16() < 500 {
                     m.rescued.inc();
                 }
-                ep.pool.release(tx);
+                if mode != Mode::Upgrade {
+                    ep.pool().release(tx);
+                }
                 return Ok(client_response(resp, guard, up, gateway));
+            }
+            Attempt::ClientAborted(msg) => {
+                return Err(Reject::Client(
+                    StatusCode::BAD_REQUEST,
+                    format!("request body failed: {msg}"),
+                ))
             }
             Attempt::Failed {
                 err,
@@ -258,6 +283,11 @@ async fn forward(
                     body = returned;
                 }
                 tracing::debug!(upstream = %up.name, endpoint = %ep.addr, cause = err.cause.as_str(), detail = %err.detail, "attempt failed");
+                if err.cause == Cause::HttpResponseTimeout
+                    && policy.load_balancer == LoadBalancer::PeakEwma
+                {
+                    ep.observe_latency(try_budget, Instant::now());
+                }
                 if err.cause == Cause::KeepaliveRace {
                     m.keepalive_races.inc();
                     let resend_ok = err.reach == Reach::NotSent || idempotent;
@@ -267,10 +297,10 @@ async fn forward(
                         race_retry_left = false;
                         m.keepalive_race_retries.inc();
                         failed_before = true;
-                        fresh_on = Some(ep.addr);
+                        fresh_on = Some(ep);
                         continue;
                     }
-                } else {
+                } else if err.cause.is_endpoint_fault() {
                     let failure = if err.cause == Cause::ConnectionRefused {
                         Failure::Refused
                     } else {
@@ -278,10 +308,9 @@ async fn forward(
                     };
                     up.record_failure(&ep, failure, Instant::now());
                 }
-                let kind = retry_kind(err.cause);
                 match may_retry(
                     up,
-                    kind,
+                    retry_kind(err.cause),
                     err.reach,
                     idempotent,
                     body.is_some(),
@@ -294,7 +323,7 @@ async fn forward(
                         continue;
                     }
                     Err(why) => {
-                        note_no_retry(up, why);
+                        m.retry_skipped(why);
                         let mut detail = err.detail;
                         detail.push_str(&format!("; not retried: {}", why.as_str()));
                         return Err(ProxyError {
@@ -312,22 +341,46 @@ async fn forward(
     }
 }
 
-/// One try on one endpoint: a connection (pooled unless `fresh`), the request, the response head.
-async fn attempt(ep: &Arc<Endpoint>, parts: &Parts, body: ReqBody, fresh: bool) -> Attempt {
+/// One try on one endpoint: a connection, the request, the response head, all by `until`.
+/// Running out of time while connecting means the request never left.
+async fn attempt(
+    ep: &Arc<Endpoint>,
+    parts: &Parts,
+    body: ReqBody,
+    mode: Mode,
+    until: Instant,
+) -> Attempt {
     let guard = ep.start_request();
-    let conn = if fresh {
-        ep.pool
-            .connect(false)
-            .await
-            .map(|tx| super::pool::Conn { tx, reused: false })
-    } else {
-        ep.pool.get().await
+    let connecting = async {
+        match mode {
+            Mode::Pooled => ep.pool().get().await,
+            Mode::Fresh => ep
+                .pool()
+                .connect(false)
+                .await
+                .map(|tx| Conn { tx, reused: false }),
+            Mode::Upgrade => ep
+                .pool()
+                .connect(true)
+                .await
+                .map(|tx| Conn { tx, reused: false }),
+        }
     };
-    let mut conn = match conn {
-        Ok(c) => c,
-        Err(e) => {
+    let mut conn = match tokio::time::timeout_at(until, connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             return Attempt::Failed {
                 err: AttemptError::connect(&e),
+                body: Some(body),
+            }
+        }
+        Err(_) => {
+            return Attempt::Failed {
+                err: AttemptError::new(
+                    Cause::ConnectionTimeout,
+                    Reach::NotSent,
+                    "connect: out of time for this attempt",
+                ),
                 body: Some(body),
             }
         }
@@ -342,24 +395,41 @@ async fn attempt(ep: &Arc<Endpoint>, parts: &Parts, body: ReqBody, fresh: bool) 
             req.headers_mut().insert(header::HOST, v);
         }
     }
-    match conn.tx.try_send_request(req).await {
-        Ok(resp) => Attempt::Response {
+    let started = Instant::now();
+    match tokio::time::timeout_at(until, conn.tx.try_send_request(req)).await {
+        Ok(Ok(resp)) => Attempt::Response {
             resp,
             tx: conn.tx,
             guard,
         },
-        Err(mut e) => {
+        Ok(Err(mut e)) => {
+            if e.error().is_user() {
+                return Attempt::ClientAborted(super::errors::error_chain(e.error()));
+            }
             let unsent = e.take_message().map(|r| r.into_body());
             let err = AttemptError::from_hyper(e.error(), unsent.is_none(), conn.reused);
             Attempt::Failed { err, body: unsent }
         }
+        Err(_) => Attempt::Failed {
+            err: AttemptError::new(
+                Cause::HttpResponseTimeout,
+                Reach::MaybeProcessed,
+                format!(
+                    "no response headers within {}",
+                    fmt_dur(until.saturating_duration_since(started))
+                ),
+            ),
+            body: None,
+        },
     }
 }
 
 /// Maps an attempt failure to the `retries.on` kind that allows retrying it.
 fn retry_kind(cause: Cause) -> RetryOn {
     match cause {
-        Cause::ConnectionRefused | Cause::ConnectionTimeout => RetryOn::ConnectFailure,
+        Cause::ConnectionRefused | Cause::ConnectionTimeout | Cause::ProxyInternalError => {
+            RetryOn::ConnectFailure
+        }
         Cause::HttpResponseTimeout => RetryOn::Timeout,
         Cause::UpstreamStatus | Cause::HttpProtocolError => RetryOn::GatewayError,
         _ => RetryOn::Reset,
@@ -399,67 +469,71 @@ fn may_retry(
     Ok(())
 }
 
-fn note_no_retry(up: &UpstreamRt, why: NoRetry) {
-    up.metrics.retry_skipped(why);
-}
-
 /// Request head as it goes upstream: origin-form URI, Host kept, hop-by-hop removed, forwarding
 /// headers added.
-fn prepare_head(parts: &mut Parts, client: SocketAddr, upgrade: bool) {
-    if let Some(auth) = parts.uri.authority().cloned() {
-        // Absolute-form (a client that treats us as a forward proxy): Host comes from the URI.
-        if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
-            parts.headers.insert(header::HOST, v);
-        }
-    }
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+fn prepare_head(parts: &mut Parts, client: &Client, upgrade: bool) {
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        // Absolute-form (a client that treats us as a forward proxy): Host comes from the URI.
+        if let Some(auth) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
         if let Ok(u) = pq.parse::<Uri>() {
             parts.uri = u;
         }
     }
-    let host = parts.headers.get(header::HOST).cloned();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-    headers::add_forwarded(&mut parts.headers, client.ip(), host.as_ref());
+    headers::add_forwarded(&mut parts.headers, &client.ip_header);
 }
 
 /// Buffers the body when it fits the replay limit, so it can be sent again on a retry. A larger
 /// body is streamed: the part read so far goes first, the rest follows from the client.
 async fn buffer_body(mut body: Incoming, limit: usize) -> Result<ReqBody, hyper::Error> {
-    if body.is_end_stream() {
-        return Ok(ReqBody::empty());
-    }
     let hint = body.size_hint();
     if hint.lower() as usize > limit {
         return Ok(ReqBody::Stream(body));
     }
+    let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame?;
-        if let Ok(data) = frame.into_data() {
-            buf.extend_from_slice(&data);
-            if buf.len() > limit {
-                return Ok(ReqBody::Prefixed(Some(buf.freeze()), body));
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        // The common case, a body in one frame, is kept without a copy.
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            prev => {
+                if let Some(p) = prev {
+                    buf.extend_from_slice(&p);
+                }
+                buf.extend_from_slice(&data);
             }
         }
+        let len = first.as_ref().map_or(buf.len(), |b| b.len());
+        if len > limit {
+            let sofar = first.take().unwrap_or_else(|| buf.split().freeze());
+            return Ok(ReqBody::Prefixed(Some(sofar), body));
+        }
     }
-    Ok(ReqBody::Full(Some(Bytes::from(buf))))
+    Ok(ReqBody::Full(Some(first.unwrap_or_else(|| buf.freeze()))))
 }
 
 /// The upstream's response as the client gets it.
 fn client_response(
     resp: Response<Incoming>,
-    guard: super::endpoint::InflightGuard,
+    guard: InflightGuard,
     up: &UpstreamRt,
     passed_gateway_error: bool,
 ) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
-    headers::append_list(&mut parts.headers, header::VIA, headers::VIA_VALUE);
+    headers::add_via(&mut parts.headers);
     if passed_gateway_error {
         let v = format!("detour; received-status={}", parts.status.as_u16());
         if let Ok(v) = HeaderValue::from_str(&v) {
@@ -474,100 +548,27 @@ fn client_response(
     Response::from_parts(parts, body)
 }
 
-/// Upgrades (WebSocket): one attempt on a fresh connection; retried only if it never connected.
-async fn forward_upgrade(
-    parts: Parts,
-    body: Incoming,
+/// A `101 Switching Protocols`: both sides are joined byte for byte until either closes. The
+/// endpoint counts the tunnel as in flight while it lasts.
+fn tunnel(
+    mut resp: Response<Incoming>,
     on_client: hyper::upgrade::OnUpgrade,
-    up: &Arc<UpstreamRt>,
-) -> Result<Response<RespBody>, Reject> {
-    let policy = &up.policy;
-    let mut tried = Vec::new();
-    let mut attempts = 0;
-    let mut body = Some(body);
-    loop {
-        let pick = balancer::pick(
-            &up.endpoints,
-            &tried,
-            policy.load_balancer,
-            policy.panic_threshold,
-            Instant::now(),
-        )
-        .map_err(|why| ProxyError {
-            cause: Cause::DestinationUnavailable,
-            endpoint: None,
-            pod: None,
-            attempts,
-            detail: why.to_string(),
-        })?;
-        let ep = pick.endpoint;
-        attempts += 1;
-        tried.push(ep.addr);
-        let fail = |err: AttemptError| ProxyError {
-            cause: err.cause,
-            endpoint: Some(ep.addr),
-            pod: ep.pod.clone(),
-            attempts,
-            detail: err.detail,
+    guard: InflightGuard,
+) -> Response<RespBody> {
+    let on_upstream = hyper::upgrade::on(&mut resp);
+    tokio::spawn(async move {
+        let _guard = guard;
+        let (Ok(client_io), Ok(upstream_io)) = tokio::join!(on_client, on_upstream) else {
+            return;
         };
-        let mut tx = match ep.pool.connect(true).await {
-            Ok(tx) => tx,
-            Err(e) => {
-                let err = AttemptError::connect(&e);
-                up.metrics.attempt_failure(err.cause);
-                up.record_failure(&ep, Failure::Refused, Instant::now());
-                if attempts <= policy.retries.attempts
-                    && policy.retries.on.contains(&RetryOn::ConnectFailure)
-                {
-                    up.metrics.retry(err.cause);
-                    continue;
-                }
-                return Err(fail(err).into());
-            }
-        };
-        let mut req = Request::new(ReqBody::Stream(body.take().expect("body sent once")));
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = parts.uri.clone();
-        *req.headers_mut() = parts.headers.clone();
-        let timeout = policy.retries.per_try_timeout.get();
-        let mut resp = match tokio::time::timeout(timeout, tx.send_request(req)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                let err = AttemptError::from_hyper(&e, true, false);
-                up.metrics.attempt_failure(err.cause);
-                return Err(fail(err).into());
-            }
-            Err(_) => {
-                let err = AttemptError::new(
-                    Cause::HttpResponseTimeout,
-                    Reach::MaybeProcessed,
-                    format!("no upgrade response within {}", fmt_dur(timeout)),
-                );
-                up.metrics.attempt_failure(err.cause);
-                return Err(fail(err).into());
-            }
-        };
-        ep.record_success();
-        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            let guard = ep.start_request();
-            return Ok(client_response(resp, guard, up, false));
-        }
-        let on_upstream = hyper::upgrade::on(&mut resp);
-        let guard = ep.start_request();
-        tokio::spawn(async move {
-            let _guard = guard;
-            let (Ok(client_io), Ok(upstream_io)) = tokio::join!(on_client, on_upstream) else {
-                return;
-            };
-            let mut a = TokioIo::new(client_io);
-            let mut b = TokioIo::new(upstream_io);
-            let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-        });
-        let (mut parts, _) = resp.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers, true);
-        headers::append_list(&mut parts.headers, header::VIA, headers::VIA_VALUE);
-        return Ok(Response::from_parts(parts, RespBody::empty()));
-    }
+        let mut a = TokioIo::new(client_io);
+        let mut b = TokioIo::new(upstream_io);
+        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+    });
+    let (mut parts, _) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, true);
+    headers::add_via(&mut parts.headers);
+    Response::from_parts(parts, RespBody::empty())
 }
 
 fn fmt_dur(d: Duration) -> String {

@@ -30,6 +30,7 @@ use super::{
     metrics::{Metrics, UpstreamMetrics},
     proxy,
     upstream::UpstreamRt,
+    workers::{self, Workers},
     Error,
 };
 use crate::config::{Config, HealthCheck};
@@ -43,6 +44,9 @@ pub struct Options {
     pub drain_timeout: Duration,
     /// This pod's labels: only upstreams whose `workloadSelector` matches are served.
     pub pod_labels: Option<BTreeMap<String, String>>,
+    /// Worker threads serving traffic, each with its own single-threaded runtime, accept socket
+    /// and connection pools. 0 serves traffic on the runtime that started the sidecar.
+    pub workers: usize,
 }
 
 impl Default for Options {
@@ -51,6 +55,7 @@ impl Default for Options {
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             drain_timeout: Duration::from_secs(30),
             pod_labels: None,
+            workers: 0,
         }
     }
 }
@@ -74,6 +79,8 @@ pub(super) struct Shared {
     pub ready: AtomicBool,
     stop_accepting: watch::Sender<bool>,
     conns: ConnTracker,
+    workers: parking_lot::Mutex<Option<Workers>>,
+    n_workers: usize,
 }
 
 struct State {
@@ -136,8 +143,14 @@ impl Sidecar {
                 source,
             })?;
         let admin_addr = admin_listener.local_addr().map_err(Error::Io)?;
+        let workers = match opts.workers {
+            0 => None,
+            n => Some(Workers::start(n).map_err(Error::Io)?),
+        };
         let empty = Config::empty();
         let shared = Arc::new(Shared {
+            n_workers: opts.workers,
+            workers: parking_lot::Mutex::new(workers),
             metrics,
             opts,
             state: Mutex::new(State {
@@ -246,6 +259,8 @@ impl SidecarHandle {
                 break;
             }
         }
+        // Ends the worker threads and whatever they still run.
+        self.shared.workers.lock().take();
         self.admin_task.abort();
     }
 }
@@ -292,46 +307,72 @@ impl Shared {
             .collect();
 
         // Bind every new listener first: if one fails, nothing changes.
-        let mut fresh: HashMap<String, TcpListener> = HashMap::new();
+        let mut fresh: HashMap<String, Vec<std::net::TcpListener>> = HashMap::new();
         for (i, u) in &selected {
             let key = listen_key(u);
             if state.listeners.contains_key(&key) || fresh.contains_key(&key) {
                 continue;
             }
-            let l = TcpListener::bind(u.listen_addr())
-                .await
-                .map_err(|source| Error::Bind {
+            let sockets = workers::bind_reuseport(u.listen_addr(), self.n_workers.max(1)).map_err(
+                |source| Error::Bind {
                     what: format!("upstreams[{i}].listen"),
                     addr: u.listen.clone(),
                     source,
-                })?;
-            fresh.insert(key, l);
+                },
+            )?;
+            fresh.insert(key, sockets);
         }
 
+        // Endpoint state follows the upstream's name, wherever it listens now.
+        let prev_by_name: HashMap<String, Arc<UpstreamRt>> = state
+            .listeners
+            .values()
+            .map(|l| {
+                let up = l.slot.load_full();
+                (up.name.clone(), up)
+            })
+            .collect();
         let mut keep = Vec::new();
-        let mut names_after = Vec::new();
+        let names_after: Vec<&str> = selected.iter().map(|(_, u)| u.name.as_str()).collect();
         for (_, u) in &selected {
             let key = listen_key(u);
-            names_after.push(u.name.clone());
+            let prev = prev_by_name.get(&u.name);
+            let metrics = match prev {
+                Some(p) => p.metrics.clone(),
+                None => Arc::new(UpstreamMetrics::new(&self.metrics, &u.name)),
+            };
+            let next = Arc::new(UpstreamRt::build(
+                u,
+                prev.map(|p| &**p),
+                metrics,
+                self.n_workers,
+            ));
             if let Some(l) = state.listeners.get_mut(&key) {
-                let prev = l.slot.load_full();
-                let same = prev.name == u.name;
-                let metrics = if same {
-                    prev.metrics.clone()
-                } else {
-                    Arc::new(UpstreamMetrics::new(&self.metrics, &u.name))
-                };
-                let next = Arc::new(UpstreamRt::build(u, same.then_some(&*prev), metrics));
+                let before = l.slot.load_full();
+                if before.name != u.name && !names_after.contains(&before.name.as_str()) {
+                    // Renamed: the old name's series go.
+                    before.metrics.remove();
+                }
                 self.restart_checkers(l, &next);
                 l.slot.store(next);
             } else {
-                let listener = fresh.remove(&key).expect("bound above");
-                let addr = listener.local_addr().map_err(Error::Io)?;
-                let metrics = Arc::new(UpstreamMetrics::new(&self.metrics, &u.name));
-                let up = Arc::new(UpstreamRt::build(u, None, metrics));
+                let sockets = fresh.remove(&key).expect("bound above");
+                let addr = sockets[0].local_addr().map_err(Error::Io)?;
+                let up = next;
                 let slot = Arc::new(ArcSwap::new(up.clone()));
                 let (stop, stop_rx) = watch::channel(false);
-                tokio::spawn(accept_loop(listener, slot.clone(), stop_rx, self.clone()));
+                let workers = self.workers.lock();
+                for (i, socket) in sockets.into_iter().enumerate() {
+                    let (slot, stop_rx, shared) = (slot.clone(), stop_rx.clone(), self.clone());
+                    let run = move || accept_loop(socket, slot, stop_rx, shared);
+                    match workers.as_ref() {
+                        Some(w) => w.spawn_on(i % w.len(), run),
+                        None => {
+                            tokio::spawn(run());
+                        }
+                    }
+                }
+                drop(workers);
                 let mut l = ListenerRt {
                     addr,
                     slot,
@@ -360,7 +401,7 @@ impl Shared {
                     t.abort();
                 }
                 let up = l.slot.load();
-                if !names_after.contains(&up.name) {
+                if !names_after.contains(&up.name.as_str()) {
                     up.metrics.remove();
                 }
                 tracing::info!(upstream = %up.name, listen = %l.addr, "listener removed");
@@ -431,11 +472,19 @@ fn listen_key(u: &crate::config::Upstream) -> String {
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    socket: std::net::TcpListener,
     slot: Arc<ArcSwap<UpstreamRt>>,
     mut stop: watch::Receiver<bool>,
     shared: Arc<Shared>,
 ) {
+    // Registered with the runtime of the thread that serves it.
+    let listener = match TcpListener::from_std(socket) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve a listener");
+            return;
+        }
+    };
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -449,7 +498,15 @@ async fn accept_loop(
             },
             _ = stop.changed() => return,
         };
-        tokio::spawn(serve_conn(stream, peer, slot.clone(), shared.clone()));
+        // Counted before the task starts, so a shutdown right now still waits for it.
+        shared.conns.open.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(serve_conn(
+            stream,
+            peer,
+            slot.clone(),
+            stop.clone(),
+            shared.clone(),
+        ));
     }
 }
 
@@ -457,14 +514,16 @@ async fn serve_conn(
     stream: TcpStream,
     peer: SocketAddr,
     slot: Arc<ArcSwap<UpstreamRt>>,
+    mut listener_stop: watch::Receiver<bool>,
     shared: Arc<Shared>,
 ) {
     let _ = stream.set_nodelay(true);
-    shared.conns.open.fetch_add(1, Ordering::SeqCst);
+    let client = Arc::new(proxy::Client::new(peer));
     let svc = service_fn(move |req| {
         // Each request uses the upstream as configured when it arrived, to its end.
         let up = slot.load_full();
-        async move { Ok::<_, Infallible>(proxy::handle(req, up, peer).await) }
+        let client = client.clone();
+        async move { Ok::<_, Infallible>(proxy::handle(req, up, &client).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -473,15 +532,19 @@ async fn serve_conn(
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
     let mut stop = shared.stop_accepting.subscribe();
-    let stopping = *stop.borrow();
+    let stopping = *stop.borrow() || *listener_stop.borrow();
     if stopping {
         conn.as_mut().graceful_shutdown();
         let _ = conn.await;
     } else {
         tokio::select! {
             _ = conn.as_mut() => {}
+            // Shutdown, or this listener left the config: finish the request in flight, close.
             _ = stop.changed() => {
-                // Finish the request in flight, then close.
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+            _ = listener_stop.changed() => {
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
             }

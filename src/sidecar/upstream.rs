@@ -10,7 +10,7 @@ use super::{
     budget::Budget,
     endpoint::{Endpoint, EndpointSnapshot, Failure, Health},
     metrics::UpstreamMetrics,
-    pool::{Pool, PoolConfig},
+    pool::PoolConfig,
 };
 use crate::config::{Policy, Upstream};
 
@@ -20,6 +20,9 @@ pub struct UpstreamRt {
     pub endpoints: Vec<Arc<Endpoint>>,
     pub metrics: Arc<UpstreamMetrics>,
     pub budget: Arc<Budget>,
+    /// Serializes "count the ejected, then eject" so concurrent failures cannot exceed
+    /// `maxEjectionPercent`. Taken only when an endpoint is about to be ejected.
+    eject_lock: parking_lot::Mutex<()>,
 }
 
 impl UpstreamRt {
@@ -29,6 +32,7 @@ impl UpstreamRt {
         cfg: &Upstream,
         prev: Option<&UpstreamRt>,
         metrics: Arc<UpstreamMetrics>,
+        workers: usize,
     ) -> UpstreamRt {
         let pool_cfg = pool_config(&cfg.policy);
         let old: HashMap<SocketAddr, &Arc<Endpoint>> = prev
@@ -42,14 +46,15 @@ impl UpstreamRt {
                 Some(match old.get(&addr) {
                     Some(existing) if existing.pod == e.pod => {
                         existing.set_state(e.state);
-                        existing.pool.set_config(pool_cfg);
+                        existing.set_pool_config(pool_cfg);
                         (*existing).clone()
                     }
                     _ => Arc::new(Endpoint::new(
                         addr,
                         e.pod.clone(),
                         e.state,
-                        Pool::new(addr, pool_cfg),
+                        pool_cfg,
+                        workers,
                     )),
                 })
             })
@@ -64,6 +69,7 @@ impl UpstreamRt {
             endpoints,
             metrics,
             budget,
+            eject_lock: parking_lot::Mutex::new(()),
         }
     }
 
@@ -80,6 +86,10 @@ impl UpstreamRt {
         } else {
             (n * od.max_ejection_percent as usize / 100).max(1)
         };
+        let _serial = self.eject_lock.lock();
+        if ep.is_ejected(now) {
+            return;
+        }
         let ejected = self.endpoints.iter().filter(|e| e.is_ejected(now)).count();
         if ejected >= max {
             self.metrics.ejections_capped.inc();

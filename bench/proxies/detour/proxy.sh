@@ -19,7 +19,7 @@ PROXY_CHECK_CMD="'$DETOUR_BIN' check --config {CONF}"
 # `env` execs the sidecar, so the harness's PID (SIGTERM, memory samples) is detour itself.
 # Worker threads = the harness's THREADS (2), as haproxy nbthread / nginx worker_processes / envoy
 # --concurrency. The harness allows 5 s between SIGTERM and SIGKILL: drain for at most 3.
-PROXY_CMD="env TOKIO_WORKER_THREADS={THREADS} RUST_LOG=${DETOUR_BENCH_LOG:-info} NO_COLOR=1 '$DETOUR_BIN' sidecar --config {CONF} --admin 127.0.0.1:$DETOUR_ADMIN_PORT --drain-timeout 3s"
+PROXY_CMD="env RUST_LOG=${DETOUR_BENCH_LOG:-info} NO_COLOR=1 '$DETOUR_BIN' sidecar --config {CONF} --admin 127.0.0.1:$DETOUR_ADMIN_PORT --threads {THREADS} --drain-timeout 3s"
 PROXY_VERSION_CMD="'$DETOUR_BIN' --version"
 PROXY_WARMUP_S=2
 # A bounded background scraper, started before the sidecar: it waits for the admin port (at most

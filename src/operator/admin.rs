@@ -1,0 +1,89 @@
+//! The operator's admin port: `/metrics`, `/live`, `/ready`.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::metrics::Metrics;
+
+/// Readiness inputs: the operator is ready when it leads (or needs no lease) and every cache
+/// it reconciles from has synced.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub leader: AtomicBool,
+    pub synced: AtomicBool,
+}
+
+impl Health {
+    pub fn ready(&self) -> bool {
+        self.leader.load(Ordering::Acquire) && self.synced.load(Ordering::Acquire)
+    }
+}
+
+/// Serves until the task is aborted.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        let health = health.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let res = respond(&req, &metrics, &health);
+                async move { Ok::<_, Infallible>(res) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn respond(req: &Request<Incoming>, metrics: &Metrics, health: &Health) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: String, ctype: &'static str| {
+        Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, ctype)
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid response")
+    };
+    if req.method() != Method::GET {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET only\n".into(),
+            "text/plain",
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => text(StatusCode::OK, metrics.text(), "text/plain; version=0.0.4"),
+        "/live" => text(StatusCode::OK, "live\n".into(), "text/plain"),
+        "/ready" if health.ready() => text(StatusCode::OK, "ready\n".into(), "text/plain"),
+        "/ready" => {
+            let why = if !health.leader.load(Ordering::Acquire) {
+                "not ready: not the leader\n"
+            } else {
+                "not ready: caches not synced\n"
+            };
+            text(StatusCode::SERVICE_UNAVAILABLE, why.into(), "text/plain")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
+    }
+}
+
+/// Binds the admin listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

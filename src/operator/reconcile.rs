@@ -1,0 +1,545 @@
+//! Reconcile: read the caches → render the namespace (pure) → apply `detour-config` → write the
+//! changed statuses. The unit of work is a namespace: any policy's reconcile renders every policy
+//! in its namespace, serialized per namespace, and writes only what differs from the cache.
+
+use std::{
+    collections::HashMap,
+    hash::{DefaultHasher, Hash, Hasher},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{ConfigMap, ObjectReference, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::Time,
+};
+use kube::{
+    api::{DeleteParams, Patch, PatchParams},
+    core::DeserializeGuard,
+    runtime::{
+        controller::Action,
+        events::{Event as KubeEvent, EventType, Recorder},
+        reflector::{ObjectRef, Store},
+    },
+    Api, Client, Resource, ResourceExt,
+};
+use parking_lot::Mutex;
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use super::{
+    metrics::Metrics,
+    render::{desired_status, render_namespace, PolicyInput, RenderError},
+};
+use crate::api::{condition, UpstreamPolicy, UpstreamPolicyStatus};
+
+/// Field manager of every write (ConfigMap, status).
+pub const MANAGER: &str = "detour-operator";
+/// Finalizer that lets a deleted policy leave the namespace's config before it disappears.
+pub const FINALIZER: &str = "detour.dev/config";
+/// Name of the rendered ConfigMap in each namespace with policies.
+pub const CONFIG_MAP: &str = "detour-config";
+/// Key of the config document in the ConfigMap.
+pub const CONFIG_KEY: &str = "config.yaml";
+/// Label on rendered ConfigMaps (the operator watches only these).
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "detour-operator");
+/// Annotation with the config hash, for humans and sidecars.
+pub const HASH_ANNOTATION: &str = "detour.dev/config-hash";
+
+type Policy = DeserializeGuard<UpstreamPolicy>;
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{action} {target}: {source}")]
+    Kube {
+        action: &'static str,
+        target: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    #[error("the {0} cache stopped")]
+    CacheClosed(&'static str),
+}
+
+impl Error {
+    /// Bounded label for `detour_operator_reconciles_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube { action, .. } => action,
+            Error::Render(_) => "render",
+            Error::CacheClosed(_) => "cache",
+        }
+    }
+}
+
+/// Everything a reconcile reads and writes, for one watch scope (all namespaces or one).
+pub struct Context {
+    pub client: Client,
+    pub policies: Store<Policy>,
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+    pub config_maps: Store<ConfigMap>,
+    pub shared: Arc<Shared>,
+}
+
+/// State shared by every scope and kept across leadership changes.
+pub struct Shared {
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    /// One lock per namespace: two policies of a namespace never render concurrently.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Last write per object: (hash of what was written, resourceVersion the server returned).
+    /// Until the cache reaches that version it may show the old state, and the write must not
+    /// be repeated.
+    written: Mutex<HashMap<String, (u64, Option<String>)>>,
+    /// Consecutive failures per object, for backoff.
+    failures: Mutex<HashMap<ObjectRef<Policy>, u32>>,
+}
+
+// === impl Shared ===
+
+impl Shared {
+    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
+        let reporter = kube::runtime::events::Reporter {
+            controller: MANAGER.to_string(),
+            instance,
+        };
+        Shared {
+            metrics,
+            recorder: Recorder::new(client, reporter),
+            locks: Mutex::default(),
+            written: Mutex::default(),
+            failures: Mutex::default(),
+        }
+    }
+
+    fn lock(&self, ns: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks.lock().entry(ns.to_string()).or_default().clone()
+    }
+
+    /// True when `value` was already written and the cache has not caught up with that write
+    /// yet (it shows an older resourceVersion, or none). Writing again would only repeat it.
+    fn already_written(&self, key: &str, value: u64, cached_rv: Option<&str>) -> bool {
+        let memo = self.written.lock();
+        let Some((v, written)) = memo.get(key) else {
+            return false;
+        };
+        if *v != value {
+            return false;
+        }
+        match (written.as_deref(), cached_rv) {
+            (None, _) | (Some(_), None) => true,
+            // resourceVersions are opaque, but every API server in use issues increasing
+            // integers; when they are not, the cache is taken as stale while it differs.
+            (Some(w), Some(c)) => match (w.parse::<u64>(), c.parse::<u64>()) {
+                (Ok(w), Ok(c)) => c < w,
+                _ => c != w,
+            },
+        }
+    }
+
+    fn remember(&self, key: String, value: u64, rv: Option<String>) {
+        self.written.lock().insert(key, (value, rv));
+    }
+}
+
+/// Backoff for a failing object: 500 ms doubling to 5 min.
+pub fn backoff(failures: u32) -> Duration {
+    let ms = 500u64.saturating_mul(1u64 << failures.min(10));
+    Duration::from_millis(ms.min(300_000))
+}
+
+pub async fn reconcile(obj: Arc<Policy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let key = ObjectRef::from_obj(&*obj);
+    let res = reconcile_inner(&obj, &ctx).await;
+    let label = match &res {
+        Ok(_) => {
+            ctx.shared.failures.lock().remove(&key);
+            "ok"
+        }
+        Err(e) => e.metric_label(),
+    };
+    ctx.shared
+        .metrics
+        .reconciled(label, started.elapsed().as_secs_f64());
+    res
+}
+
+pub fn error_policy(obj: Arc<Policy>, err: &Error, ctx: Arc<Context>) -> Action {
+    let key = ObjectRef::from_obj(&*obj);
+    let n = {
+        let mut f = ctx.shared.failures.lock();
+        let n = f.entry(key).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let delay = backoff(n - 1);
+    warn!(policy = %obj.name_any(), namespace = ?obj.namespace(), error = %err, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+async fn reconcile_inner(obj: &Policy, ctx: &Context) -> Result<Action, Error> {
+    let ns = obj.namespace().unwrap_or_default();
+    let name = obj.name_any();
+    let lock = ctx.shared.lock(&ns);
+    let _guard = lock.lock().await;
+    // Rendering from half-filled caches would report missing Services that exist.
+    for (what, ready) in [
+        ("policy", ctx.policies.wait_until_ready().await.is_ok()),
+        ("service", ctx.services.wait_until_ready().await.is_ok()),
+        ("endpointslice", ctx.slices.wait_until_ready().await.is_ok()),
+        (
+            "configmap",
+            ctx.config_maps.wait_until_ready().await.is_ok(),
+        ),
+    ] {
+        if !ready {
+            return Err(Error::CacheClosed(what));
+        }
+    }
+    let policy_api: Api<Policy> = Api::namespaced(ctx.client.clone(), &ns);
+    // The cache may be newer than the trigger (the object could be gone or re-created).
+    let Some(current) = ctx.policies.get(&ObjectRef::from_obj(obj)) else {
+        return Ok(Action::await_change());
+    };
+    let deleting = current.meta().deletion_timestamp.is_some();
+    let has_finalizer = current.finalizers().iter().any(|f| f == FINALIZER);
+    if deleting && !has_finalizer {
+        return Ok(Action::await_change());
+    }
+    if !deleting && !has_finalizer {
+        add_finalizer(&policy_api, &current).await?;
+    }
+
+    render_and_apply(&ns, ctx).await?;
+
+    if deleting {
+        remove_finalizer(&policy_api, &current).await?;
+        ctx.shared
+            .metrics
+            .policy_conditions(&format!("{ns}/{name}"), None);
+        info!(namespace = %ns, policy = %name, "policy removed from the config");
+    }
+    Ok(Action::await_change())
+}
+
+/// Renders the namespace from the caches and writes what changed.
+async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
+    let in_ns = |m: &kube::core::ObjectMeta| m.namespace.as_deref() == Some(ns);
+    let policies: Vec<Arc<Policy>> = ctx
+        .policies
+        .state()
+        .into_iter()
+        .filter(|p| in_ns(p.meta()) && p.meta().deletion_timestamp.is_none())
+        .collect();
+    let services = ctx.services.state_filter(|s| in_ns(&s.metadata));
+    let slices = ctx.slices.state_filter(|s| in_ns(&s.metadata));
+    let inputs: Vec<PolicyInput<'_>> = policies
+        .iter()
+        .map(|p| PolicyInput {
+            name: p.meta().name.as_deref().unwrap_or_default(),
+            created: p.meta().creation_timestamp.as_ref(),
+            spec: match &p.0 {
+                Ok(p) => Ok(&p.spec),
+                Err(e) => Err(format!("the object cannot be read: {}", e.error)),
+            },
+        })
+        .collect();
+    let svc_refs: Vec<&Service> = services.iter().map(|s| &**s).collect();
+    let slice_refs: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
+    let rendered = render_namespace(ns, &inputs, &svc_refs, &slice_refs)?;
+    let hash = rendered.config.hash();
+
+    apply_config_map(
+        ns,
+        ctx,
+        (!inputs.is_empty()).then_some(&rendered.config),
+        &hash,
+    )
+    .await?;
+
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    for p in &policies {
+        let name = p.meta().name.clone().unwrap_or_default();
+        let Some(outcome) = rendered.outcomes.get(&name) else {
+            continue;
+        };
+        let previous = match &p.0 {
+            Ok(p) => p.status.clone(),
+            Err(_) => None,
+        };
+        let status = desired_status(
+            outcome,
+            p.meta().generation,
+            Some(&hash),
+            previous.as_ref(),
+            &now,
+        );
+        ctx.shared.metrics.policy_conditions(
+            &format!("{ns}/{name}"),
+            Some([
+                outcome.accepted.status,
+                outcome.resolved_refs.status,
+                outcome.ready.status,
+            ]),
+        );
+        if previous.as_ref() == Some(&status) {
+            continue;
+        }
+        let key = format!("status/{ns}/{name}");
+        let value = hash_of(&without_times(&status));
+        // An unreadable object shows no status in the cache, so only our own memory stops a
+        // write loop for it.
+        let cached_rv = match &p.0 {
+            Ok(_) => p.meta().resource_version.as_deref(),
+            Err(_) => None,
+        };
+        if ctx.shared.already_written(&key, value, cached_rv) {
+            continue;
+        }
+        let written_rv = patch_status(ns, &name, &status, ctx).await?;
+        ctx.shared
+            .remember(key, value, written_rv.filter(|_| p.0.is_ok()));
+        publish_transitions(p, previous.as_ref(), &status, ctx).await;
+    }
+    Ok(())
+}
+
+async fn apply_config_map(
+    ns: &str,
+    ctx: &Context,
+    config: Option<&crate::config::Config>,
+    hash: &str,
+) -> Result<(), Error> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    let cached = ctx.config_maps.get(&ObjectRef::new(CONFIG_MAP).within(ns));
+    let key = format!("configmap/{ns}");
+    let rv = cached
+        .as_ref()
+        .and_then(|c| c.metadata.resource_version.as_deref());
+    let Some(config) = config else {
+        // No policies left in the namespace.
+        // Remembered without a version: skipped until the cache drops the deleted object.
+        if cached.is_none() || ctx.shared.already_written(&key, 0, rv) {
+            return Ok(());
+        }
+        match api.delete(CONFIG_MAP, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Kube {
+                    action: "delete",
+                    target: format!("configmap {ns}/{CONFIG_MAP}"),
+                    source,
+                })
+            }
+        }
+        ctx.shared.remember(key, 0, None);
+        ctx.shared.metrics.rendered("deleted");
+        info!(namespace = %ns, "deleted {CONFIG_MAP}: no policies left");
+        return Ok(());
+    };
+    let yaml = config.to_yaml();
+    let up_to_date = cached.as_ref().is_some_and(|c| {
+        c.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) == Some(&yaml)
+            && c.annotations().get(HASH_ANNOTATION).map(String::as_str) == Some(hash)
+            && c.labels().get(MANAGED_BY.0).map(String::as_str) == Some(MANAGED_BY.1)
+    });
+    let value = hash_of(&yaml);
+    if up_to_date || ctx.shared.already_written(&key, value, rv) {
+        ctx.shared.metrics.rendered("unchanged");
+        return Ok(());
+    }
+    let body = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": CONFIG_MAP,
+            "namespace": ns,
+            "labels": { MANAGED_BY.0: MANAGED_BY.1 },
+            "annotations": { HASH_ANNOTATION: hash },
+        },
+        "data": { CONFIG_KEY: yaml },
+    });
+    let written = api
+        .patch(
+            CONFIG_MAP,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(|source| Error::Kube {
+            action: "apply",
+            target: format!("configmap {ns}/{CONFIG_MAP}"),
+            source,
+        })?;
+    ctx.shared
+        .remember(key, value, written.metadata.resource_version);
+    ctx.shared.metrics.rendered("applied");
+    debug!(namespace = %ns, %hash, upstreams = config.upstreams.len(), "applied {CONFIG_MAP}");
+    Ok(())
+}
+
+async fn patch_status(
+    ns: &str,
+    name: &str,
+    status: &UpstreamPolicyStatus,
+    ctx: &Context,
+) -> Result<Option<String>, Error> {
+    let api: Api<Policy> = Api::namespaced(ctx.client.clone(), ns);
+    let body = json!({
+        "apiVersion": UpstreamPolicy::api_version(&()),
+        "kind": UpstreamPolicy::kind(&()),
+        "status": status,
+    });
+    let res = api
+        .patch_status(
+            name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await;
+    match res {
+        Ok(obj) => {
+            ctx.shared.metrics.status_patched("ok");
+            Ok(obj.meta().resource_version.clone())
+        }
+        // Deleted meanwhile: its own event will follow.
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+        Err(source) => {
+            ctx.shared.metrics.status_patched("error");
+            Err(Error::Kube {
+                action: "patch_status",
+                target: format!("upstreampolicy {ns}/{name}"),
+                source,
+            })
+        }
+    }
+}
+
+async fn add_finalizer(api: &Api<Policy>, obj: &Policy) -> Result<(), Error> {
+    // `test` makes the patch fail, not clobber, if someone else changed the list meanwhile.
+    let ops = match &obj.meta().finalizers {
+        None => json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ]),
+        Some(list) => json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": list},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+        ]),
+    };
+    json_patch_policy(api, obj, ops, "add_finalizer").await
+}
+
+async fn remove_finalizer(api: &Api<Policy>, obj: &Policy) -> Result<(), Error> {
+    let Some(i) = obj.finalizers().iter().position(|f| f == FINALIZER) else {
+        return Ok(());
+    };
+    let ops = json!([
+        {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER},
+        {"op": "remove", "path": format!("/metadata/finalizers/{i}")},
+    ]);
+    json_patch_policy(api, obj, ops, "remove_finalizer").await
+}
+
+async fn json_patch_policy(
+    api: &Api<Policy>,
+    obj: &Policy,
+    ops: serde_json::Value,
+    action: &'static str,
+) -> Result<(), Error> {
+    let name = obj.name_any();
+    let patch: json_patch::Patch = serde_json::from_value(ops).expect("valid JSON patch");
+    match api
+        .patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 && action == "remove_finalizer" => Ok(()),
+        Err(source) => Err(Error::Kube {
+            action,
+            target: format!(
+                "upstreampolicy {}/{name}",
+                obj.namespace().unwrap_or_default()
+            ),
+            source,
+        }),
+    }
+}
+
+/// One Event per condition whose status changed (or first appeared).
+async fn publish_transitions(
+    obj: &Policy,
+    previous: Option<&UpstreamPolicyStatus>,
+    status: &UpstreamPolicyStatus,
+    ctx: &Context,
+) {
+    let reference = ObjectReference {
+        api_version: Some(UpstreamPolicy::api_version(&()).into_owned()),
+        kind: Some(UpstreamPolicy::kind(&()).into_owned()),
+        name: obj.meta().name.clone(),
+        namespace: obj.meta().namespace.clone(),
+        uid: obj.meta().uid.clone(),
+        resource_version: None,
+        field_path: None,
+    };
+    for c in &status.conditions {
+        let before = previous.and_then(|p| p.conditions.iter().find(|x| x.type_ == c.type_));
+        if before.is_some_and(|b| b.status == c.status && b.reason == c.reason) {
+            continue;
+        }
+        // Accepted=True with reason Accepted is the normal case; it needs no event.
+        if before.is_none() && c.status == "True" && c.type_ != condition::READY {
+            continue;
+        }
+        let ev = KubeEvent {
+            type_: if c.status == "True" {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: c.reason.clone(),
+            note: Some(format!("{} is {}: {}", c.type_, c.status, c.message)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.shared.recorder.publish(&ev, &reference).await {
+            debug!(error = %e, "publishing event failed");
+        }
+    }
+}
+
+fn without_times(s: &UpstreamPolicyStatus) -> UpstreamPolicyStatus {
+    let mut s = s.clone();
+    for c in &mut s.conditions {
+        c.last_transition_time = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+    }
+    s
+}
+
+fn hash_of<T: serde::Serialize>(v: &T) -> u64 {
+    let mut h = DefaultHasher::new();
+    serde_json::to_string(v).expect("serializes").hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(0), Duration::from_millis(500));
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(4), Duration::from_secs(8));
+        assert_eq!(backoff(30), Duration::from_secs(300));
+    }
+}

@@ -1,0 +1,364 @@
+//! The real operator (kube `Controller`, reflectors, finalizer, events) end to end against the
+//! in-memory API server.
+
+mod support;
+
+use std::time::Duration;
+
+use detour::{
+    config::{Config, EndpointState},
+    operator::{Operator, Options},
+};
+use serde_json::{json, Value};
+use support::*;
+
+const T: Duration = Duration::from_secs(10);
+
+fn options() -> Options {
+    Options {
+        debounce: Duration::from_millis(20),
+        ..Options::default()
+    }
+}
+
+fn config_of(server: &ApiServer, ns: &str) -> Option<(Config, Value)> {
+    let cm = server.get(CONFIG_MAPS, ns, "detour-config")?;
+    let text = cm["data"]["config.yaml"].as_str()?;
+    Some((
+        Config::from_str_validated(text).expect("rendered config is valid"),
+        cm,
+    ))
+}
+
+fn seed(server: &ApiServer) {
+    server.put(service("shop", "pay", &[("http", 80), ("admin", 81)]));
+    server.put(slice(
+        "shop",
+        "pay-abc",
+        "pay",
+        "http",
+        8080,
+        &[
+            ("10.0.0.1", true, true, false),
+            ("10.0.0.2", true, true, false),
+            ("10.0.0.3", false, true, true),
+            ("10.0.0.4", false, false, true),
+        ],
+    ));
+    server.put(policy("shop", "pay", "pay", json!("http"), 18080));
+    server.put(policy("shop", "ghost", "nope", json!(80), 18081));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converges_follows_endpoints_and_cleans_up() {
+    let server = ApiServer::new();
+    seed(&server);
+    let op = Operator::start(server.client(), options()).await.unwrap();
+
+    // --- first convergence ---
+    let (cfg, cm) = eventually(T, "detour-config with two upstreams", || {
+        config_of(&server, "shop").filter(|(c, _)| c.upstreams.len() == 2)
+    })
+    .await;
+    let pay = cfg.upstreams.iter().find(|u| u.name == "shop/pay").unwrap();
+    assert_eq!(pay.listen, "127.0.0.1:18080");
+    assert_eq!(pay.policy.retries.attempts, 3);
+    assert!(pay.workload_selector.is_some());
+    let eps: Vec<(&str, EndpointState, Option<&str>)> = pay
+        .endpoints
+        .iter()
+        .map(|e| (e.address.as_str(), e.state, e.pod.as_deref()))
+        .collect();
+    assert_eq!(
+        eps,
+        vec![
+            ("10.0.0.1:8080", EndpointState::Ready, Some("pay-0")),
+            ("10.0.0.2:8080", EndpointState::Ready, Some("pay-1")),
+            ("10.0.0.3:8080", EndpointState::Terminating, Some("pay-2")),
+        ]
+    );
+    assert_eq!(
+        cm["metadata"]["annotations"]["detour.dev/config-hash"],
+        cfg.hash()
+    );
+    assert_eq!(
+        cm["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "detour-operator"
+    );
+
+    let p = eventually(T, "pay status", || {
+        server
+            .get(POLICIES, "shop", "pay")
+            .filter(|p| p["status"]["configHash"] == cfg.hash())
+    })
+    .await;
+    assert_eq!(
+        condition(&p, "Ready"),
+        Some(("True".into(), "Ready".into()))
+    );
+    assert_eq!(
+        p["status"]["endpoints"],
+        json!({"total": 4, "ready": 2, "serving": 3, "terminating": 2})
+    );
+    assert_eq!(
+        p["status"]["observedGeneration"],
+        p["metadata"]["generation"]
+    );
+    eventually(T, "finalizer on pay", || {
+        let p = server.get(POLICIES, "shop", "pay")?;
+        (p["metadata"]["finalizers"] == json!(["detour.dev/config"])).then_some(())
+    })
+    .await;
+    let g = eventually(T, "ghost status", || {
+        server
+            .get(POLICIES, "shop", "ghost")
+            .filter(|p| condition(p, "ResolvedRefs").is_some())
+    })
+    .await;
+    assert_eq!(
+        condition(&g, "ResolvedRefs"),
+        Some(("False".into(), "ServiceNotFound".into()))
+    );
+    assert_eq!(
+        condition(&g, "Ready"),
+        Some(("False".into(), "RefsNotResolved".into()))
+    );
+    eventually(T, "a ServiceNotFound warning event", || {
+        let events = server.list("events.k8s.io/v1/events");
+        events
+            .iter()
+            .any(|e| e["reason"] == "ServiceNotFound" && e["type"] == "Warning")
+            .then_some(())
+    })
+    .await;
+
+    // Readiness and metrics on the admin port.
+    eventually(T, "ready", || op.is_ready().then_some(())).await;
+    let (code, _) = http_get(op.admin_addr(), "/ready").await;
+    assert_eq!(code, 200);
+    let (code, metrics) = http_get(op.admin_addr(), "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("detour_operator_policies{condition=\"Ready\",status=\"True\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("detour_operator_config_renders_total{result=\"applied\"}"));
+    assert_eq!(http_get(op.admin_addr(), "/live").await.0, 200);
+
+    // --- an endpoint starts terminating: reaches the ConfigMap and the status ---
+    server.put(slice(
+        "shop",
+        "pay-abc",
+        "pay",
+        "http",
+        8080,
+        &[
+            ("10.0.0.1", false, true, true),
+            ("10.0.0.2", true, true, false),
+            ("10.0.0.3", false, true, true),
+            ("10.0.0.4", false, false, true),
+        ],
+    ));
+    let started = std::time::Instant::now();
+    eventually(T, "10.0.0.1 terminating in the ConfigMap", || {
+        let (cfg, _) = config_of(&server, "shop")?;
+        let pay = cfg.upstreams.iter().find(|u| u.name == "shop/pay")?;
+        (pay.endpoints[0].state == EndpointState::Terminating).then_some(())
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    eventually(T, "status ready count 1", || {
+        let p = server.get(POLICIES, "shop", "pay")?;
+        (p["status"]["endpoints"]["ready"] == 1).then_some(())
+    })
+    .await;
+
+    // --- a conflicting policy: the newer one loses, both are told ---
+    server.put(policy("shop", "pay-copy", "pay", json!(80), 18080));
+    let copy = eventually(T, "conflict on the newer policy", || {
+        server
+            .get(POLICIES, "shop", "pay-copy")
+            .filter(|p| condition(p, "Accepted").is_some())
+    })
+    .await;
+    assert_eq!(
+        condition(&copy, "Accepted"),
+        Some(("False".into(), "ListenerConflict".into()))
+    );
+    eventually(T, "conflict on the older policy", || {
+        let p = server.get(POLICIES, "shop", "pay")?;
+        (condition(&p, "Accepted") == Some(("True".into(), "ListenerConflict".into())))
+            .then_some(())
+    })
+    .await;
+    let (cfg, _) = config_of(&server, "shop").unwrap();
+    assert_eq!(cfg.upstreams.len(), 2, "the loser is not rendered");
+
+    // --- deleting a policy: it leaves the config, its finalizer is released ---
+    assert!(server.delete(POLICIES, "shop", "ghost"));
+    eventually(T, "ghost gone", || {
+        server
+            .get(POLICIES, "shop", "ghost")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let (cfg, _) = config_of(&server, "shop").unwrap();
+    assert_eq!(
+        cfg.upstreams
+            .iter()
+            .map(|u| u.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["shop/pay"]
+    );
+    // Deleting the older policy frees the port for the newer one.
+    assert!(server.delete(POLICIES, "shop", "pay"));
+    eventually(T, "pay-copy takes over", || {
+        let (cfg, _) = config_of(&server, "shop")?;
+        (cfg.upstreams.len() == 1 && cfg.upstreams[0].name == "shop/pay-copy").then_some(())
+    })
+    .await;
+    eventually(T, "pay-copy accepted", || {
+        let p = server.get(POLICIES, "shop", "pay-copy")?;
+        (condition(&p, "Accepted") == Some(("True".into(), "Accepted".into()))).then_some(())
+    })
+    .await;
+
+    // --- last policy gone: the ConfigMap goes too ---
+    assert!(server.delete(POLICIES, "shop", "pay-copy"));
+    eventually(T, "detour-config deleted", || {
+        server
+            .get(CONFIG_MAPS, "shop", "detour-config")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    eventually(T, "every policy gone", || {
+        server.list(POLICIES).is_empty().then_some(())
+    })
+    .await;
+    op.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_rebuilds_state_without_duplicate_writes() {
+    let server = ApiServer::new();
+    seed(&server);
+    server.put(service("other", "db", &[("pg", 5432)]));
+    server.put(slice(
+        "other",
+        "db-1",
+        "db",
+        "pg",
+        5432,
+        &[("10.1.0.1", true, true, false)],
+    ));
+    server.put(policy("other", "db", "db", json!(5432), 15432));
+    let op = Operator::start(server.client(), options()).await.unwrap();
+    eventually(T, "both namespaces converge", || {
+        let a = server.get(POLICIES, "shop", "ghost")?;
+        let b = server.get(POLICIES, "other", "db")?;
+        (condition(&a, "Ready").is_some()
+            && condition(&b, "Ready") == Some(("True".into(), "Ready".into())))
+        .then_some(())
+    })
+    .await;
+    // Let in-flight reconciles triggered by our own writes settle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let writes_first_run = server.writes();
+    let status_writes = writes_first_run
+        .iter()
+        .filter(|r| r.path.ends_with("/status"))
+        .count();
+    assert_eq!(
+        status_writes, 3,
+        "one status write per policy: {writes_first_run:#?}"
+    );
+    assert!(
+        writes_first_run
+            .iter()
+            .all(|r| r.changed || r.path.contains("/events")),
+        "every write changed something"
+    );
+    op.shutdown().await.unwrap();
+
+    server.clear_log();
+    let rv = server.resource_version();
+    let op = Operator::start(server.client(), options()).await.unwrap();
+    eventually(T, "ready after restart", || op.is_ready().then_some(())).await;
+    // Give it time to reconcile everything it would.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let reconciles = op.metrics_text();
+    assert!(
+        reconciles.contains("detour_operator_reconciles_total{result=\"ok\"}"),
+        "the restarted operator reconciled: {reconciles}"
+    );
+    let writes = server.writes();
+    assert!(writes.is_empty(), "restart wrote: {writes:#?}");
+    assert_eq!(server.resource_version(), rv);
+    op.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_policy_does_not_stop_the_others() {
+    let server = ApiServer::new();
+    seed(&server);
+    // Stored as if the CRD had no schema: the port is not a number.
+    let mut bad = policy("shop", "garbled", "pay", json!(80), 18090);
+    bad["spec"]["listener"]["port"] = json!("eighty");
+    server.put(bad);
+    let op = Operator::start(server.client(), options()).await.unwrap();
+    eventually(T, "the valid policies render", || {
+        config_of(&server, "shop").filter(|(c, _)| c.upstreams.len() == 2)
+    })
+    .await;
+    let g = eventually(T, "garbled gets a status", || {
+        server
+            .get(POLICIES, "shop", "garbled")
+            .filter(|p| condition(p, "Accepted").is_some())
+    })
+    .await;
+    assert_eq!(
+        condition(&g, "Accepted"),
+        Some(("False".into(), "Invalid".into()))
+    );
+    let msg = g["status"]["conditions"][0]["message"].as_str().unwrap();
+    assert!(msg.contains("cannot be read"), "{msg}");
+    // Invalid objects wait for a change: no write loop.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.clear_log();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(server.writes().is_empty(), "{:#?}", server.writes());
+    op.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watched_namespaces_limit_the_scope() {
+    let server = ApiServer::new();
+    seed(&server);
+    server.put(service("other", "db", &[("pg", 5432)]));
+    server.put(policy("other", "db", "db", json!(5432), 15432));
+    let op = Operator::start(
+        server.client(),
+        Options {
+            namespaces: vec!["other".into()],
+            ..options()
+        },
+    )
+    .await
+    .unwrap();
+    eventually(T, "other renders", || config_of(&server, "other")).await;
+    eventually(T, "ready", || op.is_ready().then_some(())).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(config_of(&server, "shop").is_none());
+    assert!(server
+        .get(POLICIES, "shop", "pay")
+        .unwrap()
+        .get("status")
+        .is_none());
+    op.shutdown().await.unwrap();
+}

@@ -1,0 +1,390 @@
+//! Request-level tests of one reconcile: exact paths, field manager, content types and bodies,
+//! against a `tower_test` mock API server (in the style of kube-rs controller-rs `fixtures.rs`).
+
+use std::{sync::Arc, time::Duration};
+
+use detour::{
+    api::UpstreamPolicy,
+    config::{Config, EndpointState},
+    operator::{
+        reconcile::{self, Context, Shared},
+        Metrics,
+    },
+};
+use http::{Method, Request, Response};
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    client::Body,
+    core::DeserializeGuard,
+    runtime::{
+        controller::Action,
+        reflector::{self, Store},
+        watcher,
+    },
+    Client,
+};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use tower_test::mock::{self, Handle};
+
+type Policy = DeserializeGuard<UpstreamPolicy>;
+type Mock = Handle<Request<Body>, Response<Body>>;
+
+fn store<K>(objects: &[Value]) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + 'static,
+{
+    let (reader, mut writer) = reflector::store::<K>();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for o in objects {
+        let obj: K = serde_json::from_value(o.clone()).expect("fixture deserializes");
+        writer.apply_watcher_event(&watcher::Event::InitApply(obj));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    // The writer must outlive the test or the store reports the watch as gone.
+    std::mem::forget(writer);
+    reader
+}
+
+struct Fixture {
+    ctx: Arc<Context>,
+    handle: Mock,
+}
+
+fn fixture(policies: &[Value], config_maps: &[Value]) -> Fixture {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        policies: store::<Policy>(policies),
+        services: store::<Service>(&[json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "pay", "namespace": "shop"},
+            "spec": {"ports": [{"name": "http", "port": 80}]},
+        })]),
+        slices: store::<EndpointSlice>(&[json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "pay-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "pay"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [
+                {"addresses": ["10.0.0.1"], "conditions": {"ready": true}},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+            ],
+        })]),
+        config_maps: store::<ConfigMap>(config_maps),
+        shared: Arc::new(Shared::new(client, Arc::new(Metrics::new()), None)),
+    });
+    Fixture { ctx, handle }
+}
+
+fn policy(extra_meta: Value, status: Option<Value>) -> Value {
+    let mut meta = json!({
+        "name": "pay", "namespace": "shop", "uid": "u-1", "generation": 2,
+        "resourceVersion": "10", "creationTimestamp": "2026-01-01T00:00:00Z",
+    });
+    for (k, v) in extra_meta.as_object().unwrap() {
+        meta[k] = v.clone();
+    }
+    let mut p = json!({
+        "apiVersion": "detour.dev/v1alpha1", "kind": "UpstreamPolicy",
+        "metadata": meta,
+        "spec": {"upstream": {"service": "pay", "port": "http"}, "listener": {"port": 18080}},
+    });
+    if let Some(s) = status {
+        p["status"] = s;
+    }
+    p
+}
+
+/// Takes the next request, checks method and path-and-query, answers `reply` with `code`,
+/// returns the request body.
+async fn expect(
+    handle: &mut Mock,
+    method: Method,
+    uri: &str,
+    ctype: Option<&str>,
+    code: u16,
+    reply: Value,
+) -> Value {
+    let (req, send) = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {method} {uri}"))
+        .expect("service not called");
+    assert_eq!(req.method(), method, "{uri}");
+    assert_eq!(req.uri().to_string(), uri);
+    assert_eq!(
+        req.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        ctype,
+        "{uri}"
+    );
+    let bytes = http_body_util::BodyExt::collect(req.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    send.send_response(
+        Response::builder()
+            .status(code)
+            .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+            .unwrap(),
+    );
+    body
+}
+
+const POLICY_PATH: &str = "/apis/detour.dev/v1alpha1/namespaces/shop/upstreampolicies/pay";
+const CM_PATH: &str = "/api/v1/namespaces/shop/configmaps/detour-config";
+const APPLY: Option<&str> = Some("application/apply-patch+yaml");
+const JSON_PATCH: Option<&str> = Some("application/json-patch+json");
+
+async fn run(ctx: &Arc<Context>) -> Result<Action, reconcile::Error> {
+    let obj = ctx.policies.state()[0].clone();
+    reconcile::reconcile(obj, ctx.clone()).await
+}
+
+/// A new policy: finalizer, then the ConfigMap, then its status, then an Event. Returns the
+/// written ConfigMap data and status for the next test.
+async fn first_reconcile() -> (Value, Value) {
+    let Fixture { ctx, mut handle } = fixture(&[policy(json!({}), None)], &[]);
+    let task = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { run(&ctx).await }
+    });
+
+    let with_fin = policy(
+        json!({"finalizers": ["detour.dev/config"], "resourceVersion": "11"}),
+        None,
+    );
+    let patch = expect(
+        &mut handle,
+        Method::PATCH,
+        &format!("{POLICY_PATH}?"),
+        JSON_PATCH,
+        200,
+        with_fin.clone(),
+    )
+    .await;
+    assert_eq!(
+        patch,
+        json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": ["detour.dev/config"]},
+        ])
+    );
+
+    let cm_reply = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "detour-config", "namespace": "shop", "resourceVersion": "12"}});
+    let cm = expect(
+        &mut handle,
+        Method::PATCH,
+        &format!("{CM_PATH}?&force=true&fieldManager=detour-operator"),
+        APPLY,
+        200,
+        cm_reply,
+    )
+    .await;
+    assert_eq!(cm["apiVersion"], "v1");
+    assert_eq!(cm["kind"], "ConfigMap");
+    assert_eq!(
+        cm["metadata"]["labels"],
+        json!({"app.kubernetes.io/managed-by": "detour-operator"})
+    );
+    let cfg = Config::from_str_validated(cm["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        cm["metadata"]["annotations"]["detour.dev/config-hash"],
+        cfg.hash()
+    );
+    assert_eq!(cfg.upstreams.len(), 1);
+    let u = &cfg.upstreams[0];
+    assert_eq!(
+        (u.name.as_str(), u.listen.as_str()),
+        ("shop/pay", "127.0.0.1:18080")
+    );
+    let eps: Vec<(&str, EndpointState)> = u
+        .endpoints
+        .iter()
+        .map(|e| (e.address.as_str(), e.state))
+        .collect();
+    assert_eq!(
+        eps,
+        vec![
+            ("10.0.0.1:8080", EndpointState::Ready),
+            ("10.0.0.2:8080", EndpointState::Terminating)
+        ]
+    );
+
+    let mut status_reply = with_fin.clone();
+    let status_body = expect(
+        &mut handle,
+        Method::PATCH,
+        &format!("{POLICY_PATH}/status?&force=true&fieldManager=detour-operator"),
+        APPLY,
+        200,
+        {
+            status_reply["metadata"]["resourceVersion"] = json!("13");
+            status_reply
+        },
+    )
+    .await;
+    assert_eq!(status_body["apiVersion"], "detour.dev/v1alpha1");
+    assert_eq!(status_body["kind"], "UpstreamPolicy");
+    assert!(
+        status_body.get("spec").is_none(),
+        "status apply carries only status"
+    );
+    let status = status_body["status"].clone();
+    assert_eq!(status["observedGeneration"], 2);
+    assert_eq!(status["configHash"], cfg.hash());
+    assert_eq!(
+        status["endpoints"],
+        json!({"total": 2, "ready": 1, "serving": 2, "terminating": 1})
+    );
+    let kinds: Vec<(&str, &str, &str)> = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["type"].as_str().unwrap(),
+                c["status"].as_str().unwrap(),
+                c["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("Accepted", "True", "Accepted"),
+            ("ResolvedRefs", "True", "ResolvedRefs"),
+            ("Ready", "True", "Ready")
+        ]
+    );
+
+    let ev = expect(
+        &mut handle,
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/shop/events?",
+        Some("application/json"),
+        201,
+        json!({}),
+    )
+    .await;
+    assert_eq!(ev["reason"], "Ready");
+    assert_eq!(ev["type"], "Normal");
+    assert_eq!(ev["reportingController"], "detour-operator");
+    assert_eq!(ev["regarding"]["name"], "pay");
+    assert_eq!(ev["regarding"]["kind"], "UpstreamPolicy");
+
+    let action = tokio::time::timeout(Duration::from_secs(1), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+    (cm, status)
+}
+
+#[tokio::test]
+async fn new_policy_gets_finalizer_config_status_and_event() {
+    first_reconcile().await;
+}
+
+#[tokio::test]
+async fn up_to_date_namespace_makes_no_requests() {
+    let (mut cm, status) = first_reconcile().await;
+    cm["metadata"]["resourceVersion"] = json!("12");
+    let p = policy(json!({"finalizers": ["detour.dev/config"]}), Some(status));
+    let Fixture { ctx, handle } = fixture(&[p], &[cm]);
+    // Any request would wait forever for the mock to answer.
+    let action = tokio::time::timeout(Duration::from_secs(1), run(&ctx))
+        .await
+        .expect("reconcile made a request")
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+    drop(handle);
+}
+
+#[tokio::test]
+async fn deleting_the_last_policy_deletes_the_config_then_releases_the_finalizer() {
+    let p = policy(
+        json!({"finalizers": ["other.io/keep", "detour.dev/config"], "deletionTimestamp": "2026-01-02T00:00:00Z"}),
+        None,
+    );
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "detour-config", "namespace": "shop", "resourceVersion": "3", "labels": {"app.kubernetes.io/managed-by": "detour-operator"}}, "data": {"config.yaml": "x"}});
+    let Fixture { ctx, mut handle } = fixture(std::slice::from_ref(&p), std::slice::from_ref(&cm));
+    let task = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { run(&ctx).await }
+    });
+    let body = expect(
+        &mut handle,
+        Method::DELETE,
+        &format!("{CM_PATH}?"),
+        Some("application/json"),
+        200,
+        cm,
+    )
+    .await;
+    assert_eq!(body, json!({}), "plain delete, no options");
+    let patch = expect(
+        &mut handle,
+        Method::PATCH,
+        &format!("{POLICY_PATH}?"),
+        JSON_PATCH,
+        200,
+        p,
+    )
+    .await;
+    assert_eq!(
+        patch,
+        json!([
+            {"op": "test", "path": "/metadata/finalizers/1", "value": "detour.dev/config"},
+            {"op": "remove", "path": "/metadata/finalizers/1"},
+        ])
+    );
+    let action = tokio::time::timeout(Duration::from_secs(1), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn api_errors_back_off_per_object_and_name_the_call() {
+    let p = policy(json!({"finalizers": ["detour.dev/config"]}), None);
+    let Fixture { ctx, mut handle } = fixture(&[p], &[]);
+    let task = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { run(&ctx).await }
+    });
+    let status = json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "message": "etcd is sad", "reason": "InternalError", "code": 500});
+    expect(
+        &mut handle,
+        Method::PATCH,
+        &format!("{CM_PATH}?&force=true&fieldManager=detour-operator"),
+        APPLY,
+        500,
+        status,
+    )
+    .await;
+    let err = task.await.unwrap().unwrap_err();
+    assert_eq!(err.metric_label(), "apply");
+    assert!(
+        err.to_string().contains("configmap shop/detour-config"),
+        "{err}"
+    );
+    let obj = ctx.policies.state()[0].clone();
+    let first = reconcile::error_policy(obj.clone(), &err, ctx.clone());
+    let second = reconcile::error_policy(obj, &err, ctx.clone());
+    assert_eq!(first, Action::requeue(Duration::from_millis(500)));
+    assert_eq!(second, Action::requeue(Duration::from_secs(1)));
+}

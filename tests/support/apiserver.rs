@@ -1,0 +1,1034 @@
+//! A faithful-enough in-memory Kubernetes API server for tests and the scale benchmark.
+//!
+//! It speaks the HTTP API that kube's client and runtime use: list and watch with
+//! resourceVersion (history replay, `410 Gone` past the kept history, bookmarks), get, create,
+//! update, delete (finalizers hold an object with `deletionTimestamp` until they are removed),
+//! server-side apply treated as create-or-merge, JSON merge / strategic merge (as merge) / JSON
+//! patch, the `/status` subresource, resourceVersion preconditions, uid, generation (bumped when
+//! anything but metadata and status changes) and label selectors. No-op writes change nothing and
+//! emit no event, as on a real server. Every request is logged so tests can count writes.
+//!
+//! Use it in-process (`client()`, a `tower::Service` behind `kube::Client`) or over HTTP on
+//! 127.0.0.1 (`serve_http`) for a separate operator process.
+#![allow(dead_code)]
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures::{channel::mpsc, StreamExt};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use parking_lot::Mutex;
+use serde_json::{json, Map, Value};
+
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// Events kept for watch replay; older resourceVersions get `410 Gone`.
+const HISTORY: usize = 200_000;
+
+/// One logged request.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+    pub content_type: Option<String>,
+    pub body: Value,
+    /// Whether it changed anything.
+    pub changed: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Key {
+    /// `v1/configmaps`, `detour.dev/v1alpha1/upstreampolicies`
+    resource: String,
+    namespace: String,
+    name: String,
+}
+
+struct WatchEvent {
+    rv: u64,
+    resource: String,
+    namespace: String,
+    type_: &'static str,
+    object: Value,
+}
+
+struct Watcher {
+    resource: String,
+    namespace: Option<String>,
+    selector: Selector,
+    bookmarks: bool,
+    tx: mpsc::UnboundedSender<Bytes>,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    uid: u64,
+    objects: BTreeMap<Key, Value>,
+    history: VecDeque<WatchEvent>,
+    watchers: Vec<Watcher>,
+    log: Vec<Record>,
+    log_requests: bool,
+}
+
+/// The server. Cheap to clone; all clones share state.
+#[derive(Clone)]
+pub struct ApiServer {
+    state: Arc<Mutex<State>>,
+}
+
+// === impl ApiServer ===
+
+impl Default for ApiServer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ApiServer {
+    /// Must be called inside a tokio runtime (a task sends periodic bookmarks).
+    pub fn new() -> Self {
+        let state = Arc::new(Mutex::new(State {
+            rv: 1000,
+            log_requests: true,
+            ..Default::default()
+        }));
+        let weak = Arc::downgrade(&state);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(state) = weak.upgrade() else { return };
+                let mut st = state.lock();
+                let rv = st.rv;
+                st.watchers.retain(|w| {
+                    !w.bookmarks || w.tx.unbounded_send(bookmark(&w.resource, rv)).is_ok()
+                });
+            }
+        });
+        ApiServer { state }
+    }
+
+    /// A kube client talking to this server in-process.
+    pub fn client(&self) -> kube::Client {
+        let me = self.clone();
+        let svc = tower::service_fn(move |req: Request<kube::client::Body>| {
+            let me = me.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let bytes = body
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
+                Ok::<_, Infallible>(me.handle(
+                    &parts.method,
+                    &parts.uri,
+                    content_type(&parts.headers),
+                    &bytes,
+                ))
+            }
+        });
+        kube::Client::new(svc, "default")
+    }
+
+    /// Serves the API over plain HTTP on `addr` (use 127.0.0.1:0) until the runtime stops.
+    pub async fn serve_http(&self, addr: SocketAddr) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+        let local = listener.local_addr().expect("local addr");
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let me = me.clone();
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let me = me.clone();
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let bytes = body
+                                    .collect()
+                                    .await
+                                    .map(|c| c.to_bytes())
+                                    .unwrap_or_default();
+                                Ok::<_, Infallible>(me.handle(
+                                    &parts.method,
+                                    &parts.uri,
+                                    content_type(&parts.headers),
+                                    &bytes,
+                                ))
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        local
+    }
+
+    // --- direct access for tests (no request log) ---
+
+    /// Creates or replaces an object as a user would (`kubectl apply`), returning it.
+    pub fn put(&self, obj: Value) -> Value {
+        let (resource, namespace, name) = key_of(&obj);
+        let key = Key {
+            resource,
+            namespace,
+            name,
+        };
+        let mut st = self.state.lock();
+        let current = st.objects.get(&key).cloned();
+        match current {
+            None => st.create(&key, obj).expect("create"),
+            Some(cur) => {
+                let mut next = obj;
+                // Keep server-owned metadata and the status (it has its own subresource).
+                for f in [
+                    "uid",
+                    "creationTimestamp",
+                    "finalizers",
+                    "deletionTimestamp",
+                ] {
+                    if let Some(v) = cur["metadata"].get(f) {
+                        next["metadata"][f] = v.clone();
+                    }
+                }
+                if has_status_subresource(&key.resource) {
+                    match cur.get("status") {
+                        Some(s) => next["status"] = s.clone(),
+                        None => {
+                            next.as_object_mut().unwrap().remove("status");
+                        }
+                    }
+                }
+                st.store(&key, cur, next).0
+            }
+        }
+    }
+
+    /// Deletes an object as a user would (finalizers honoured). Returns whether it existed.
+    pub fn delete(&self, resource: &str, namespace: &str, name: &str) -> bool {
+        let key = Key {
+            resource: resource.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        self.state.lock().delete(&key).is_ok()
+    }
+
+    pub fn get(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
+        let key = Key {
+            resource: resource.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        self.state.lock().objects.get(&key).cloned()
+    }
+
+    pub fn list(&self, resource: &str) -> Vec<Value> {
+        let st = self.state.lock();
+        st.objects
+            .iter()
+            .filter(|(k, _)| k.resource == resource)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Every logged request so far.
+    pub fn requests(&self) -> Vec<Record> {
+        self.state.lock().log.clone()
+    }
+
+    /// Logged requests other than GET (reads and watches).
+    pub fn writes(&self) -> Vec<Record> {
+        self.state
+            .lock()
+            .log
+            .iter()
+            .filter(|r| r.method != Method::GET)
+            .cloned()
+            .collect()
+    }
+
+    pub fn clear_log(&self) {
+        self.state.lock().log.clear();
+    }
+
+    /// Turns the request log off (the benchmark's millions of requests need no log).
+    pub fn set_logging(&self, on: bool) {
+        self.state.lock().log_requests = on;
+    }
+
+    /// Ends every open watch, as an API server restart or timeout would.
+    pub fn close_watches(&self) {
+        self.state.lock().watchers.clear();
+    }
+
+    pub fn open_watches(&self) -> usize {
+        let mut st = self.state.lock();
+        st.watchers.retain(|w| !w.tx.is_closed());
+        st.watchers.len()
+    }
+
+    pub fn resource_version(&self) -> u64 {
+        self.state.lock().rv
+    }
+
+    // --- the HTTP API ---
+
+    pub fn handle(
+        &self,
+        method: &Method,
+        uri: &http::Uri,
+        content_type: Option<String>,
+        body: &[u8],
+    ) -> Response<Body> {
+        let path = uri.path().to_string();
+        let query = parse_query(uri.query().unwrap_or_default());
+        let body_json: Value = if body.is_empty() {
+            Value::Null
+        } else {
+            match serde_json::from_slice(body).or_else(|_| serde_yaml::from_slice(body)) {
+                Ok(v) => v,
+                Err(e) => return status_response(400, "BadRequest", &format!("body: {e}")),
+            }
+        };
+        let mut st = self.state.lock();
+        let rv_before = st.rv;
+        let res = st.route(
+            method,
+            &path,
+            &query,
+            content_type.as_deref(),
+            body_json.clone(),
+        );
+        let changed = st.rv != rv_before;
+        if st.log_requests {
+            st.log.push(Record {
+                method: method.clone(),
+                path: path.clone(),
+                query: uri.query().unwrap_or_default().to_string(),
+                content_type,
+                body: body_json,
+                changed,
+            });
+        }
+        match res {
+            Ok(Reply::Json(code, v)) => json_response(code, &v),
+            Ok(Reply::Watch(rx)) => {
+                let stream = rx.map(|b| Ok::<_, Infallible>(Frame::data(b)));
+                Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(StreamBody::new(stream).boxed_unsync())
+                    .unwrap()
+            }
+            Err((code, reason, msg)) => status_response(code, reason, &msg),
+        }
+    }
+}
+
+enum Reply {
+    Json(u16, Value),
+    Watch(mpsc::UnboundedReceiver<Bytes>),
+}
+
+type ApiResult<T> = Result<T, (u16, &'static str, String)>;
+
+struct Route {
+    resource: String,
+    namespace: Option<String>,
+    name: Option<String>,
+    status: bool,
+}
+
+// === impl State ===
+
+impl State {
+    fn route(
+        &mut self,
+        method: &Method,
+        path: &str,
+        query: &BTreeMap<String, String>,
+        content_type: Option<&str>,
+        body: Value,
+    ) -> ApiResult<Reply> {
+        let r = parse_path(path).ok_or((404, "NotFound", format!("no route {path}")))?;
+        match (method.as_str(), &r.name) {
+            ("GET", None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+                self.watch(&r, query).map(Reply::Watch)
+            }
+            ("GET", None) => Ok(Reply::Json(200, self.list(&r, query)?)),
+            ("GET", Some(name)) => {
+                let key = r.key(name);
+                self.objects
+                    .get(&key)
+                    .cloned()
+                    .map(|o| Reply::Json(200, o))
+                    .ok_or_else(|| not_found(&key))
+            }
+            ("POST", None) => {
+                let mut obj = body;
+                let name = obj["metadata"]["name"]
+                    .as_str()
+                    .map(str::to_string)
+                    .or_else(|| {
+                        obj["metadata"]["generateName"]
+                            .as_str()
+                            .map(|g| format!("{g}{}", self.uid + 1))
+                    })
+                    .ok_or((422, "Invalid", "metadata.name: Required value".into()))?;
+                obj["metadata"]["name"] = json!(name);
+                let key = r.key(&name);
+                if self.objects.contains_key(&key) {
+                    return Err((
+                        409,
+                        "AlreadyExists",
+                        format!("{} {name:?} already exists", key.resource),
+                    ));
+                }
+                self.create(&key, obj).map(|o| Reply::Json(201, o))
+            }
+            ("PUT", Some(name)) => {
+                let key = r.key(name);
+                let cur = self
+                    .objects
+                    .get(&key)
+                    .cloned()
+                    .ok_or_else(|| not_found(&key))?;
+                check_rv(&cur, &body)?;
+                let mut next = body;
+                if r.status {
+                    let mut whole = cur.clone();
+                    whole["status"] = next.get("status").cloned().unwrap_or(Value::Null);
+                    next = whole;
+                } else {
+                    keep_server_fields(&cur, &mut next, &key.resource);
+                }
+                Ok(Reply::Json(200, self.store(&key, cur, next).0))
+            }
+            ("PATCH", Some(name)) => self.patch(&r, name, query, content_type, body),
+            ("DELETE", Some(name)) => {
+                let key = r.key(name);
+                self.delete(&key).map(|o| Reply::Json(200, o))
+            }
+            _ => Err((405, "MethodNotAllowed", format!("{method} {path}"))),
+        }
+    }
+
+    fn patch(
+        &mut self,
+        r: &Route,
+        name: &str,
+        query: &BTreeMap<String, String>,
+        content_type: Option<&str>,
+        body: Value,
+    ) -> ApiResult<Reply> {
+        let key = r.key(name);
+        let ct = content_type.unwrap_or_default();
+        let apply = ct.starts_with("application/apply-patch");
+        if apply && query.get("fieldManager").is_none_or(|m| m.is_empty()) {
+            return Err((422, "Invalid", "fieldManager is required for apply".into()));
+        }
+        let Some(cur) = self.objects.get(&key).cloned() else {
+            if apply && !r.status {
+                let mut obj = body;
+                obj["metadata"]["name"] = json!(name);
+                if let Some(ns) = &r.namespace {
+                    obj["metadata"]["namespace"] = json!(ns);
+                }
+                return self.create(&key, obj).map(|o| Reply::Json(201, o));
+            }
+            return Err(not_found(&key));
+        };
+        check_rv(&cur, &body)?;
+        let mut next = cur.clone();
+        if ct.starts_with("application/json-patch") {
+            let ops = body.as_array().cloned().unwrap_or_default();
+            for op in ops {
+                // As the API server's json-patch library does: testing a missing path for
+                // null succeeds.
+                if op["op"] == "test" && op["value"].is_null() {
+                    let path = op["path"].as_str().unwrap_or_default();
+                    if next.pointer(path).is_none_or(Value::is_null) {
+                        continue;
+                    }
+                }
+                let p: json_patch::Patch = serde_json::from_value(json!([op]))
+                    .map_err(|e| (400, "BadRequest", format!("json patch: {e}")))?;
+                json_patch::patch(&mut next, &p).map_err(|e| {
+                    (
+                        422,
+                        "Invalid",
+                        format!("the JSON patch cannot be applied: {e}"),
+                    )
+                })?;
+            }
+        } else if r.status {
+            if let Some(s) = body.get("status") {
+                let mut status = next.get("status").cloned().unwrap_or(json!({}));
+                merge(&mut status, s);
+                next["status"] = status;
+            }
+        } else {
+            let mut b = body;
+            if let Some(m) = b.get_mut("metadata").and_then(Value::as_object_mut) {
+                m.remove("resourceVersion");
+            }
+            merge(&mut next, &b);
+        }
+        if r.status {
+            // The status subresource writes nothing else.
+            let mut whole = cur.clone();
+            whole["status"] = next.get("status").cloned().unwrap_or(Value::Null);
+            next = whole;
+        } else {
+            keep_server_fields(&cur, &mut next, &key.resource);
+        }
+        Ok(Reply::Json(200, self.store(&key, cur, next).0))
+    }
+
+    fn list(&self, r: &Route, query: &BTreeMap<String, String>) -> ApiResult<Value> {
+        let selector = Selector::parse(query.get("labelSelector").map_or("", String::as_str))?;
+        let fields = query.get("fieldSelector").cloned().unwrap_or_default();
+        let items: Vec<Value> = self
+            .objects
+            .iter()
+            .filter(|(k, _)| k.resource == r.resource)
+            .filter(|(k, _)| r.namespace.as_ref().is_none_or(|n| *n == k.namespace))
+            .filter(|(_, o)| selector.matches(&o["metadata"]["labels"]))
+            .filter(|(k, _)| field_match(&fields, k))
+            .map(|(_, o)| o.clone())
+            .collect();
+        let (gv, kind) = gv_kind(&r.resource);
+        Ok(json!({
+            "apiVersion": gv,
+            "kind": format!("{kind}List"),
+            "metadata": {"resourceVersion": self.rv.to_string()},
+            "items": items,
+        }))
+    }
+
+    fn watch(
+        &mut self,
+        r: &Route,
+        query: &BTreeMap<String, String>,
+    ) -> ApiResult<mpsc::UnboundedReceiver<Bytes>> {
+        let selector = Selector::parse(query.get("labelSelector").map_or("", String::as_str))?;
+        let from: u64 = query
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(self.rv);
+        let oldest = self.history.front().map_or(self.rv, |e| e.rv - 1);
+        let (tx, rx) = mpsc::unbounded();
+        if from < oldest {
+            // Like a compacted etcd: the client must list again.
+            let gone = json!({"type": "ERROR", "object": status_body(410, "Expired", &format!("too old resource version: {from} ({oldest})"))});
+            let _ = tx.unbounded_send(line(&gone));
+            return Ok(rx);
+        }
+        let bookmarks = query
+            .get("allowWatchBookmarks")
+            .is_some_and(|b| b == "true");
+        let w = Watcher {
+            resource: r.resource.clone(),
+            namespace: r.namespace.clone(),
+            selector,
+            bookmarks,
+            tx,
+        };
+        for e in self.history.iter().filter(|e| e.rv > from) {
+            if let Some(b) = w.render(e) {
+                let _ = w.tx.unbounded_send(b);
+            }
+        }
+        if bookmarks {
+            let _ = w.tx.unbounded_send(bookmark(&w.resource, self.rv));
+        }
+        self.watchers.push(w);
+        Ok(rx)
+    }
+
+    fn next_rv(&mut self) -> u64 {
+        self.rv += 1;
+        self.rv
+    }
+
+    fn create(&mut self, key: &Key, mut obj: Value) -> ApiResult<Value> {
+        let rv = self.next_rv();
+        self.uid += 1;
+        let (gv, kind) = gv_kind(&key.resource);
+        obj["apiVersion"] = json!(gv);
+        obj["kind"] = json!(kind);
+        let m = obj["metadata"].as_object_mut().ok_or((
+            422,
+            "Invalid",
+            "metadata: Required value".to_string(),
+        ))?;
+        m.insert("name".into(), json!(key.name));
+        if !key.namespace.is_empty() {
+            m.insert("namespace".into(), json!(key.namespace));
+        }
+        m.insert(
+            "uid".into(),
+            json!(format!("00000000-0000-0000-0000-{:012}", self.uid)),
+        );
+        m.insert("resourceVersion".into(), json!(rv.to_string()));
+        m.insert("generation".into(), json!(1));
+        m.insert("creationTimestamp".into(), json!(now()));
+        m.remove("deletionTimestamp");
+        if has_status_subresource(&key.resource) {
+            obj.as_object_mut().unwrap().remove("status");
+        }
+        self.objects.insert(key.clone(), obj.clone());
+        self.emit(rv, key, "ADDED", obj.clone());
+        Ok(obj)
+    }
+
+    /// Stores `next` if it differs from `cur`; returns the stored object and whether it changed.
+    fn store(&mut self, key: &Key, cur: Value, mut next: Value) -> (Value, bool) {
+        if strip_rv(&cur) == strip_rv(&next) {
+            return (cur, false);
+        }
+        // A released object (deleting, no finalizers left) is gone.
+        let deleting = next["metadata"].get("deletionTimestamp").is_some();
+        let finalizers = next["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
+        let rv = self.next_rv();
+        if spec_of(&cur) != spec_of(&next) {
+            let g = cur["metadata"]["generation"].as_i64().unwrap_or(1);
+            next["metadata"]["generation"] = json!(g + 1);
+        }
+        next["metadata"]["resourceVersion"] = json!(rv.to_string());
+        if deleting && !finalizers {
+            self.objects.remove(key);
+            self.emit(rv, key, "DELETED", next.clone());
+            return (next, true);
+        }
+        self.objects.insert(key.clone(), next.clone());
+        self.emit(rv, key, "MODIFIED", next.clone());
+        (next, true)
+    }
+
+    fn delete(&mut self, key: &Key) -> ApiResult<Value> {
+        let cur = self
+            .objects
+            .get(key)
+            .cloned()
+            .ok_or_else(|| not_found(key))?;
+        let has_finalizers = cur["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
+        if has_finalizers {
+            if cur["metadata"].get("deletionTimestamp").is_some() {
+                return Ok(cur);
+            }
+            let mut next = cur.clone();
+            next["metadata"]["deletionTimestamp"] = json!(now());
+            next["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+            let g = cur["metadata"]["generation"].as_i64().unwrap_or(1);
+            next["metadata"]["generation"] = json!(g + 1);
+            return Ok(self.store(key, cur, next).0);
+        }
+        let rv = self.next_rv();
+        let mut gone = self.objects.remove(key).expect("present");
+        gone["metadata"]["resourceVersion"] = json!(rv.to_string());
+        self.emit(rv, key, "DELETED", gone.clone());
+        Ok(gone)
+    }
+
+    fn emit(&mut self, rv: u64, key: &Key, type_: &'static str, object: Value) {
+        let e = WatchEvent {
+            rv,
+            resource: key.resource.clone(),
+            namespace: key.namespace.clone(),
+            type_,
+            object,
+        };
+        self.watchers
+            .retain(|w| w.render(&e).is_none_or(|b| w.tx.unbounded_send(b).is_ok()));
+        self.history.push_back(e);
+        if self.history.len() > HISTORY {
+            self.history.pop_front();
+        }
+    }
+}
+
+// === impl Watcher ===
+
+impl Watcher {
+    fn render(&self, e: &WatchEvent) -> Option<Bytes> {
+        if e.resource != self.resource || self.namespace.as_ref().is_some_and(|n| *n != e.namespace)
+        {
+            return None;
+        }
+        // A label change that moves an object out of the selector looks like a delete to the
+        // watcher (and into it like an add); close enough for these tests.
+        if !self.selector.matches(&e.object["metadata"]["labels"]) {
+            return None;
+        }
+        Some(line(&json!({"type": e.type_, "object": e.object})))
+    }
+}
+
+// === label selectors ===
+
+#[derive(Clone, Debug, Default)]
+struct Selector(Vec<Req>);
+
+#[derive(Clone, Debug)]
+enum Req {
+    Eq(String, String),
+    Ne(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    NotExists(String),
+}
+
+impl Selector {
+    fn parse(s: &str) -> ApiResult<Self> {
+        let mut reqs = Vec::new();
+        let mut depth = 0;
+        let mut part = String::new();
+        let mut parts = Vec::new();
+        for c in s.chars() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                ',' if depth == 0 => {
+                    parts.push(std::mem::take(&mut part));
+                    continue;
+                }
+                _ => {}
+            }
+            part.push(c);
+        }
+        parts.push(part);
+        for p in parts.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+            let set = |rest: &str| -> Vec<String> {
+                rest.trim()
+                    .trim_start_matches('(')
+                    .trim_end_matches(')')
+                    .split(',')
+                    .map(|v| v.trim().to_string())
+                    .collect()
+            };
+            let req = if let Some((k, v)) = p.split_once("!=") {
+                Req::Ne(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = p.split_once("==") {
+                Req::Eq(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = p.split_once('=') {
+                Req::Eq(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = p.split_once(" notin ") {
+                Req::NotIn(k.trim().into(), set(v))
+            } else if let Some((k, v)) = p.split_once(" in ") {
+                Req::In(k.trim().into(), set(v))
+            } else if let Some(k) = p.strip_prefix('!') {
+                Req::NotExists(k.trim().into())
+            } else if p
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+            {
+                Req::Exists(p.into())
+            } else {
+                return Err((400, "BadRequest", format!("invalid label selector {s:?}")));
+            };
+            reqs.push(req);
+        }
+        Ok(Selector(reqs))
+    }
+
+    fn matches(&self, labels: &Value) -> bool {
+        let get = |k: &str| labels.get(k).and_then(Value::as_str);
+        self.0.iter().all(|r| match r {
+            Req::Eq(k, v) => get(k) == Some(v),
+            Req::Ne(k, v) => get(k) != Some(v),
+            Req::In(k, vs) => get(k).is_some_and(|x| vs.iter().any(|v| v == x)),
+            Req::NotIn(k, vs) => get(k).is_none_or(|x| vs.iter().all(|v| v != x)),
+            Req::Exists(k) => get(k).is_some(),
+            Req::NotExists(k) => get(k).is_none(),
+        })
+    }
+}
+
+// === helpers ===
+
+impl Route {
+    fn key(&self, name: &str) -> Key {
+        Key {
+            resource: self.resource.clone(),
+            namespace: self.namespace.clone().unwrap_or_default(),
+            name: name.to_string(),
+        }
+    }
+}
+
+/// `/api/v1/...` and `/apis/{group}/{version}/...`.
+fn parse_path(path: &str) -> Option<Route> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (gv, rest) = match segs.as_slice() {
+        ["api", v, rest @ ..] => (v.to_string(), rest),
+        ["apis", g, v, rest @ ..] => (format!("{g}/{v}"), rest),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
+        _ => (None, rest),
+    };
+    let (plural, name, status) = match rest {
+        [p] => (*p, None, false),
+        [p, n] => (*p, Some(n.to_string()), false),
+        [p, n, "status"] => (*p, Some(n.to_string()), true),
+        _ => return None,
+    };
+    Some(Route {
+        resource: format!("{gv}/{plural}"),
+        namespace,
+        name,
+        status,
+    })
+}
+
+fn gv_kind(resource: &str) -> (String, String) {
+    let (gv, plural) = resource.rsplit_once('/').expect("gv/plural");
+    let kind = match plural {
+        "configmaps" => "ConfigMap",
+        "services" => "Service",
+        "endpointslices" => "EndpointSlice",
+        "upstreampolicies" => "UpstreamPolicy",
+        "leases" => "Lease",
+        "events" => "Event",
+        "pods" => "Pod",
+        "namespaces" => "Namespace",
+        other => panic!("fake API server: unknown resource {other}"),
+    };
+    (gv.to_string(), kind.to_string())
+}
+
+fn key_of(obj: &Value) -> (String, String, String) {
+    let gv = obj["apiVersion"].as_str().expect("apiVersion");
+    let kind = obj["kind"].as_str().expect("kind");
+    let plural = match kind {
+        "UpstreamPolicy" => "upstreampolicies".to_string(),
+        k => format!("{}s", k.to_lowercase()),
+    };
+    (
+        format!("{gv}/{plural}"),
+        obj["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        obj["metadata"]["name"].as_str().expect("name").to_string(),
+    )
+}
+
+fn has_status_subresource(resource: &str) -> bool {
+    resource.ends_with("/upstreampolicies")
+}
+
+/// Server-owned metadata survives writes; the status survives main-resource writes when the
+/// resource has a status subresource.
+fn keep_server_fields(cur: &Value, next: &mut Value, resource: &str) {
+    for f in [
+        "uid",
+        "creationTimestamp",
+        "generation",
+        "deletionTimestamp",
+        "namespace",
+        "name",
+    ] {
+        match cur["metadata"].get(f) {
+            Some(v) => next["metadata"][f] = v.clone(),
+            None => {
+                if let Some(m) = next["metadata"].as_object_mut() {
+                    m.remove(f);
+                }
+            }
+        }
+    }
+    for f in ["apiVersion", "kind"] {
+        next[f] = cur[f].clone();
+    }
+    if has_status_subresource(resource) {
+        match cur.get("status") {
+            Some(s) => next["status"] = s.clone(),
+            None => {
+                if let Some(m) = next.as_object_mut() {
+                    m.remove("status");
+                }
+            }
+        }
+    }
+}
+
+/// Everything that bumps `generation`: all but metadata and status.
+fn spec_of(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("metadata");
+        m.remove("status");
+    }
+    v
+}
+
+fn strip_rv(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(m) = v["metadata"].as_object_mut() {
+        m.remove("resourceVersion");
+        m.remove("managedFields");
+    }
+    v
+}
+
+fn check_rv(cur: &Value, body: &Value) -> ApiResult<()> {
+    match body["metadata"]["resourceVersion"].as_str() {
+        Some(want) if Some(want) != cur["metadata"]["resourceVersion"].as_str() => Err((
+            409,
+            "Conflict",
+            "the object has been modified; please apply your changes to the latest version and try again".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    let t = target.as_object_mut().unwrap();
+    for (k, v) in p {
+        if v.is_null() {
+            t.remove(k);
+        } else {
+            merge(t.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
+fn field_match(fields: &str, key: &Key) -> bool {
+    fields
+        .split(',')
+        .filter(|f| !f.is_empty())
+        .all(|f| match f.split_once('=') {
+            Some(("metadata.name", v)) => key.name == v.trim_start_matches('='),
+            Some(("metadata.namespace", v)) => key.namespace == v.trim_start_matches('='),
+            _ => true,
+        })
+}
+
+fn parse_query(q: &str) -> BTreeMap<String, String> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let h = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+                match h.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn content_type(h: &http::HeaderMap) -> Option<String> {
+    h.get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+fn line(v: &Value) -> Bytes {
+    let mut s = serde_json::to_vec(v).expect("json");
+    s.push(b'\n');
+    Bytes::from(s)
+}
+
+fn bookmark(resource: &str, rv: u64) -> Bytes {
+    let (gv, kind) = gv_kind(resource);
+    line(&json!({
+        "type": "BOOKMARK",
+        "object": {"apiVersion": gv, "kind": kind, "metadata": {"resourceVersion": rv.to_string()}},
+    }))
+}
+
+fn not_found(key: &Key) -> (u16, &'static str, String) {
+    (
+        404,
+        "NotFound",
+        format!("{} {:?} not found", key.resource, key.name),
+    )
+}
+
+fn status_body(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Status",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+}
+
+fn status_response(code: u16, reason: &str, message: &str) -> Response<Body> {
+    json_response(code, &status_body(code, reason, message))
+}
+
+fn json_response(code: u16, v: &Value) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::from_u16(code).expect("status code"))
+        .header("content-type", "application/json")
+        .body(
+            Full::new(Bytes::from(serde_json::to_vec(v).expect("json")))
+                .map_err(|e| match e {})
+                .boxed_unsync(),
+        )
+        .expect("response")
+}
