@@ -443,9 +443,13 @@ async fn a_pod_flapping_between_up_and_down_never_reaches_the_client() {
         "{:?}",
         after.by_label("detour_attempt_failures_total", &[], "cause")
     );
-    assert_eq!(
-        d(&after, &before, "detour_requests_rescued_total", &[]),
-        failures
+    // A request caught on a pooled connection as the pod went down may fail twice (the
+    // keep-alive race retry on a fresh connection is refused) before a retry rescues it.
+    let rescued = d(&after, &before, "detour_requests_rescued_total", &[]);
+    assert!(
+        rescued >= 1.0 && rescued <= failures,
+        "rescued {rescued}, failures {:?}",
+        after.by_label("detour_attempt_failures_total", &[], "cause")
     );
     assert_eq!(d(&after, &before, "detour_gateway_errors_total", &[]), 0.0);
     assert_eq!(
