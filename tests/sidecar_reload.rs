@@ -236,3 +236,33 @@ async fn removing_an_upstream_closes_its_listener_and_drops_its_series() {
         );
     }
 }
+
+#[tokio::test]
+async fn health_state_survives_a_reload_that_changes_the_health_check_policy() {
+    let mut p = fast_policy();
+    p.health_check.protocol = HealthCheckProtocol::Http;
+    p.health_check.healthy_threshold = 100;
+    let mut h = Harness::start(2, p).await;
+    h.pods[0].set_health_fault(Some(Fault::Always503));
+    eventually("pod-0 unhealthy", || {
+        h.endpoint(h.pods[0].addr()).health == detour::sidecar::Health::Unhealthy
+    })
+    .await;
+    h.pods[0].set_health_fault(None);
+    let seen = h.pods[0].requests();
+    h.policy.health_check.interval = ms(250);
+    h.policy.health_check.healthy_threshold = 80;
+    h.sidecar
+        .apply(h.config())
+        .await
+        .expect("valid config applies");
+    assert_eq!(
+        h.endpoint(h.pods[0].addr()).health,
+        detour::sidecar::Health::Unhealthy,
+        "a health-check policy change reset the health of an endpoint that stayed"
+    );
+    for n in 0..30 {
+        assert_eq!(h.get(&format!("/{n}")).await.status, StatusCode::OK);
+    }
+    assert_eq!(h.pods[0].requests(), seen);
+}
