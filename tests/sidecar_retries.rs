@@ -248,3 +248,32 @@ async fn panic_mode_balances_over_all_endpoints_when_most_are_unhealthy() {
         "an unhealthy endpoint got traffic"
     );
 }
+
+#[tokio::test]
+async fn an_empty_retry_budget_allows_no_retry() {
+    let mut p = fast_policy();
+    p.outlier_detection.consecutive_gateway_errors = 0;
+    p.retries.budget.percent = 0;
+    p.retries.budget.min_per_second = 0;
+    let h = Harness::start(2, p).await;
+    h.pods[0].set_fault(Fault::Always502).await.unwrap();
+    let before = h.metrics();
+    let mut failed = 0;
+    for n in 0..100 {
+        let r = h.get(&format!("/{n}")).await;
+        if r.status == StatusCode::BAD_GATEWAY {
+            assert_eq!(r.pod(), Some("pod-0"), "{r:?}");
+            failed += 1;
+            if failed == 3 {
+                break;
+            }
+        }
+    }
+    assert_eq!(failed, 3);
+    let after = h.metrics();
+    assert_eq!(d(&after, &before, "detour_retries_total", &[]), 0.0);
+    assert_eq!(
+        d(&after, &before, "detour_retry_budget_exhausted_total", &[]),
+        3.0
+    );
+}

@@ -71,6 +71,8 @@ pub enum Error {
     Sidecar(#[from] crate::sidecar::Error),
     #[error("the sidecar's metrics: {0}")]
     Metrics(#[from] prom::ParseError),
+    #[error("listening for Ctrl-C: {0}")]
+    Signal(#[source] std::io::Error),
     #[error("writing the demo's output: {0}")]
     Output(#[from] std::io::Error),
     #[error(
@@ -203,13 +205,20 @@ pub async fn run_with(args: &Args, out: &mut (dyn Write + Send)) -> Result<Summa
     write_summary(out, &summary)?;
 
     if args.keep_running {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Listen before saying so: a Ctrl-C right after the message must not kill the process.
+        let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
+        let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
         writeln!(
             out,
             "\nStill serving {} (and the pods); press Ctrl-C to stop.",
             summary.metrics_url
         )?;
         out.flush()?;
-        let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
     }
     sidecar.shutdown(Duration::from_secs(2)).await;
     drop(pods);
