@@ -38,11 +38,14 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let quiet = matches!(
-        cli.command,
-        Command::Demo(_) | Command::Crd | Command::Check { .. }
-    );
-    detour::telemetry::init(&cli.log_format, quiet);
+    // The demo's screen is its output: the sidecar's own warnings (ejections...) are what the
+    // demo narrates, so only errors are logged there.
+    let default_level = match cli.command {
+        Command::Demo(_) => "error",
+        Command::Crd | Command::Check { .. } => "warn",
+        _ => "info",
+    };
+    detour::telemetry::init(&cli.log_format, default_level);
     match cli.command {
         Command::Check { config } => {
             let cfg = detour::config::Config::load(&config)

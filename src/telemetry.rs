@@ -2,11 +2,11 @@
 
 use tracing_subscriber::{fmt, EnvFilter};
 
-/// Installs the global subscriber: `RUST_LOG` filters (default `info`, or `warn` for quiet
-/// commands such as the demo whose screen is its output); `json` gives one JSON object a line.
-pub fn init(format: &str, quiet: bool) {
-    let default = if quiet { "warn" } else { "info" };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+/// Installs the global subscriber: `RUST_LOG` filters (default `default_level`); `json` gives
+/// one JSON object a line.
+pub fn init(format: &str, default_level: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let res = if format == "json" {
         builder.json().flatten_event(true).try_init()

@@ -9,9 +9,9 @@ use std::{
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use prometheus::IntCounter;
+use std::sync::Arc;
 
-use super::endpoint::InflightGuard;
+use super::{endpoint::InflightGuard, upstream::UpstreamRt};
 
 /// What is sent upstream.
 #[derive(Debug)]
@@ -32,8 +32,8 @@ pub enum RespBody {
         body: Incoming,
         /// Keeps the endpoint's in-flight count up until the body is done (least-request).
         guard: Option<InflightGuard>,
-        /// Counts a body the upstream broke off (`http_response_incomplete`).
-        on_error: Option<IntCounter>,
+        /// Told when the upstream breaks the body off (`http_response_incomplete`).
+        upstream: Option<Arc<UpstreamRt>>,
     },
 }
 
@@ -123,7 +123,7 @@ impl Body for RespBody {
             RespBody::Upstream {
                 body,
                 guard,
-                on_error,
+                upstream,
             } => {
                 let res = Pin::new(body).poll_frame(cx);
                 match &res {
@@ -131,10 +131,10 @@ impl Body for RespBody {
                         guard.take();
                     }
                     Poll::Ready(Some(Err(_))) => {
-                        guard.take();
-                        if let Some(c) = on_error.take() {
-                            c.inc();
+                        if let (Some(up), Some(g)) = (upstream.take(), guard.as_ref()) {
+                            up.body_failed(g.endpoint());
                         }
+                        guard.take();
                     }
                     _ => {}
                 }

@@ -156,6 +156,13 @@ impl Endpoint {
         &self.pools[i]
     }
 
+    /// Closes pooled connections idle for longer than `poolIdle`, on every worker's pool.
+    pub fn purge_idle_connections(&self) {
+        for p in self.pools.iter() {
+            p.purge();
+        }
+    }
+
     pub fn set_pool_config(&self, cfg: PoolConfig) {
         for p in self.pools.iter() {
             p.set_config(cfg);
@@ -368,6 +375,12 @@ impl std::fmt::Debug for Endpoint {
             .field("addr", &self.addr)
             .field("pod", &self.pod)
             .finish()
+    }
+}
+
+impl InflightGuard {
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.0
     }
 }
 

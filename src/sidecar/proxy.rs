@@ -528,7 +528,7 @@ async fn buffer_body(mut body: Incoming, limit: usize) -> Result<ReqBody, hyper:
 fn client_response(
     resp: Response<Incoming>,
     guard: InflightGuard,
-    up: &UpstreamRt,
+    up: &Arc<UpstreamRt>,
     passed_gateway_error: bool,
 ) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
@@ -543,7 +543,7 @@ fn client_response(
     let body = RespBody::Upstream {
         body,
         guard: Some(guard),
-        on_error: Some(up.metrics.incomplete_bodies.clone()),
+        upstream: Some(up.clone()),
     };
     Response::from_parts(parts, body)
 }

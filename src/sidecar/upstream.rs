@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use super::{
     budget::Budget,
     endpoint::{Endpoint, EndpointSnapshot, Failure, Health},
+    errors::Cause,
     metrics::UpstreamMetrics,
     pool::PoolConfig,
 };
@@ -23,6 +24,15 @@ pub struct UpstreamRt {
     /// Serializes "count the ejected, then eject" so concurrent failures cannot exceed
     /// `maxEjectionPercent`. Taken only when an endpoint is about to be ejected.
     eject_lock: parking_lot::Mutex<()>,
+}
+
+impl std::fmt::Debug for UpstreamRt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamRt")
+            .field("name", &self.name)
+            .field("endpoints", &self.endpoints.len())
+            .finish()
+    }
 }
 
 impl UpstreamRt {
@@ -106,6 +116,14 @@ impl UpstreamRt {
             ejected_for_ms = d.as_millis() as u64,
             "endpoint ejected"
         );
+    }
+
+    /// The endpoint broke a response body off after its headers were sent: too late to retry,
+    /// but a failure all the same (counted, and held against the endpoint).
+    pub fn body_failed(&self, ep: &Endpoint) {
+        self.metrics.incomplete_bodies.inc();
+        self.metrics.attempt_failure(Cause::HttpResponseIncomplete);
+        self.record_failure(ep, Failure::Gateway, Instant::now());
     }
 
     /// Healthy (eligible), unhealthy, ejected, terminating.
