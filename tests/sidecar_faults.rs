@@ -424,8 +424,23 @@ async fn a_pod_flapping_between_up_and_down_never_reaches_the_client() {
     let before = h.metrics();
     let t = Instant::now();
     let mut sent = 0;
-    while t.elapsed() < Duration::from_millis(1500) || h.pods[0].requests() == 0 {
-        assert!(t.elapsed() < PATIENCE, "the flapping pod never served");
+    let refused = |m: &Metrics| {
+        d(
+            m,
+            &before,
+            "detour_attempt_failures_total",
+            &[("cause", "connection_refused")],
+        )
+    };
+    while t.elapsed() < Duration::from_millis(1500)
+        || h.pods[0].requests() == 0
+        || refused(&h.metrics()) == 0.0
+    {
+        assert!(
+            t.elapsed() < PATIENCE,
+            "the flapping pod never both served ({}) and refused",
+            h.pods[0].requests()
+        );
         let r = h.get(&format!("/flap/{sent}")).await;
         assert_eq!(r.status, StatusCode::OK, "{r:?}");
         sent += 1;
