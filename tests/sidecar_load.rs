@@ -75,7 +75,6 @@ async fn a_hung_endpoint_does_not_stall_concurrent_clients() {
 }
 
 #[tokio::test]
-#[ignore = "sidecar bug: idle pooled connections are only dropped at the next checkout, never closed after timeouts.poolIdle"]
 async fn idle_upstream_connections_are_closed_after_pool_idle() {
     let mut p = fast_policy();
     p.timeouts.pool_idle = ms(200);
