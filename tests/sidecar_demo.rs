@@ -13,6 +13,9 @@ fn a_short_demo_absorbs_every_fault() {
     let _one = ONE_DEMO_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let args = Args {
         duration: detour::config::Duration::from_secs(6),
+        // The shared test machine can stall a process for seconds; a sidecar that fails to
+        // absorb a fault still shows as a 502/503/504 the client counts.
+        client_timeout: detour::config::Duration::from_secs(5),
         ..Args::default()
     };
     let mut out = Vec::new();
@@ -65,7 +68,15 @@ fn a_short_demo_absorbs_every_fault() {
 fn the_demo_command_exits_0_and_prints_the_summary() {
     let _one = ONE_DEMO_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let out = Command::new(env!("CARGO_BIN_EXE_detour"))
-        .args(["demo", "--duration", "5s", "--connections", "2"])
+        .args([
+            "demo",
+            "--duration",
+            "5s",
+            "--connections",
+            "2",
+            "--client-timeout",
+            "5s",
+        ])
         .output()
         .expect("run detour demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -98,9 +109,11 @@ fn keep_running_serves_metrics_until_interrupted() {
             "--connections",
             "2",
             "--keep-running",
+            "--client-timeout",
+            "5s",
         ])
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run detour demo");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -141,5 +154,7 @@ fn keep_running_serves_metrics_until_interrupted() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    assert!(status.success(), "{status}");
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    assert!(status.success(), "{status}\n{err}");
 }
