@@ -76,6 +76,7 @@ fn fixture(policies: &[Value], config_maps: &[Value]) -> Fixture {
             ],
         })]),
         config_maps: store::<ConfigMap>(config_maps),
+        synced: tokio::sync::watch::channel(true).1,
         shared: Arc::new(Shared::new(client, Arc::new(Metrics::new()), None)),
     });
     Fixture { ctx, handle }

@@ -13,6 +13,9 @@ fn a_short_demo_absorbs_every_fault() {
     let _one = ONE_DEMO_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let args = Args {
         duration: detour::config::Duration::from_secs(6),
+        // The shared test machine can stall a process for seconds; a sidecar that fails to
+        // absorb a fault still shows as a 502/503/504 the client counts.
+        client_timeout: detour::config::Duration::from_secs(5),
         ..Args::default()
     };
     let mut out = Vec::new();
@@ -65,7 +68,15 @@ fn a_short_demo_absorbs_every_fault() {
 fn the_demo_command_exits_0_and_prints_the_summary() {
     let _one = ONE_DEMO_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let out = Command::new(env!("CARGO_BIN_EXE_detour"))
-        .args(["demo", "--duration", "5s", "--connections", "2"])
+        .args([
+            "demo",
+            "--duration",
+            "5s",
+            "--connections",
+            "2",
+            "--client-timeout",
+            "5s",
+        ])
         .output()
         .expect("run detour demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -84,4 +95,66 @@ fn the_demo_command_refuses_a_bad_duration() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--duration"), "{stderr}");
+}
+
+#[test]
+fn keep_running_serves_metrics_until_interrupted() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let _one = ONE_DEMO_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_detour"))
+        .args([
+            "demo",
+            "--duration",
+            "5s",
+            "--connections",
+            "2",
+            "--keep-running",
+            "--client-timeout",
+            "5s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run detour demo");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut url = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(at) = line.find("metrics: http://") {
+            url = Some(line[at + "metrics: http://".len()..].trim().to_string());
+        }
+        if line.contains("Ctrl-C") {
+            break;
+        }
+    }
+    let url = url.expect("the summary names the metrics URL");
+    let addr = url.trim_end_matches("/metrics");
+    // The demo is over, but the sidecar still answers on its admin port.
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("detour_requests_total{"), "{text}");
+
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the demo did not stop on SIGINT");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    assert!(status.success(), "{status}\n{err}");
 }

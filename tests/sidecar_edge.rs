@@ -233,3 +233,42 @@ async fn ejections_stop_at_max_ejection_percent() {
         .count();
     assert_eq!(ejected, 1);
 }
+
+#[tokio::test]
+async fn an_endpoint_back_from_ejection_that_fails_again_is_ejected_at_once_for_longer() {
+    let mut p = fast_policy();
+    p.outlier_detection.base_ejection_time = ms(300);
+    let h = Harness::start(2, p).await;
+    h.pods[0].set_fault(Fault::Always502).await.unwrap();
+    let ep = h.pods[0].addr();
+    for n in 0..200 {
+        assert_eq!(h.get(&format!("/{n}")).await.status, StatusCode::OK);
+        if h.endpoint(ep).ejected {
+            break;
+        }
+    }
+    assert!(h.endpoint(ep).ejected);
+    assert_eq!(h.pods[0].requests(), 3);
+    let before = h.metrics();
+    eventually("the ejection ends", || !h.endpoint(ep).ejected).await;
+    // Its first failure on return ejects it again, without waiting for 3 in a row.
+    for n in 0..200 {
+        assert_eq!(h.get(&format!("/back/{n}")).await.status, StatusCode::OK);
+        if h.pods[0].requests() > 3 {
+            break;
+        }
+    }
+    assert_eq!(h.pods[0].requests(), 4);
+    let snap = h.endpoint(ep);
+    assert!(snap.ejected, "{snap:?}");
+    assert_eq!(snap.ejections, 2);
+    assert_eq!(
+        d(
+            &h.metrics(),
+            &before,
+            "detour_ejections_total",
+            &[("reason", "probation_failure")]
+        ),
+        1.0
+    );
+}

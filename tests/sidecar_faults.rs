@@ -407,3 +407,73 @@ async fn flapping_pod_failures_are_all_absorbed() {
     );
     assert!(h.pods[0].health_checks() >= 2);
 }
+
+#[tokio::test]
+async fn a_pod_flapping_between_up_and_down_never_reaches_the_client() {
+    let mut policy = fast_policy();
+    policy.outlier_detection.base_ejection_time = ms(200);
+    policy.outlier_detection.max_ejection_time = ms(400);
+    let h = Harness::start(2, policy).await;
+    h.pods[0]
+        .set_fault(Fault::Flapping {
+            period: Duration::from_millis(150),
+            bad: Box::new(Fault::Refuse),
+        })
+        .await
+        .unwrap();
+    let before = h.metrics();
+    let t = Instant::now();
+    let mut sent = 0;
+    let refused = |m: &Metrics| {
+        d(
+            m,
+            &before,
+            "detour_attempt_failures_total",
+            &[("cause", "connection_refused")],
+        )
+    };
+    while t.elapsed() < Duration::from_millis(1500)
+        || h.pods[0].requests() == 0
+        || refused(&h.metrics()) == 0.0
+    {
+        assert!(
+            t.elapsed() < PATIENCE,
+            "the flapping pod never both served ({}) and refused",
+            h.pods[0].requests()
+        );
+        let r = h.get(&format!("/flap/{sent}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let after = h.metrics();
+    let failures = d(&after, &before, "detour_attempt_failures_total", &[]);
+    assert!(
+        d(
+            &after,
+            &before,
+            "detour_attempt_failures_total",
+            &[("cause", "connection_refused")]
+        ) >= 1.0,
+        "{:?}",
+        after.by_label("detour_attempt_failures_total", &[], "cause")
+    );
+    // A request caught on a pooled connection as the pod went down may fail twice (the
+    // keep-alive race retry on a fresh connection is refused) before a retry rescues it.
+    let rescued = d(&after, &before, "detour_requests_rescued_total", &[]);
+    assert!(
+        rescued >= 1.0 && rescued <= failures,
+        "rescued {rescued}, failures {:?}",
+        after.by_label("detour_attempt_failures_total", &[], "cause")
+    );
+    assert_eq!(d(&after, &before, "detour_gateway_errors_total", &[]), 0.0);
+    assert_eq!(
+        d(
+            &after,
+            &before,
+            "detour_requests_total",
+            &[("status", "200")]
+        ),
+        sent as f64
+    );
+}

@@ -169,3 +169,44 @@ async fn shutdown_gives_up_on_requests_slower_than_the_drain_timeout() {
     h.sidecar.shutdown(Duration::from_millis(200)).await;
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }
+
+#[tokio::test]
+async fn a_client_connection_close_does_not_close_the_upstream_connection() {
+    let h = Harness::start(1, fast_policy()).await;
+    for n in 0..5 {
+        let mut req = request(Method::GET, &format!("/{n}"));
+        req.headers_mut()
+            .insert(header::CONNECTION, "close".parse().unwrap());
+        let r = h.send(req).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let rec = h.pods[0].last_request().unwrap();
+        assert!(
+            rec.headers
+                .get(header::CONNECTION)
+                .is_none_or(|v| v != "close"),
+            "the client's Connection: close was forwarded"
+        );
+    }
+    assert_eq!(
+        h.pods[0].connections(),
+        1,
+        "the pooled upstream connection was not reused"
+    );
+}
+
+#[tokio::test]
+async fn http_1_0_clients_are_served() {
+    let h = Harness::start(1, fast_policy()).await;
+    let mut s = tokio::net::TcpStream::connect(h.addr()).await.unwrap();
+    s.write_all(b"GET /old HTTP/1.0\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    within(PATIENCE, "an HTTP/1.0 answer", s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1."), "{text}");
+    assert!(text.contains(" 200 "), "{text}");
+    assert!(text.ends_with("pod-0\n"), "{text}");
+}

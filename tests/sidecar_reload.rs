@@ -170,3 +170,99 @@ async fn the_admin_server_serves_metrics_readiness_and_config() {
     assert!(text.contains(&h.pods[0].addr().to_string()), "{text}");
     assert!(text.contains(UPSTREAM), "{text}");
 }
+
+#[tokio::test]
+async fn a_reload_that_removes_an_endpoint_lets_its_in_flight_request_finish() {
+    let mut h = Harness::start(2, fast_policy()).await;
+    h.pods[0]
+        .set_fault(Fault::Slow(std::time::Duration::from_millis(400)))
+        .await
+        .unwrap();
+    h.pods[1]
+        .set_fault(Fault::Slow(std::time::Duration::from_millis(400)))
+        .await
+        .unwrap();
+    let addr = h.addr();
+    let in_flight = tokio::spawn(send_fresh(addr, request(http::Method::GET, "/slow")));
+    eventually("the request reached a pod", || {
+        h.pods.iter().map(SimPod::requests).sum::<u64>() == 1
+    })
+    .await;
+    // Remove the endpoint that holds the request.
+    let busy = if h.pods[0].requests() == 1 { 0 } else { 1 };
+    let gone = h.pods.remove(busy);
+    h.sidecar.apply(h.config()).await.unwrap();
+    let r = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight request survives the reload");
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.pod(), Some(gone.name()));
+    let r = h.get("/next").await;
+    assert_eq!(r.pod(), Some(h.pods[0].name()));
+    assert!(
+        !h.sidecar
+            .upstreams()
+            .iter()
+            .flat_map(|u| &u.endpoints)
+            .any(|e| e.address == gone.addr().to_string()),
+        "the removed endpoint is still listed"
+    );
+}
+
+#[tokio::test]
+async fn removing_an_upstream_closes_its_listener_and_drops_its_series() {
+    let h = Harness::start(1, fast_policy()).await;
+    let addr = h.addr();
+    assert_eq!(h.get("/").await.status, StatusCode::OK);
+    assert!(h
+        .metrics()
+        .has("detour_endpoints", &[("upstream", UPSTREAM)]));
+    h.sidecar.apply(Config::empty()).await.unwrap();
+    assert!(h.sidecar.listener_addr(UPSTREAM).is_none());
+    eventually("the listener closes", || {
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(200)).is_err()
+    })
+    .await;
+    let m = h.metrics();
+    for name in [
+        "detour_endpoints",
+        "detour_attempt_failures_total",
+        "detour_retries_total",
+    ] {
+        assert!(
+            !m.has(name, &[("upstream", UPSTREAM)]),
+            "{name} still has {UPSTREAM}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn health_state_survives_a_reload_that_changes_the_health_check_policy() {
+    let mut p = fast_policy();
+    p.health_check.protocol = HealthCheckProtocol::Http;
+    p.health_check.healthy_threshold = 100;
+    let mut h = Harness::start(2, p).await;
+    h.pods[0].set_health_fault(Some(Fault::Always503));
+    eventually("pod-0 unhealthy", || {
+        h.endpoint(h.pods[0].addr()).health == detour::sidecar::Health::Unhealthy
+    })
+    .await;
+    h.pods[0].set_health_fault(None);
+    let seen = h.pods[0].requests();
+    h.policy.health_check.interval = ms(250);
+    h.policy.health_check.healthy_threshold = 80;
+    h.sidecar
+        .apply(h.config())
+        .await
+        .expect("valid config applies");
+    assert_eq!(
+        h.endpoint(h.pods[0].addr()).health,
+        detour::sidecar::Health::Unhealthy,
+        "a health-check policy change reset the health of an endpoint that stayed"
+    );
+    for n in 0..30 {
+        assert_eq!(h.get(&format!("/{n}")).await.status, StatusCode::OK);
+    }
+    assert_eq!(h.pods[0].requests(), seen);
+}

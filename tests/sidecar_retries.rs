@@ -248,3 +248,83 @@ async fn panic_mode_balances_over_all_endpoints_when_most_are_unhealthy() {
         "an unhealthy endpoint got traffic"
     );
 }
+
+#[tokio::test]
+async fn an_empty_retry_budget_allows_no_retry() {
+    let mut p = fast_policy();
+    p.outlier_detection.consecutive_gateway_errors = 0;
+    p.retries.budget.percent = 0;
+    p.retries.budget.min_per_second = 0;
+    let h = Harness::start(2, p).await;
+    h.pods[0].set_fault(Fault::Always502).await.unwrap();
+    let before = h.metrics();
+    let mut failed = 0;
+    for n in 0..100 {
+        let r = h.get(&format!("/{n}")).await;
+        if r.status == StatusCode::BAD_GATEWAY {
+            assert_eq!(r.pod(), Some("pod-0"), "{r:?}");
+            failed += 1;
+            if failed == 3 {
+                break;
+            }
+        }
+    }
+    assert_eq!(failed, 3);
+    let after = h.metrics();
+    assert_eq!(d(&after, &before, "detour_retries_total", &[]), 0.0);
+    assert_eq!(
+        d(&after, &before, "detour_retry_budget_exhausted_total", &[]),
+        3.0
+    );
+}
+
+#[tokio::test]
+async fn a_post_that_timed_out_is_not_replayed_but_one_with_a_key_is() {
+    let mut p = reset_next_to_healthy();
+    p.retries.per_try_timeout = ms(500);
+    let h = Harness::start(2, p).await;
+    h.pods[0].set_fault(Fault::Hang).await.unwrap();
+    let mut timed_out = 0;
+    for id in 0..100 {
+        let r = h.send(post(id, false)).await;
+        if r.status == StatusCode::OK {
+            continue;
+        }
+        assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{r:?}");
+        assert_eq!(r.proxy_error().error, "http_response_timeout");
+        assert_eq!(r.attempts(), Some(1));
+        assert_eq!(deliveries(&h, id), vec![1, 0]);
+        timed_out += 1;
+        break;
+    }
+    assert_eq!(timed_out, 1, "the hung pod got no POST");
+    for id in 100..200 {
+        let r = h.send(post(id, true)).await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        if deliveries(&h, id) == vec![1, 1] {
+            return;
+        }
+    }
+    panic!("no keyed POST was retried after a timeout");
+}
+
+#[tokio::test]
+async fn a_post_answered_502_by_the_upstream_is_passed_through_not_replayed() {
+    let h = Harness::start(2, reset_next_to_healthy()).await;
+    h.pods[0].set_fault(Fault::Always502).await.unwrap();
+    for id in 0..100 {
+        let r = h.send(post(id, false)).await;
+        if r.status == StatusCode::OK {
+            continue;
+        }
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{r:?}");
+        assert_eq!(
+            r.pod(),
+            Some("pod-0"),
+            "the upstream's own 502 is passed through"
+        );
+        assert_eq!(deliveries(&h, id), vec![1, 0]);
+        return;
+    }
+    panic!("the 502 pod got no POST");
+}

@@ -46,6 +46,10 @@ pub struct Args {
     /// Address of the sidecar's admin server (/metrics, /config); port 0 picks a free one.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub admin: SocketAddr,
+    /// How long the client waits for an answer before counting a timeout (an impatient app's
+    /// 2s by default).
+    #[arg(long, default_value = "2s")]
+    pub client_timeout: config::Duration,
 }
 
 impl Default for Args {
@@ -55,6 +59,7 @@ impl Default for Args {
             keep_running: false,
             connections: 4,
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            client_timeout: config::Duration::from_secs(2),
         }
     }
 }
@@ -65,12 +70,16 @@ pub enum Error {
     DurationTooShort { got: config::Duration },
     #[error("--connections: must be 1..=64, got {0}")]
     Connections(usize),
+    #[error("--client-timeout: must be greater than 0s")]
+    ClientTimeout,
     #[error(transparent)]
     Pod(#[from] pod::Error),
     #[error("starting the sidecar: {0}")]
     Sidecar(#[from] crate::sidecar::Error),
     #[error("the sidecar's metrics: {0}")]
     Metrics(#[from] prom::ParseError),
+    #[error("listening for Ctrl-C: {0}")]
+    Signal(#[source] std::io::Error),
     #[error("writing the demo's output: {0}")]
     Output(#[from] std::io::Error),
     #[error(
@@ -116,6 +125,9 @@ pub async fn run_with(args: &Args, out: &mut (dyn Write + Send)) -> Result<Summa
     if !(1..=64).contains(&args.connections) {
         return Err(Error::Connections(args.connections));
     }
+    if args.client_timeout.is_zero() {
+        return Err(Error::ClientTimeout);
+    }
 
     let mut pods = Vec::new();
     for name in PODS {
@@ -125,7 +137,7 @@ pub async fn run_with(args: &Args, out: &mut (dyn Write + Send)) -> Result<Summa
         admin: args.admin,
         ..Options::default()
     };
-    let sidecar = Sidecar::start(demo_config(&pods), opts).await?;
+    let sidecar = Sidecar::start(demo_config(&pods, args.client_timeout.get()), opts).await?;
     let listen = sidecar
         .listener_addr(UPSTREAM)
         .expect("the demo upstream has a listener");
@@ -144,8 +156,9 @@ pub async fn run_with(args: &Args, out: &mut (dyn Write + Send)) -> Result<Summa
     )?;
     writeln!(
         out,
-        "  client: {} keep-alive connections, GETs and POSTs with Idempotency-Key, for {}",
-        args.connections, args.duration
+        "  client: {} keep-alive connections, GETs and POSTs with Idempotency-Key, for {}; \
+         a request unanswered after {} is an error",
+        args.connections, args.duration, args.client_timeout
     )?;
     writeln!(out)?;
 
@@ -155,6 +168,7 @@ pub async fn run_with(args: &Args, out: &mut (dyn Write + Send)) -> Result<Summa
         listen,
         args.connections,
         Duration::from_millis(10),
+        args.client_timeout.get(),
         traffic.clone(),
         stop_rx,
     );
@@ -203,13 +217,20 @@ pub async fn run_with(args: &Args, out: &mut (dyn Write + Send)) -> Result<Summa
     write_summary(out, &summary)?;
 
     if args.keep_running {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Listen before saying so: a Ctrl-C right after the message must not kill the process.
+        let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
+        let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
         writeln!(
             out,
             "\nStill serving {} (and the pods); press Ctrl-C to stop.",
             summary.metrics_url
         )?;
         out.flush()?;
-        let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
     }
     sidecar.shutdown(Duration::from_secs(2)).await;
     drop(pods);
@@ -230,8 +251,9 @@ pub async fn run_with(args: &Args, out: &mut (dyn Write + Send)) -> Result<Summa
 }
 
 /// A policy tuned for a short demo: quick health checks, short ejections, a per-try timeout
-/// well below the client's 2 s patience.
-fn demo_policy() -> Policy {
+/// well below the client's patience, and a request deadline just inside it (so the sidecar,
+/// not the client's timer, reports a request nothing could answer).
+fn demo_policy(client_timeout: Duration) -> Policy {
     let mut p = Policy::default();
     p.health_check.protocol = HealthCheckProtocol::Http;
     p.health_check.interval = config::Duration::from_millis(300);
@@ -239,18 +261,22 @@ fn demo_policy() -> Policy {
     p.health_check.jitter = config::Duration::from_millis(50);
     p.outlier_detection.base_ejection_time = config::Duration::from_secs(2);
     p.outlier_detection.max_ejection_time = config::Duration::from_secs(10);
-    // A healthy pod answers in about a millisecond; 500 ms leaves room for a busy laptop while
-    // three tries still fit in the client's 2 s patience.
-    p.retries.per_try_timeout = config::Duration::from_millis(500);
+    // A healthy pod answers in about a millisecond; a quarter of the client's patience (500 ms
+    // for the default 2 s) leaves room for a busy laptop while three tries still fit.
+    let per_try = (client_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+    p.retries.per_try_timeout = config::Duration::from_millis(per_try.as_millis() as u64);
     p.retries.budget.min_per_second = 20;
-    p.timeouts.request = config::Duration::from_millis(1800);
+    let deadline = client_timeout
+        .saturating_sub(Duration::from_millis(200))
+        .max(Duration::from_secs(1));
+    p.timeouts.request = config::Duration::from_millis(deadline.as_millis() as u64);
     p.timeouts.connect = config::Duration::from_millis(250);
     // One pod down out of three must not trigger panic mode (33% < 50% would).
     p.panic_threshold = 30;
     p
 }
 
-fn demo_config(pods: &[SimPod]) -> Config {
+fn demo_config(pods: &[SimPod], client_timeout: Duration) -> Config {
     let mut cfg = Config::empty();
     cfg.upstreams.push(Upstream {
         name: UPSTREAM.to_string(),
@@ -264,7 +290,7 @@ fn demo_config(pods: &[SimPod]) -> Config {
                 state: config::EndpointState::Ready,
             })
             .collect(),
-        policy: demo_policy(),
+        policy: demo_policy(client_timeout),
     });
     cfg
 }
@@ -457,8 +483,15 @@ mod tests {
 
     #[test]
     fn demo_config_is_valid() {
-        let cfg = demo_config(&[]);
-        cfg.validate().unwrap();
+        for secs in [1, 2, 5, 60] {
+            let cfg = demo_config(&[], Duration::from_secs(secs));
+            cfg.validate().unwrap();
+            let p = &cfg.upstreams[0].policy;
+            assert!(
+                p.timeouts.request.get()
+                    < Duration::from_secs(secs).max(Duration::from_millis(1001))
+            );
+        }
     }
 
     #[tokio::test]

@@ -52,7 +52,8 @@ pub enum Fault {
     Always504,
     /// Nothing listens: connections are refused and open ones are closed.
     Refuse,
-    /// Reads the request and never answers (until the fault changes; then the connection closes).
+    /// Reads the request and never answers it, even after the fault changes (like a stuck
+    /// worker); its connection stays open until the pod is killed or `close_connections` is called.
     Hang,
     /// Reads the request, then resets the connection (RST, no response byte).
     ResetAfterRequest,
@@ -234,8 +235,7 @@ impl SimPod {
         self.shared.addr
     }
 
-    /// Switches behaviour. Requests already being handled keep the fault they started with,
-    /// except `Hang`, whose connections close when the fault changes.
+    /// Switches behaviour. Requests already being handled keep the fault they started with.
     pub async fn set_fault(&self, fault: Fault) -> Result<(), Error> {
         if let Some(f) = self.shared.flapper.lock().take() {
             f.abort();
@@ -640,15 +640,9 @@ impl Shared {
             Fault::ResetAfterRequest => return self.act(&conn, ConnAction::Reset).await,
             Fault::Malformed => return self.act(&conn, ConnAction::Malformed).await,
             Fault::TruncatedBody => return self.act(&conn, ConnAction::Truncated).await,
-            Fault::Hang => {
-                let mut rx = self.effective.subscribe();
-                while *rx.borrow_and_update() == Fault::Hang {
-                    if rx.changed().await.is_err() {
-                        break;
-                    }
-                }
-                return self.act(&conn, ConnAction::Close).await;
-            }
+            // Healing does not answer what hung: like a stuck worker, the request is lost and
+            // only the client's timeout (or `kill`) ends the connection.
+            Fault::Hang => std::future::pending().await,
         };
         if !is_health {
             *self
@@ -916,7 +910,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn hang_reads_the_request_and_never_answers_until_healed() {
+    async fn hang_reads_the_request_and_never_answers_it() {
         let pod = SimPod::start("p0").await.unwrap();
         pod.set_fault(Fault::Hang).await.unwrap();
         let mut s = connect(pod.addr()).await;
@@ -930,13 +924,21 @@ mod tests {
         .unwrap();
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert!(!pending.is_finished(), "a hanging pod answered");
+        // Healed, the pod serves new requests, but what hung stays hung.
         pod.set_fault(Fault::Healthy).await.unwrap();
+        assert_eq!(get(pod.addr(), "/").await.unwrap().0, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(
+            !pending.is_finished(),
+            "a hung request was answered after healing"
+        );
+        pod.close_connections();
         let res = tokio::time::timeout(GENEROUS, pending)
             .await
-            .expect("healing did not release the hung connection")
+            .expect("close_connections did not close the hung connection")
             .unwrap();
         assert!(res.is_err(), "a hung request got an answer: {res:?}");
-        assert!(pod.counters().by_status.is_empty());
+        assert_eq!(pod.counters().by_status.get(&200), Some(&1));
     }
 
     #[tokio::test]

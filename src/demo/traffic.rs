@@ -18,9 +18,6 @@ use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::{net::TcpStream, sync::watch, task::JoinSet};
 
-/// How long a client waits for an answer before it counts a timeout, as an impatient app would.
-pub const CLIENT_PATIENCE: Duration = Duration::from_secs(2);
-
 /// Errors kept verbatim for the final report (the rest are only counted).
 const KEPT_ERRORS: usize = 5;
 
@@ -57,16 +54,25 @@ impl Traffic {
 }
 
 /// Runs `workers` client loops against `addr` until `stop` turns true.
+/// `patience`: how long a client waits for an answer before it counts a timeout.
 pub fn spawn(
     addr: SocketAddr,
     workers: usize,
     pace: Duration,
+    patience: Duration,
     traffic: Arc<Traffic>,
     stop: watch::Receiver<bool>,
 ) -> JoinSet<()> {
     let mut set = JoinSet::new();
     for id in 0..workers {
-        set.spawn(worker(id, addr, pace, traffic.clone(), stop.clone()));
+        set.spawn(worker(
+            id,
+            addr,
+            pace,
+            patience,
+            traffic.clone(),
+            stop.clone(),
+        ));
     }
     set
 }
@@ -75,6 +81,7 @@ async fn worker(
     id: usize,
     addr: SocketAddr,
     pace: Duration,
+    patience: Duration,
     traffic: Arc<Traffic>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -114,7 +121,7 @@ async fn worker(
         .expect("valid request");
         let method = req.method().clone();
         traffic.requests.fetch_add(1, Ordering::Relaxed);
-        let res = tokio::time::timeout(CLIENT_PATIENCE, async {
+        let res = tokio::time::timeout(patience, async {
             sender.ready().await?;
             let resp = sender.send_request(req).await?;
             let (parts, body) = resp.into_parts();
@@ -141,7 +148,7 @@ async fn worker(
             }
             Err(_) => {
                 traffic.error(format!(
-                    "{method} got no answer within {CLIENT_PATIENCE:?} (client timeout)"
+                    "{method} got no answer within {patience:?} (client timeout)"
                 ));
                 conn = None;
             }

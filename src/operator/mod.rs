@@ -304,21 +304,16 @@ async fn run_scopes(client: &Client, opts: &Options, shared: &Arc<Shared>, healt
     } else {
         opts.namespaces.iter().cloned().map(Some).collect()
     };
-    let mut contexts = Vec::new();
     let mut runs = Vec::new();
+    let mut syncs = Vec::new();
     for ns in scopes {
-        let (ctx, run) = scope(client.clone(), ns, shared.clone(), opts.debounce);
-        contexts.push(ctx);
+        let (run, synced) = scope(client.clone(), ns, shared.clone(), opts.debounce);
         runs.push(run);
+        syncs.push(synced);
     }
     let health = health.clone();
     let synced = async move {
-        for c in &contexts {
-            let _ = c.policies.wait_until_ready().await;
-            let _ = c.services.wait_until_ready().await;
-            let _ = c.slices.wait_until_ready().await;
-            let _ = c.config_maps.wait_until_ready().await;
-        }
+        future::join_all(syncs).await;
         health.synced.store(true, Ordering::Release);
         info!("caches synced");
         future::pending::<()>().await;
@@ -340,12 +335,16 @@ where
     }
 }
 
+/// The controller of one scope, and a future that completes when its caches are synced.
 fn scope(
     client: Client,
     ns: Option<String>,
     shared: Arc<Shared>,
     debounce: Duration,
-) -> (Arc<Context>, future::BoxFuture<'static, ()>) {
+) -> (
+    future::BoxFuture<'static, ()>,
+    future::BoxFuture<'static, ()>,
+) {
     let wc = watcher::Config::default();
     let controller = Controller::new(api::<Policy>(&client, &ns), wc.clone())
         .with_config(controller::Config::default().debounce(debounce));
@@ -376,12 +375,31 @@ fn scope(
     .reflect(w)
     .touched_objects();
 
+    let (synced_tx, synced) = watch::channel(false);
+    let sync = {
+        let stores = (
+            policies.clone(),
+            services.clone(),
+            slices.clone(),
+            config_maps.clone(),
+        );
+        async move {
+            // One waiter per store: `wait_until_ready` wakes only the last of several waiters.
+            let _ = stores.0.wait_until_ready().await;
+            let _ = stores.1.wait_until_ready().await;
+            let _ = stores.2.wait_until_ready().await;
+            let _ = stores.3.wait_until_ready().await;
+            // Waiters see `true` even after the sender is gone.
+            let _ = synced_tx.send(true);
+        }
+    };
     let ctx = Arc::new(Context {
         client,
         policies: policies.clone(),
         services,
         slices,
         config_maps,
+        synced,
         shared,
     });
     let (p1, p2, p3) = (policies.clone(), policies.clone(), policies);
@@ -413,7 +431,7 @@ fn scope(
             future::ready(())
         })
         .boxed();
-    (ctx, run)
+    (run, sync.boxed())
 }
 
 /// A policy of `ns` whose upstream is Service `name`.

@@ -85,6 +85,8 @@ pub struct Context {
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
     pub config_maps: Store<ConfigMap>,
+    /// Becomes true once all four caches hold a full list.
+    pub synced: tokio::sync::watch::Receiver<bool>,
     pub shared: Arc<Shared>,
 }
 
@@ -190,19 +192,10 @@ async fn reconcile_inner(obj: &Policy, ctx: &Context) -> Result<Action, Error> {
     let name = obj.name_any();
     let lock = ctx.shared.lock(&ns);
     let _guard = lock.lock().await;
-    // Rendering from half-filled caches would report missing Services that exist.
-    for (what, ready) in [
-        ("policy", ctx.policies.wait_until_ready().await.is_ok()),
-        ("service", ctx.services.wait_until_ready().await.is_ok()),
-        ("endpointslice", ctx.slices.wait_until_ready().await.is_ok()),
-        (
-            "configmap",
-            ctx.config_maps.wait_until_ready().await.is_ok(),
-        ),
-    ] {
-        if !ready {
-            return Err(Error::CacheClosed(what));
-        }
+    // Rendering from half-filled caches would report missing Services that exist. (A
+    // tokio watch, not `Store::wait_until_ready`: that wakes only one of many waiters.)
+    if ctx.synced.clone().wait_for(|s| *s).await.is_err() {
+        return Err(Error::CacheClosed("a watch"));
     }
     let policy_api: Api<Policy> = Api::namespaced(ctx.client.clone(), &ns);
     // The cache may be newer than the trigger (the object could be gone or re-created).
@@ -214,8 +207,12 @@ async fn reconcile_inner(obj: &Policy, ctx: &Context) -> Result<Action, Error> {
     if deleting && !has_finalizer {
         return Ok(Action::await_change());
     }
-    if !deleting && !has_finalizer {
-        add_finalizer(&policy_api, &current).await?;
+    let fin_key = format!("finalizer/{ns}/{name}");
+    let cached_rv = current.meta().resource_version.as_deref();
+    // A second trigger can arrive before the cache shows the finalizer we just added.
+    if !deleting && !has_finalizer && !ctx.shared.already_written(&fin_key, 1, cached_rv) {
+        let written = add_finalizer(&policy_api, &current).await?;
+        ctx.shared.remember(fin_key, 1, written);
     }
 
     render_and_apply(&ns, ctx).await?;
@@ -424,7 +421,7 @@ async fn patch_status(
     }
 }
 
-async fn add_finalizer(api: &Api<Policy>, obj: &Policy) -> Result<(), Error> {
+async fn add_finalizer(api: &Api<Policy>, obj: &Policy) -> Result<Option<String>, Error> {
     // `test` makes the patch fail, not clobber, if someone else changed the list meanwhile.
     let ops = match &obj.meta().finalizers {
         None => json!([
@@ -439,9 +436,9 @@ async fn add_finalizer(api: &Api<Policy>, obj: &Policy) -> Result<(), Error> {
     json_patch_policy(api, obj, ops, "add_finalizer").await
 }
 
-async fn remove_finalizer(api: &Api<Policy>, obj: &Policy) -> Result<(), Error> {
+async fn remove_finalizer(api: &Api<Policy>, obj: &Policy) -> Result<Option<String>, Error> {
     let Some(i) = obj.finalizers().iter().position(|f| f == FINALIZER) else {
-        return Ok(());
+        return Ok(None);
     };
     let ops = json!([
         {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER},
@@ -455,15 +452,15 @@ async fn json_patch_policy(
     obj: &Policy,
     ops: serde_json::Value,
     action: &'static str,
-) -> Result<(), Error> {
+) -> Result<Option<String>, Error> {
     let name = obj.name_any();
     let patch: json_patch::Patch = serde_json::from_value(ops).expect("valid JSON patch");
     match api
         .patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
         .await
     {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 && action == "remove_finalizer" => Ok(()),
+        Ok(obj) => Ok(obj.meta().resource_version.clone()),
+        Err(kube::Error::Api(s)) if s.code == 404 && action == "remove_finalizer" => Ok(None),
         Err(source) => Err(Error::Kube {
             action,
             target: format!(

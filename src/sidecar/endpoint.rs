@@ -156,6 +156,13 @@ impl Endpoint {
         &self.pools[i]
     }
 
+    /// Closes pooled connections idle for longer than `poolIdle`, on every worker's pool.
+    pub fn purge_idle_connections(&self) {
+        for p in self.pools.iter() {
+            p.purge();
+        }
+    }
+
     pub fn set_pool_config(&self, cfg: PoolConfig) {
         for p in self.pools.iter() {
             p.set_config(cfg);

@@ -159,6 +159,17 @@ impl Pool {
         self.put(tx);
     }
 
+    /// Closes connections idle for `poolIdle` (and forgets closed ones), so idle sockets do not
+    /// linger until the upstream closes them. Run periodically by the sidecar.
+    pub fn purge(&self) {
+        let idle_timeout = self.config().idle_timeout;
+        let now = Instant::now();
+        self.inner
+            .idle
+            .lock()
+            .retain(|c| !c.tx.is_closed() && now.saturating_duration_since(c.since) < idle_timeout);
+    }
+
     fn put(&self, tx: Sender) {
         let cfg = self.config();
         let mut idle = self.inner.idle.lock();

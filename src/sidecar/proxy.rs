@@ -350,6 +350,7 @@ async fn attempt(
     mode: Mode,
     until: Instant,
 ) -> Attempt {
+    let window = until.saturating_duration_since(Instant::now());
     let guard = ep.start_request();
     let connecting = async {
         match mode {
@@ -385,6 +386,17 @@ async fn attempt(
             }
         }
     };
+    if Instant::now() >= until {
+        // Connecting used the whole window: nothing was sent, the body is still ours.
+        return Attempt::Failed {
+            err: AttemptError::new(
+                Cause::ConnectionTimeout,
+                Reach::NotSent,
+                "connect: the attempt's time ran out while connecting",
+            ),
+            body: Some(body),
+        };
+    }
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = parts.uri.clone();
@@ -395,7 +407,6 @@ async fn attempt(
             req.headers_mut().insert(header::HOST, v);
         }
     }
-    let started = Instant::now();
     match tokio::time::timeout_at(until, conn.tx.try_send_request(req)).await {
         Ok(Ok(resp)) => Attempt::Response {
             resp,
@@ -414,10 +425,7 @@ async fn attempt(
             err: AttemptError::new(
                 Cause::HttpResponseTimeout,
                 Reach::MaybeProcessed,
-                format!(
-                    "no response headers within {}",
-                    fmt_dur(until.saturating_duration_since(started))
-                ),
+                format!("no response headers within {}", fmt_dur(window)),
             ),
             body: None,
         },

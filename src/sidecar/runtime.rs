@@ -166,6 +166,7 @@ impl Sidecar {
             conns: ConnTracker::default(),
         });
         let admin_task = tokio::spawn(admin::serve(admin_listener, shared.clone()));
+        tokio::spawn(reap_idle_connections(Arc::downgrade(&shared)));
         Ok(SidecarHandle {
             shared,
             admin_addr,
@@ -455,6 +456,26 @@ impl Shared {
                 health::spawn(up.name.clone(), ep.clone(), hc.clone(), up.metrics.clone())
             {
                 l.checkers.insert(ep.addr, (ep.clone(), t));
+            }
+        }
+    }
+}
+
+/// Closes idle upstream connections after `poolIdle` even when no request comes to reuse them.
+async fn reap_idle_connections(shared: std::sync::Weak<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if *shared.stop_accepting.borrow() {
+            return;
+        }
+        for (_, _, slot) in shared.view.load().upstreams.iter() {
+            for ep in slot.load().endpoints.iter() {
+                ep.purge_idle_connections();
             }
         }
     }

@@ -247,6 +247,31 @@ impl ApiServer {
             .collect()
     }
 
+    /// Counts objects of `resource` matching `f`, without copying them.
+    pub fn count(&self, resource: &str, f: impl Fn(&Value) -> bool) -> usize {
+        let st = self.state.lock();
+        st.objects
+            .iter()
+            .filter(|(k, v)| k.resource == resource && f(v))
+            .count()
+    }
+
+    /// Applies `f` to one object without copying the whole store.
+    pub fn inspect<T>(
+        &self,
+        resource: &str,
+        namespace: &str,
+        name: &str,
+        f: impl FnOnce(Option<&Value>) -> T,
+    ) -> T {
+        let key = Key {
+            resource: resource.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        f(self.state.lock().objects.get(&key))
+    }
+
     /// Every logged request so far.
     pub fn requests(&self) -> Vec<Record> {
         self.state.lock().log.clone()
