@@ -1,0 +1,86 @@
+//! The CRD as users get it: `detour crd`, the committed YAML, and (with kubernetes-validate
+//! installed) validation of the CRD and of sample policies against its schema.
+
+use std::process::Command;
+
+const CRD: &str = "crds/upstreampolicies.detour.dev.yaml";
+const CHART_CRD: &str = "charts/detour/crds/upstreampolicies.detour.dev.yaml";
+
+fn root() -> &'static str {
+    env!("CARGO_MANIFEST_DIR")
+}
+
+#[test]
+fn detour_crd_prints_the_committed_yaml() {
+    let out = Command::new(env!("CARGO_BIN_EXE_detour"))
+        .arg("crd")
+        .output()
+        .expect("run detour crd");
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    for path in [CRD, CHART_CRD] {
+        let committed = std::fs::read_to_string(format!("{}/{path}", root())).unwrap();
+        assert!(
+            printed == committed,
+            "{path} is stale: run `cargo run -q -- crd > {path}`"
+        );
+    }
+}
+
+/// `pip install kubernetes-validate==1.37.0`; runs offline.
+#[test]
+#[ignore = "needs kubernetes-validate==1.37.0 (pip) and python3"]
+fn crd_passes_kubernetes_validate_and_its_schema_refuses_bad_policies() {
+    for path in [CRD, CHART_CRD] {
+        let out = Command::new("kubernetes-validate")
+            .args(["--strict", "-k", "1.33.0"])
+            .arg(format!("{}/{path}", root()))
+            .output()
+            .expect("kubernetes-validate on PATH");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.contains("passed"), "{text}");
+    }
+    // The openAPIV3Schema as JSON Schema (python-jsonschema comes with kubernetes-validate):
+    // bounds, patterns and enums refuse bad input and name the field. CEL rules need a real API
+    // server (tests/operator_cluster.rs).
+    let script = r#"
+import sys, json, yaml, jsonschema
+crd = yaml.safe_load(open(sys.argv[1]))
+schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+v = jsonschema.Draft7Validator(schema)
+def policy(**spec):
+    base = {"upstream": {"service": "pay", "port": "http"}, "listener": {"port": 18080}}
+    base.update(spec)
+    return {"apiVersion": "detour.dev/v1alpha1", "kind": "UpstreamPolicy", "metadata": {"name": "p"}, "spec": base}
+cases = {
+    "ok": policy(retries={"attempts": 3, "perTryTimeout": "250ms"}, timeouts={"request": "5s"}),
+    "spec.retries.attempts": policy(retries={"attempts": 11}),
+    "spec.retries.perTryTimeout": policy(retries={"perTryTimeout": "5 seconds"}),
+    "spec.listener.port": policy(listener={"port": 80}),
+    "spec.healthCheck.healthyThreshold": policy(healthCheck={"healthyThreshold": 0}),
+    "spec.outlierDetection.maxEjectionPercent": policy(outlierDetection={"maxEjectionPercent": 101}),
+    "spec.healthCheck.protocol": policy(healthCheck={"protocol": "grpc"}),
+    "spec.upstream.service": policy(upstream={"service": "Pay_Svc", "port": 80}),
+    "spec.panicThreshold": policy(panicThreshold=150),
+}
+for want, doc in cases.items():
+    errs = list(v.iter_errors(doc))
+    paths = [".".join(str(p) for p in e.absolute_path) for e in errs]
+    if want == "ok":
+        assert not errs, [e.message for e in errs]
+    else:
+        assert want in paths, (want, paths)
+    print(want, "->", paths)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &format!("{}/{CRD}", root())])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
