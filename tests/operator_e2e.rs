@@ -492,3 +492,30 @@ async fn many_namespaces_converge_together() {
     .await;
     op.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_or_deleted_config_map_is_repaired() {
+    let server = ApiServer::new();
+    seed(&server);
+    let op = Operator::start(server.client(), options()).await.unwrap();
+    let (want, _) = eventually(T, "rendered", || {
+        config_of(&server, "shop").filter(|(c, _)| c.upstreams.len() == 2)
+    })
+    .await;
+    // Someone edits it by hand.
+    let mut cm = server.get(CONFIG_MAPS, "shop", "detour-config").unwrap();
+    cm["data"]["config.yaml"] = json!("apiVersion: detour.dev/v1alpha1\nkind: SidecarConfig\n");
+    cm["metadata"]["annotations"]["detour.dev/config-hash"] = json!("0000000000000000");
+    server.put(cm);
+    eventually(T, "edit reverted", || {
+        config_of(&server, "shop").filter(|(c, _)| *c == want)
+    })
+    .await;
+    // Someone deletes it.
+    assert!(server.delete(CONFIG_MAPS, "shop", "detour-config"));
+    eventually(T, "re-created", || {
+        config_of(&server, "shop").filter(|(c, _)| *c == want)
+    })
+    .await;
+    op.shutdown().await.unwrap();
+}

@@ -428,6 +428,9 @@ fn scope(
             // Our own write coming back: nothing to repair. A deleted one is gone from the
             // store by the time the mapper sees it.
             let still_there = cms.get(&ObjectRef::from_obj(&cm)).is_some();
+            if !still_there {
+                own.forget_config(ns.as_deref().unwrap_or_default());
+            }
             let hash = cm.annotations().get(reconcile::HASH_ANNOTATION);
             if still_there
                 && hash.is_some_and(|h| own.is_own_config(ns.as_deref().unwrap_or_default(), h))

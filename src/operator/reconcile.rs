@@ -154,6 +154,12 @@ impl Shared {
         self.applied.lock().get(ns).is_some_and(|h| h == hash)
     }
 
+    /// The rendered ConfigMap of `ns` was deleted: forget writing it, so it is written again.
+    pub fn forget_config(&self, ns: &str) {
+        self.written.lock().remove(&format!("configmap/{ns}"));
+        self.applied.lock().remove(ns);
+    }
+
     fn remember(&self, key: String, value: u64, rv: Option<String>) {
         self.written.lock().insert(key, (value, rv));
     }
