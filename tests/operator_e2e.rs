@@ -519,3 +519,51 @@ async fn an_edited_or_deleted_config_map_is_repaired() {
     .await;
     op.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_churn_is_debounced_and_the_last_state_wins() {
+    let server = ApiServer::new();
+    seed(&server);
+    let op = Operator::start(
+        server.client(),
+        Options {
+            debounce: Duration::from_millis(200),
+            ..options()
+        },
+    )
+    .await
+    .unwrap();
+    eventually(T, "rendered", || config_of(&server, "shop")).await;
+    eventually(T, "ready", || op.is_ready().then_some(())).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.clear_log();
+    let ips: Vec<String> = (1..=20).map(|i| format!("10.9.0.{i}")).collect();
+    for ip in &ips {
+        server.put(slice(
+            "shop",
+            "pay-abc",
+            "pay",
+            "http",
+            8080,
+            &[(ip.as_str(), true, true, false)],
+        ));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eventually(T, "the last endpoint set", || {
+        let (cfg, _) = config_of(&server, "shop")?;
+        let pay = cfg.upstreams.iter().find(|u| u.name == "shop/pay")?;
+        (pay.endpoints.len() == 1 && pay.endpoints[0].address == "10.9.0.20:8080").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cm_writes = server
+        .writes()
+        .iter()
+        .filter(|r| r.path.ends_with("/configmaps/detour-config"))
+        .count();
+    assert!(
+        (1..=10).contains(&cm_writes),
+        "{cm_writes} ConfigMap writes for 20 changes"
+    );
+    op.shutdown().await.unwrap();
+}

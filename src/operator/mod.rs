@@ -480,3 +480,46 @@ fn using_service(
         .map(|p| ObjectRef::from_obj(&**p))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn flags_become_options() {
+        let cli = Cli::parse_from([
+            "detour",
+            "--namespaces",
+            "shop,pay",
+            "--leader-election=false",
+            "--debounce",
+            "250ms",
+            "--admin",
+            "127.0.0.1:0",
+        ]);
+        let o = Options::from(cli.args);
+        assert_eq!(o.namespaces, vec!["shop", "pay"]);
+        assert!(o.leader_election.is_none());
+        assert_eq!(o.debounce, Duration::from_millis(250));
+
+        let o = Options::from(Cli::parse_from(["detour", "--identity", "pod-1"]).args);
+        assert!(o.namespaces.is_empty(), "all namespaces by default");
+        let lease = o.leader_election.expect("leader election by default");
+        assert_eq!(
+            (
+                lease.namespace.as_str(),
+                lease.name.as_str(),
+                lease.identity.as_str()
+            ),
+            ("detour-system", "detour-operator", "pod-1")
+        );
+        assert!(Cli::try_parse_from(["detour", "--debounce", "soon"]).is_err());
+    }
+}
