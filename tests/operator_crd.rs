@@ -84,3 +84,79 @@ for want, doc in cases.items():
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The CEL rules in the CRD, evaluated offline with kube's client-side CEL (schema defaults
+/// applied first, as the API server does), agree with the Rust validation of config files.
+#[test]
+fn cel_rules_refuse_what_rust_validation_refuses() {
+    use detour::{api::UpstreamPolicySpec, config::FieldErrors};
+    use kube::core::cel::Validator;
+    use serde_json::{json, Value};
+
+    let crd = serde_json::to_value(detour::api::crd()).unwrap();
+    let schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone();
+    let doc = |spec: Value| -> Value {
+        let mut base =
+            json!({"upstream": {"service": "pay", "port": 80}, "listener": {"port": 18080}});
+        for (k, v) in spec.as_object().unwrap() {
+            base[k] = v.clone();
+        }
+        json!({"apiVersion": "detour.dev/v1alpha1", "kind": "UpstreamPolicy", "metadata": {"name": "p"}, "spec": base})
+    };
+    let cases = [
+        (json!({}), None),
+        (
+            json!({"retries": {"perTryTimeout": "250ms"}, "timeouts": {"request": "1s"}}),
+            None,
+        ),
+        (
+            json!({"retries": {"perTryTimeout": "20s"}}),
+            Some((
+                "retries.perTryTimeout",
+                "retries.perTryTimeout must not exceed timeouts.request",
+            )),
+        ),
+        (
+            json!({"healthCheck": {"timeout": "3s"}}),
+            Some(("healthCheck.timeout", "timeout must not exceed interval")),
+        ),
+        (
+            json!({"outlierDetection": {"baseEjectionTime": "10m"}}),
+            Some((
+                "outlierDetection.baseEjectionTime",
+                "baseEjectionTime must not exceed maxEjectionTime",
+            )),
+        ),
+        (
+            json!({"timeouts": {"connect": "20s"}}),
+            Some(("timeouts.connect", "connect must not exceed request")),
+        ),
+    ];
+    let validator = Validator::new();
+    for (spec, want) in cases {
+        let obj = doc(spec.clone());
+        let cel = validator.validate(&schema, &obj, None);
+        let parsed: UpstreamPolicySpec = serde_json::from_value(obj["spec"].clone()).unwrap();
+        let mut rust = FieldErrors::default();
+        parsed.policy.validate("spec", &mut rust);
+        match want {
+            None => {
+                assert!(cel.is_ok(), "{spec}: {:?}", cel.unwrap_err());
+                assert!(rust.is_empty(), "{spec}: {rust}");
+            }
+            Some((field, message)) => {
+                let errs = cel.expect_err(&format!("CEL accepted {spec}")).into_vec();
+                assert!(
+                    errs.iter()
+                        .any(|e| e.message.contains(message) && e.field_path.contains(field)),
+                    "{spec}: {errs:?}"
+                );
+                let rust = rust.to_string();
+                assert!(
+                    rust.contains(&format!("spec.{field}: ")),
+                    "Rust misses {field}: {rust}"
+                );
+            }
+        }
+    }
+}
