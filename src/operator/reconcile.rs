@@ -154,6 +154,13 @@ impl Shared {
         self.applied.lock().get(ns).is_some_and(|h| h == hash)
     }
 
+    /// A policy is gone: drop what was remembered about writing it.
+    fn forget_policy(&self, ns: &str, name: &str) {
+        let mut w = self.written.lock();
+        w.remove(&format!("status/{ns}/{name}"));
+        w.remove(&format!("finalizer/{ns}/{name}"));
+    }
+
     /// The rendered ConfigMap of `ns` was deleted: forget writing it, so it is written again.
     pub fn forget_config(&self, ns: &str) {
         self.written.lock().remove(&format!("configmap/{ns}"));
@@ -233,6 +240,7 @@ async fn reconcile_inner(obj: &Policy, ctx: &Context) -> Result<Action, Error> {
 
     if deleting {
         remove_finalizer(&policy_api, &current).await?;
+        ctx.shared.forget_policy(&ns, &name);
         ctx.shared
             .metrics
             .policy_conditions(&format!("{ns}/{name}"), None);
