@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use detour::{
     config::{Config, EndpointState},
-    operator::{Operator, Options},
+    operator::{LeaseOptions, Operator, Options},
 };
 use serde_json::{json, Value};
 use support::*;
@@ -360,5 +360,210 @@ async fn watched_namespaces_limit_the_scope() {
         .unwrap()
         .get("status")
         .is_none());
+    op.shutdown().await.unwrap();
+}
+
+fn leader_options(identity: &str) -> Options {
+    Options {
+        leader_election: Some(LeaseOptions {
+            namespace: "detour-system".into(),
+            name: "detour-operator".into(),
+            identity: identity.into(),
+            duration: 3,
+            grace: 1,
+        }),
+        ..options()
+    }
+}
+
+fn reconciles(op: &Operator) -> u64 {
+    op.metrics_text()
+        .lines()
+        .filter(|l| l.starts_with("detour_operator_reconciles_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_writes_and_a_standby_takes_over() {
+    let server = ApiServer::new();
+    seed(&server);
+    let a = Operator::start(server.client(), leader_options("replica-a"))
+        .await
+        .unwrap();
+    eventually(T, "replica-a leads and is ready", || {
+        a.is_ready().then_some(())
+    })
+    .await;
+    let b = Operator::start(server.client(), leader_options("replica-b"))
+        .await
+        .unwrap();
+    eventually(T, "pay rendered by the leader", || {
+        config_of(&server, "shop")
+    })
+    .await;
+    let lease = server
+        .get(
+            "coordination.k8s.io/v1/leases",
+            "detour-system",
+            "detour-operator",
+        )
+        .expect("the Lease exists");
+    assert_eq!(lease["spec"]["holderIdentity"], "replica-a");
+    // The standby stays out: not ready, no reconciles, across several renewals.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!b.is_ready());
+    assert_eq!(reconciles(&b), 0);
+    assert!(b.metrics_text().contains("detour_operator_leader 0"));
+    assert!(a.metrics_text().contains("detour_operator_leader 1"));
+    let (code, body) = http_get(b.admin_addr(), "/ready").await;
+    assert_eq!((code, body.as_str()), (503, "not ready: not the leader\n"));
+
+    // The leader stops and releases the Lease: the standby takes over and follows changes.
+    a.shutdown().await.unwrap();
+    eventually(Duration::from_secs(15), "replica-b leads", || {
+        b.is_ready().then_some(())
+    })
+    .await;
+    server.put(slice(
+        "shop",
+        "pay-abc",
+        "pay",
+        "http",
+        8080,
+        &[("10.0.0.9", true, true, false)],
+    ));
+    eventually(T, "replica-b renders the change", || {
+        let (cfg, _) = config_of(&server, "shop")?;
+        let pay = cfg.upstreams.iter().find(|u| u.name == "shop/pay")?;
+        (pay.endpoints.len() == 1 && pay.endpoints[0].address == "10.0.0.9:8080").then_some(())
+    })
+    .await;
+    let lease = server
+        .get(
+            "coordination.k8s.io/v1/leases",
+            "detour-system",
+            "detour-operator",
+        )
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "replica-b");
+    b.shutdown().await.unwrap();
+}
+
+/// Many reconciles start before the caches are synced; every one of them must get going once
+/// they are (kube's `Store::wait_until_ready` wakes only one of several waiters).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_namespaces_converge_together() {
+    let server = ApiServer::new();
+    for n in 0..30 {
+        let ns = format!("ns-{n}");
+        for s in 0..3 {
+            let svc = format!("svc-{s}");
+            server.put(service(&ns, &svc, &[("http", 80)]));
+            let ip = format!("10.{n}.{s}.1");
+            server.put(slice(
+                &ns,
+                &format!("{svc}-1"),
+                &svc,
+                "http",
+                8080,
+                &[(ip.as_str(), true, true, false)],
+            ));
+            server.put(policy(
+                &ns,
+                &format!("p-{s}"),
+                &svc,
+                json!("http"),
+                20000 + s,
+            ));
+        }
+    }
+    let op = Operator::start(server.client(), options()).await.unwrap();
+    eventually(Duration::from_secs(20), "90 policies Ready", || {
+        (server.count(POLICIES, |p| {
+            condition(p, "Ready") == Some(("True".into(), "Ready".into()))
+        }) == 90)
+            .then_some(())
+    })
+    .await;
+    eventually(T, "30 ConfigMaps", || {
+        (server.count(CONFIG_MAPS, |_| true) == 30).then_some(())
+    })
+    .await;
+    op.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_or_deleted_config_map_is_repaired() {
+    let server = ApiServer::new();
+    seed(&server);
+    let op = Operator::start(server.client(), options()).await.unwrap();
+    let (want, _) = eventually(T, "rendered", || {
+        config_of(&server, "shop").filter(|(c, _)| c.upstreams.len() == 2)
+    })
+    .await;
+    // Someone edits it by hand.
+    let mut cm = server.get(CONFIG_MAPS, "shop", "detour-config").unwrap();
+    cm["data"]["config.yaml"] = json!("apiVersion: detour.dev/v1alpha1\nkind: SidecarConfig\n");
+    cm["metadata"]["annotations"]["detour.dev/config-hash"] = json!("0000000000000000");
+    server.put(cm);
+    eventually(T, "edit reverted", || {
+        config_of(&server, "shop").filter(|(c, _)| *c == want)
+    })
+    .await;
+    // Someone deletes it.
+    assert!(server.delete(CONFIG_MAPS, "shop", "detour-config"));
+    eventually(T, "re-created", || {
+        config_of(&server, "shop").filter(|(c, _)| *c == want)
+    })
+    .await;
+    op.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_churn_is_debounced_and_the_last_state_wins() {
+    let server = ApiServer::new();
+    seed(&server);
+    let op = Operator::start(
+        server.client(),
+        Options {
+            debounce: Duration::from_millis(200),
+            ..options()
+        },
+    )
+    .await
+    .unwrap();
+    eventually(T, "rendered", || config_of(&server, "shop")).await;
+    eventually(T, "ready", || op.is_ready().then_some(())).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.clear_log();
+    let ips: Vec<String> = (1..=20).map(|i| format!("10.9.0.{i}")).collect();
+    for ip in &ips {
+        server.put(slice(
+            "shop",
+            "pay-abc",
+            "pay",
+            "http",
+            8080,
+            &[(ip.as_str(), true, true, false)],
+        ));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eventually(T, "the last endpoint set", || {
+        let (cfg, _) = config_of(&server, "shop")?;
+        let pay = cfg.upstreams.iter().find(|u| u.name == "shop/pay")?;
+        (pay.endpoints.len() == 1 && pay.endpoints[0].address == "10.9.0.20:8080").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cm_writes = server
+        .writes()
+        .iter()
+        .filter(|r| r.path.ends_with("/configmaps/detour-config"))
+        .count();
+    assert!(
+        (1..=10).contains(&cm_writes),
+        "{cm_writes} ConfigMap writes for 20 changes"
+    );
     op.shutdown().await.unwrap();
 }

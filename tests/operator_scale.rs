@@ -182,6 +182,13 @@ async fn scale() {
         server.put(slice_of(&ns, &svc, &endpoints(n_eps, n, s, None)));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    if std::env::var_os("DETOUR_BENCH_VERBOSE").is_some() {
+        let ms: Vec<u64> = latencies.iter().map(|s| (s * 1000.0) as u64).collect();
+        eprintln!("propagation in order (ms): {ms:?}");
+        if let Ok(m) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            let _ = m;
+        }
+    }
     latencies.sort_by(f64::total_cmp);
     let peak = rss_kib(pid, "VmHWM:");
     let rss_end = rss_kib(pid, "VmRSS:");

@@ -25,7 +25,7 @@ use kube::{
     runtime::{
         controller::{self, Controller},
         reflector::{self, ObjectRef, Store},
-        watcher, WatchStreamExt,
+        watcher, PredicateConfig, WatchStreamExt,
     },
     Api, Client, Resource, ResourceExt,
 };
@@ -346,9 +346,16 @@ fn scope(
     future::BoxFuture<'static, ()>,
 ) {
     let wc = watcher::Config::default();
-    let controller = Controller::new(api::<Policy>(&client, &ns), wc.clone())
+    // Our own status writes and finalizer patches come back as watch events; only spec,
+    // deletion and re-creation need a reconcile.
+    let (policies, w) = reflector::store::<Policy>();
+    let policy_stream = watcher(api::<Policy>(&client, &ns), wc.clone())
+        .default_backoff()
+        .reflect(w)
+        .applied_objects()
+        .predicate_filter(worth_reconciling, PredicateConfig::default());
+    let controller = Controller::for_stream(policy_stream, policies.clone())
         .with_config(controller::Config::default().debounce(debounce));
-    let policies = controller.store();
 
     let (services, w) = reflector::store::<Service>();
     let svc_stream = watcher(api::<Service>(&client, &ns), wc.clone())
@@ -393,6 +400,8 @@ fn scope(
             let _ = synced_tx.send(true);
         }
     };
+    let own = shared.clone();
+    let cms = config_maps.clone();
     let ctx = Arc::new(Context {
         client,
         policies: policies.clone(),
@@ -416,6 +425,18 @@ fn scope(
         // Someone edited or deleted the rendered ConfigMap: render the namespace again.
         .watches_stream(cm_stream, move |cm: ConfigMap| {
             let ns = cm.namespace();
+            // Our own write coming back: nothing to repair. A deleted one is gone from the
+            // store by the time the mapper sees it.
+            let still_there = cms.get(&ObjectRef::from_obj(&cm)).is_some();
+            if !still_there {
+                own.forget_config(ns.as_deref().unwrap_or_default());
+            }
+            let hash = cm.annotations().get(reconcile::HASH_ANNOTATION);
+            if still_there
+                && hash.is_some_and(|h| own.is_own_config(ns.as_deref().unwrap_or_default(), h))
+            {
+                return Vec::new();
+            }
             p3.state()
                 .iter()
                 .filter(|p| p.namespace() == ns)
@@ -434,6 +455,15 @@ fn scope(
     (run, sync.boxed())
 }
 
+/// Changes that need a reconcile: spec (generation), deletion, re-creation (uid).
+fn worth_reconciling(p: &Policy) -> Option<u64> {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let m = p.meta();
+    let mut h = DefaultHasher::new();
+    (m.generation, m.deletion_timestamp.is_some(), &m.uid).hash(&mut h);
+    Some(h.finish())
+}
+
 /// A policy of `ns` whose upstream is Service `name`.
 fn using_service(
     policies: &Store<Policy>,
@@ -449,4 +479,47 @@ fn using_service(
         .take(1)
         .map(|p| ObjectRef::from_obj(&**p))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn flags_become_options() {
+        let cli = Cli::parse_from([
+            "detour",
+            "--namespaces",
+            "shop,pay",
+            "--leader-election=false",
+            "--debounce",
+            "250ms",
+            "--admin",
+            "127.0.0.1:0",
+        ]);
+        let o = Options::from(cli.args);
+        assert_eq!(o.namespaces, vec!["shop", "pay"]);
+        assert!(o.leader_election.is_none());
+        assert_eq!(o.debounce, Duration::from_millis(250));
+
+        let o = Options::from(Cli::parse_from(["detour", "--identity", "pod-1"]).args);
+        assert!(o.namespaces.is_empty(), "all namespaces by default");
+        let lease = o.leader_election.expect("leader election by default");
+        assert_eq!(
+            (
+                lease.namespace.as_str(),
+                lease.name.as_str(),
+                lease.identity.as_str()
+            ),
+            ("detour-system", "detour-operator", "pod-1")
+        );
+        assert!(Cli::try_parse_from(["detour", "--debounce", "soon"]).is_err());
+    }
 }

@@ -100,6 +100,8 @@ pub struct Shared {
     /// Until the cache reaches that version it may show the old state, and the write must not
     /// be repeated.
     written: Mutex<HashMap<String, (u64, Option<String>)>>,
+    /// Config hash last applied per namespace, to recognise our own ConfigMap writes.
+    applied: Mutex<HashMap<String, String>>,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<ObjectRef<Policy>, u32>>,
 }
@@ -117,6 +119,7 @@ impl Shared {
             recorder: Recorder::new(client, reporter),
             locks: Mutex::default(),
             written: Mutex::default(),
+            applied: Mutex::default(),
             failures: Mutex::default(),
         }
     }
@@ -144,6 +147,24 @@ impl Shared {
                 _ => c != w,
             },
         }
+    }
+
+    /// True when `hash` is what this operator last applied in `ns`.
+    pub fn is_own_config(&self, ns: &str, hash: &str) -> bool {
+        self.applied.lock().get(ns).is_some_and(|h| h == hash)
+    }
+
+    /// A policy is gone: drop what was remembered about writing it.
+    fn forget_policy(&self, ns: &str, name: &str) {
+        let mut w = self.written.lock();
+        w.remove(&format!("status/{ns}/{name}"));
+        w.remove(&format!("finalizer/{ns}/{name}"));
+    }
+
+    /// The rendered ConfigMap of `ns` was deleted: forget writing it, so it is written again.
+    pub fn forget_config(&self, ns: &str) {
+        self.written.lock().remove(&format!("configmap/{ns}"));
+        self.applied.lock().remove(ns);
     }
 
     fn remember(&self, key: String, value: u64, rv: Option<String>) {
@@ -219,6 +240,7 @@ async fn reconcile_inner(obj: &Policy, ctx: &Context) -> Result<Action, Error> {
 
     if deleting {
         remove_finalizer(&policy_api, &current).await?;
+        ctx.shared.forget_policy(&ns, &name);
         ctx.shared
             .metrics
             .policy_conditions(&format!("{ns}/{name}"), None);
@@ -350,6 +372,10 @@ async fn apply_config_map(
             && c.labels().get(MANAGED_BY.0).map(String::as_str) == Some(MANAGED_BY.1)
     });
     let value = hash_of(&yaml);
+    ctx.shared
+        .applied
+        .lock()
+        .insert(ns.to_string(), hash.to_string());
     if up_to_date || ctx.shared.already_written(&key, value, rv) {
         ctx.shared.metrics.rendered("unchanged");
         return Ok(());

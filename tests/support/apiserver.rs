@@ -78,6 +78,10 @@ struct State {
     watchers: Vec<Watcher>,
     log: Vec<Record>,
     log_requests: bool,
+    /// Server-side apply field ownership: leaf path (`.spec.holderIdentity`) → manager.
+    owners: BTreeMap<Key, BTreeMap<String, String>>,
+    /// `fieldManager` of the request being served.
+    manager: String,
 }
 
 /// The server. Cheap to clone; all clones share state.
@@ -190,6 +194,7 @@ impl ApiServer {
             name,
         };
         let mut st = self.state.lock();
+        st.manager = "kubectl".into();
         let current = st.objects.get(&key).cloned();
         match current {
             None => st.create(&key, obj).expect("create"),
@@ -392,6 +397,10 @@ impl State {
         body: Value,
     ) -> ApiResult<Reply> {
         let r = parse_path(path).ok_or((404, "NotFound", format!("no route {path}")))?;
+        self.manager = query
+            .get("fieldManager")
+            .cloned()
+            .unwrap_or_else(|| "unknown".into());
         match (method.as_str(), &r.name) {
             ("GET", None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
                 self.watch(&r, query).map(Reply::Watch)
@@ -480,6 +489,10 @@ impl State {
             return Err(not_found(&key));
         };
         check_rv(&cur, &body)?;
+        let force = query.get("force").is_some_and(|f| f == "true");
+        if apply && !force && !r.status {
+            self.check_ownership(&key, &cur, &body)?;
+        }
         let mut next = cur.clone();
         if ct.starts_with("application/json-patch") {
             let ops = body.as_array().cloned().unwrap_or_default();
@@ -619,6 +632,7 @@ impl State {
             obj.as_object_mut().unwrap().remove("status");
         }
         self.objects.insert(key.clone(), obj.clone());
+        self.own(key, &Value::Null, &obj);
         self.emit(rv, key, "ADDED", obj.clone());
         Ok(obj)
     }
@@ -639,7 +653,9 @@ impl State {
             next["metadata"]["generation"] = json!(g + 1);
         }
         next["metadata"]["resourceVersion"] = json!(rv.to_string());
+        self.own(key, &cur, &next);
         if deleting && !finalizers {
+            self.owners.remove(key);
             self.objects.remove(key);
             self.emit(rv, key, "DELETED", next.clone());
             return (next, true);
@@ -670,10 +686,49 @@ impl State {
             return Ok(self.store(key, cur, next).0);
         }
         let rv = self.next_rv();
+        self.owners.remove(key);
         let mut gone = self.objects.remove(key).expect("present");
         gone["metadata"]["resourceVersion"] = json!(rv.to_string());
         self.emit(rv, key, "DELETED", gone.clone());
         Ok(gone)
+    }
+
+    /// A non-forced apply may not change a field another manager owns (409, as on a server).
+    fn check_ownership(&self, key: &Key, cur: &Value, body: &Value) -> ApiResult<()> {
+        let owners = self.owners.get(key);
+        let current = leaves(cur);
+        let mut conflicts = Vec::new();
+        for (path, value) in leaves(body) {
+            let owner = owners.and_then(|o| o.get(&path));
+            if owner.is_some_and(|o| *o != self.manager) && current.get(&path) != Some(&value) {
+                conflicts.push(format!("conflict with {:?}: {path}", owner.unwrap()));
+            }
+        }
+        if conflicts.is_empty() {
+            Ok(())
+        } else {
+            Err((
+                409,
+                "Conflict",
+                format!(
+                    "Apply failed with {} conflict(s): {}",
+                    conflicts.len(),
+                    conflicts.join(", ")
+                ),
+            ))
+        }
+    }
+
+    /// The request's manager takes the fields it set or changed; removed fields lose owners.
+    fn own(&mut self, key: &Key, before: &Value, after: &Value) {
+        let (old, new) = (leaves(before), leaves(after));
+        let owners = self.owners.entry(key.clone()).or_default();
+        owners.retain(|p, _| new.contains_key(p));
+        for (path, v) in new {
+            if old.get(&path) != Some(&v) || !owners.contains_key(&path) {
+                owners.insert(path, self.manager.clone());
+            }
+        }
     }
 
     fn emit(&mut self, rv: u64, key: &Key, type_: &'static str, object: Value) {
@@ -860,6 +915,39 @@ fn key_of(obj: &Value) -> (String, String, String) {
             .to_string(),
         obj["metadata"]["name"].as_str().expect("name").to_string(),
     )
+}
+
+/// Leaf fields of an object (arrays are leaves), without server-owned metadata.
+fn leaves(v: &Value) -> BTreeMap<String, Value> {
+    fn walk(v: &Value, path: String, out: &mut BTreeMap<String, Value>) {
+        match v {
+            Value::Object(m) if !m.is_empty() => {
+                for (k, c) in m {
+                    walk(c, format!("{path}.{k}"), out);
+                }
+            }
+            Value::Null => {}
+            _ => {
+                out.insert(path, v.clone());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(v, String::new(), &mut out);
+    for p in [
+        ".apiVersion",
+        ".kind",
+        ".metadata.name",
+        ".metadata.namespace",
+        ".metadata.resourceVersion",
+        ".metadata.uid",
+        ".metadata.generation",
+        ".metadata.creationTimestamp",
+        ".metadata.managedFields",
+    ] {
+        out.remove(p);
+    }
+    out
 }
 
 fn has_status_subresource(resource: &str) -> bool {
