@@ -567,3 +567,130 @@ async fn endpoint_churn_is_debounced_and_the_last_state_wins() {
     );
     op.shutdown().await.unwrap();
 }
+
+/// A policy can vanish without our finalizer (deleted before its first reconcile, or the
+/// finalizer removed by hand): it still leaves the config, and the last one takes the ConfigMap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_gone_without_our_finalizer_leaves_the_config() {
+    let server = ApiServer::new();
+    seed(&server);
+    let op = Operator::start(server.client(), options()).await.unwrap();
+    eventually(T, "two upstreams, both finalized", || {
+        let both = ["pay", "ghost"].iter().all(|n| {
+            server.get(POLICIES, "shop", n).is_some_and(|p| {
+                p["metadata"]["finalizers"] == json!(["detour.dev/config"])
+                    && condition(&p, "Ready").is_some()
+            })
+        });
+        config_of(&server, "shop").filter(|(c, _)| both && c.upstreams.len() == 2)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    assert!(server.set_finalizers(POLICIES, "shop", "ghost", &[]));
+    assert!(server.delete(POLICIES, "shop", "ghost"));
+    assert!(server.get(POLICIES, "shop", "ghost").is_none());
+    eventually(T, "ghost out of the config", || {
+        let (cfg, _) = config_of(&server, "shop")?;
+        let names: Vec<&str> = cfg.upstreams.iter().map(|u| u.name.as_str()).collect();
+        (names == ["shop/pay"]).then_some(())
+    })
+    .await;
+
+    assert!(server.set_finalizers(POLICIES, "shop", "pay", &[]));
+    assert!(server.delete(POLICIES, "shop", "pay"));
+    eventually(T, "detour-config deleted with the last policy", || {
+        server
+            .get(CONFIG_MAPS, "shop", "detour-config")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    op.shutdown().await.unwrap();
+}
+
+/// A ConfigMap left in a namespace whose policies went while no operator ran is deleted once
+/// the caches are synced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphaned_config_map_is_deleted_after_sync() {
+    let server = ApiServer::new();
+    seed(&server);
+    server.put(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {
+            "name": "detour-config", "namespace": "empty",
+            "labels": {"app.kubernetes.io/managed-by": "detour-operator"},
+        },
+        "data": {"config.yaml": "apiVersion: detour.dev/v1alpha1\nkind: SidecarConfig\n"},
+    }));
+    let op = Operator::start(server.client(), options()).await.unwrap();
+    eventually(T, "the orphan deleted", || {
+        server
+            .get(CONFIG_MAPS, "empty", "detour-config")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    eventually(T, "shop still rendered", || {
+        config_of(&server, "shop").filter(|(c, _)| c.upstreams.len() == 2)
+    })
+    .await;
+    op.shutdown().await.unwrap();
+}
+
+/// A policy held by another controller's finalizer after deletion must not swallow the
+/// endpoint changes of the Service it shares with live policies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_changes_reach_the_config_while_a_sibling_is_held_in_deletion() {
+    let server = ApiServer::new();
+    seed(&server);
+    for i in 0..5u16 {
+        server.put(policy(
+            "shop",
+            &format!("held-{i}"),
+            "pay",
+            json!("http"),
+            18100 + i,
+        ));
+    }
+    let op = Operator::start(server.client(), options()).await.unwrap();
+    eventually(T, "seven upstreams", || {
+        config_of(&server, "shop").filter(|(c, _)| c.upstreams.len() == 7)
+    })
+    .await;
+    for i in 0..5u16 {
+        let name = format!("held-{i}");
+        eventually(T, "our finalizer on the held policy", || {
+            let p = server.get(POLICIES, "shop", &name)?;
+            p["metadata"]["finalizers"].is_array().then_some(())
+        })
+        .await;
+        assert!(server.set_finalizers(
+            POLICIES,
+            "shop",
+            &name,
+            &["detour.dev/config", "example.com/hold"]
+        ));
+        assert!(server.delete(POLICIES, "shop", &name));
+    }
+    eventually(T, "held policies out of the config", || {
+        config_of(&server, "shop").filter(|(c, _)| c.upstreams.len() == 2)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.put(slice(
+        "shop",
+        "pay-abc",
+        "pay",
+        "http",
+        8080,
+        &[("10.0.0.77", true, true, false)],
+    ));
+    eventually(T, "the new endpoint rendered", || {
+        let (cfg, _) = config_of(&server, "shop")?;
+        let pay = cfg.upstreams.iter().find(|u| u.name == "shop/pay")?;
+        (pay.endpoints.len() == 1 && pay.endpoints[0].address == "10.0.0.77:8080").then_some(())
+    })
+    .await;
+    op.shutdown().await.unwrap();
+}

@@ -10,6 +10,7 @@ pub mod reconcile;
 pub mod render;
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{atomic::Ordering, Arc},
     time::Duration,
@@ -25,7 +26,7 @@ use kube::{
     runtime::{
         controller::{self, Controller},
         reflector::{self, ObjectRef, Store},
-        watcher, PredicateConfig, WatchStreamExt,
+        watcher, WatchStreamExt,
     },
     Api, Client, Resource, ResourceExt,
 };
@@ -346,43 +347,89 @@ fn scope(
     future::BoxFuture<'static, ()>,
 ) {
     let wc = watcher::Config::default();
+    let (policies, policy_writer) = reflector::store::<Policy>();
+    let (services, svc_writer) = reflector::store::<Service>();
+    let (slices, slice_writer) = reflector::store::<EndpointSlice>();
+    let (config_maps, cm_writer) = reflector::store::<ConfigMap>();
+    let (synced_tx, synced) = watch::channel(false);
+    // Namespaces to render without a policy to start from (see `reconcile_namespace`).
+    let (janitor_tx, janitor_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        policies: policies.clone(),
+        services: services.clone(),
+        slices: slices.clone(),
+        config_maps: config_maps.clone(),
+        synced,
+        shared: shared.clone(),
+    });
+
     // Our own status writes and finalizer patches come back as watch events; only spec,
-    // deletion and re-creation need a reconcile.
-    let (policies, w) = reflector::store::<Policy>();
+    // deletion and re-creation need a reconcile. A deleted policy is no longer in the cache,
+    // so the Controller would drop it: its namespace goes to the janitor instead.
     let policy_stream = watcher(api::<Policy>(&client, &ns), wc.clone())
         .default_backoff()
-        .reflect(w)
-        .applied_objects()
-        .predicate_filter(worth_reconciling, PredicateConfig::default());
+        .reflect(policy_writer)
+        .filter_map({
+            let (tx, store, cms, shared) = (
+                janitor_tx.clone(),
+                policies.clone(),
+                config_maps.clone(),
+                shared.clone(),
+            );
+            let mut seen: HashMap<ObjectRef<Policy>, u64> = HashMap::new();
+            move |ev| {
+                let out = match ev {
+                    Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
+                        let h = worth_reconciling(&p);
+                        (seen.insert(ObjectRef::from_obj(&p), h) != Some(h)).then_some(Ok(p))
+                    }
+                    Ok(watcher::Event::Delete(p)) => {
+                        seen.remove(&ObjectRef::from_obj(&p));
+                        let ns = p.namespace().unwrap_or_default();
+                        shared.forget_policy(&ns, &p.name_any());
+                        let _ = tx.send(ns);
+                        None
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        // A re-list reports no Delete for what went meanwhile.
+                        seen.retain(|k, _| store.get(k).is_some());
+                        for ns in orphaned(&store, &cms) {
+                            let _ = tx.send(ns);
+                        }
+                        None
+                    }
+                    Ok(watcher::Event::Init) => None,
+                    Err(e) => Some(Err(e)),
+                };
+                future::ready(out)
+            }
+        });
     let controller = Controller::for_stream(policy_stream, policies.clone())
         .with_config(controller::Config::default().debounce(debounce));
 
-    let (services, w) = reflector::store::<Service>();
     let svc_stream = watcher(api::<Service>(&client, &ns), wc.clone())
         .default_backoff()
         .modify(|o| o.managed_fields_mut().clear())
-        .reflect(w)
+        .reflect(svc_writer)
         .touched_objects();
-    let (slices, w) = reflector::store::<EndpointSlice>();
     let slice_stream = watcher(
         api::<EndpointSlice>(&client, &ns),
         wc.clone().labels(SERVICE_NAME_LABEL),
     )
     .default_backoff()
     .modify(|o| o.managed_fields_mut().clear())
-    .reflect(w)
+    .reflect(slice_writer)
     .touched_objects();
-    let (config_maps, w) = reflector::store::<ConfigMap>();
     let cm_stream = watcher(
         api::<ConfigMap>(&client, &ns),
         wc.labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1)),
     )
     .default_backoff()
     .modify(|o| o.managed_fields_mut().clear())
-    .reflect(w)
+    .reflect(cm_writer)
     .touched_objects();
 
-    let (synced_tx, synced) = watch::channel(false);
     let sync = {
         let stores = (
             policies.clone(),
@@ -390,6 +437,7 @@ fn scope(
             slices.clone(),
             config_maps.clone(),
         );
+        let (tx, store, cms) = (janitor_tx.clone(), policies.clone(), config_maps.clone());
         async move {
             // One waiter per store: `wait_until_ready` wakes only the last of several waiters.
             let _ = stores.0.wait_until_ready().await;
@@ -398,20 +446,16 @@ fn scope(
             let _ = stores.3.wait_until_ready().await;
             // Waiters see `true` even after the sender is gone.
             let _ = synced_tx.send(true);
+            // ConfigMaps left from policies deleted while no operator ran.
+            for ns in orphaned(&store, &cms) {
+                let _ = tx.send(ns);
+            }
         }
     };
     let own = shared.clone();
     let cms = config_maps.clone();
-    let ctx = Arc::new(Context {
-        client,
-        policies: policies.clone(),
-        services,
-        slices,
-        config_maps,
-        synced,
-        shared,
-    });
-    let (p1, p2, p3) = (policies.clone(), policies.clone(), policies);
+    let (p1, p2) = (policies.clone(), policies);
+    let cm_janitor = janitor_tx.clone();
     let run = controller
         .watches_stream(svc_stream, move |svc: Service| {
             using_service(&p1, svc.namespace(), &svc.name_any())
@@ -422,27 +466,21 @@ fn scope(
                 None => Vec::new(),
             }
         })
-        // Someone edited or deleted the rendered ConfigMap: render the namespace again.
+        // Someone edited or deleted the rendered ConfigMap: render the namespace again, with or
+        // without policies left in it.
         .watches_stream(cm_stream, move |cm: ConfigMap| {
-            let ns = cm.namespace();
+            let ns = cm.namespace().unwrap_or_default();
             // Our own write coming back: nothing to repair. A deleted one is gone from the
             // store by the time the mapper sees it.
             let still_there = cms.get(&ObjectRef::from_obj(&cm)).is_some();
             if !still_there {
-                own.forget_config(ns.as_deref().unwrap_or_default());
+                own.forget_config(&ns);
             }
             let hash = cm.annotations().get(reconcile::HASH_ANNOTATION);
-            if still_there
-                && hash.is_some_and(|h| own.is_own_config(ns.as_deref().unwrap_or_default(), h))
-            {
-                return Vec::new();
+            if !(still_there && hash.is_some_and(|h| own.is_own_config(&ns, h))) {
+                let _ = cm_janitor.send(ns);
             }
-            p3.state()
-                .iter()
-                .filter(|p| p.namespace() == ns)
-                .take(1)
-                .map(|p| ObjectRef::from_obj(&**p))
-                .collect::<Vec<_>>()
+            Vec::<ObjectRef<Policy>>::new()
         })
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|res| {
@@ -450,18 +488,73 @@ fn scope(
                 debug!(error = %e, "controller");
             }
             future::ready(())
-        })
-        .boxed();
+        });
+    let janitor = janitor(janitor_rx, janitor_tx, ctx);
+    let run = async move {
+        futures::pin_mut!(run, janitor);
+        future::select(run, janitor).await;
+    }
+    .boxed();
     (run, sync.boxed())
 }
 
+/// Renders the namespaces it is sent, one at a time, coalescing repeats; failures retry with
+/// the per-object backoff.
+async fn janitor(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+    tx: tokio::sync::mpsc::UnboundedSender<String>,
+    ctx: Arc<Context>,
+) {
+    let mut failures: HashMap<String, u32> = HashMap::new();
+    while let Some(first) = rx.recv().await {
+        let mut batch = std::collections::BTreeSet::from([first]);
+        while let Ok(ns) = rx.try_recv() {
+            batch.insert(ns);
+        }
+        for ns in batch {
+            match reconcile::reconcile_namespace(&ns, &ctx).await {
+                Ok(()) => {
+                    failures.remove(&ns);
+                }
+                Err(e) => {
+                    let n = failures.entry(ns.clone()).or_insert(0);
+                    let delay = reconcile::backoff(*n);
+                    *n += 1;
+                    warn!(namespace = %ns, error = %e, retry_in = ?delay, "rendering the namespace failed");
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = tx.send(ns);
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Namespaces holding a rendered ConfigMap but no live policy.
+fn orphaned(policies: &Store<Policy>, config_maps: &Store<ConfigMap>) -> Vec<String> {
+    let live: std::collections::BTreeSet<String> = policies
+        .state()
+        .iter()
+        .filter(|p| p.meta().deletion_timestamp.is_none())
+        .filter_map(|p| p.namespace())
+        .collect();
+    config_maps
+        .state()
+        .iter()
+        .filter_map(|c| c.namespace())
+        .filter(|ns| !live.contains(ns))
+        .collect()
+}
+
 /// Changes that need a reconcile: spec (generation), deletion, re-creation (uid).
-fn worth_reconciling(p: &Policy) -> Option<u64> {
+fn worth_reconciling(p: &Policy) -> u64 {
     use std::hash::{DefaultHasher, Hash, Hasher};
     let m = p.meta();
     let mut h = DefaultHasher::new();
     (m.generation, m.deletion_timestamp.is_some(), &m.uid).hash(&mut h);
-    Some(h.finish())
+    h.finish()
 }
 
 /// A policy of `ns` whose upstream is Service `name`.
@@ -474,6 +567,8 @@ fn using_service(
         .state()
         .iter()
         .filter(|p| p.namespace() == ns)
+        // A policy being deleted may never render again (another finalizer can hold it).
+        .filter(|p| p.meta().deletion_timestamp.is_none())
         .filter(|p| matches!(&p.0, Ok(p) if p.spec.upstream.service == name))
         // A reconcile renders the whole namespace, so one trigger is enough.
         .take(1)
@@ -521,5 +616,45 @@ mod tests {
             ("detour-system", "detour-operator", "pod-1")
         );
         assert!(Cli::try_parse_from(["detour", "--debounce", "soon"]).is_err());
+    }
+
+    fn stored(ns: &str, name: &str, svc: &str, deleting: bool) -> Policy {
+        let mut p = serde_json::json!({
+            "apiVersion": "detour.dev/v1alpha1", "kind": "UpstreamPolicy",
+            "metadata": {"name": name, "namespace": ns, "uid": name},
+            "spec": {"upstream": {"service": svc, "port": 80}, "listener": {"port": 18080}},
+        });
+        if deleting {
+            p["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z".into();
+        }
+        serde_json::from_value(p).unwrap()
+    }
+
+    #[test]
+    fn service_changes_never_map_to_a_policy_being_deleted() {
+        let (store, mut w) = reflector::store::<Policy>();
+        w.apply_watcher_event(&watcher::Event::Apply(stored("shop", "old", "pay", true)));
+        w.apply_watcher_event(&watcher::Event::Apply(stored("shop", "other", "db", false)));
+        assert!(using_service(&store, Some("shop".into()), "pay").is_empty());
+        w.apply_watcher_event(&watcher::Event::Apply(stored("shop", "new", "pay", false)));
+        let picked = using_service(&store, Some("shop".into()), "pay");
+        assert_eq!(picked, vec![ObjectRef::new("new").within("shop")]);
+    }
+
+    #[test]
+    fn orphaned_lists_namespaces_with_a_config_but_no_live_policy() {
+        let (policies, mut w) = reflector::store::<Policy>();
+        w.apply_watcher_event(&watcher::Event::Apply(stored("a", "p", "pay", false)));
+        w.apply_watcher_event(&watcher::Event::Apply(stored("b", "p", "pay", true)));
+        let (cms, mut cw) = reflector::store::<ConfigMap>();
+        for ns in ["a", "b", "c"] {
+            let mut cm = ConfigMap::default();
+            cm.metadata.name = Some("detour-config".into());
+            cm.metadata.namespace = Some(ns.into());
+            cw.apply_watcher_event(&watcher::Event::Apply(cm));
+        }
+        let mut got = orphaned(&policies, &cms);
+        got.sort();
+        assert_eq!(got, vec!["b", "c"]);
     }
 }

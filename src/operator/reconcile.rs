@@ -155,7 +155,7 @@ impl Shared {
     }
 
     /// A policy is gone: drop what was remembered about writing it.
-    fn forget_policy(&self, ns: &str, name: &str) {
+    pub fn forget_policy(&self, ns: &str, name: &str) {
         let mut w = self.written.lock();
         w.remove(&format!("status/{ns}/{name}"));
         w.remove(&format!("finalizer/{ns}/{name}"));
@@ -218,27 +218,18 @@ async fn reconcile_inner(obj: &Policy, ctx: &Context) -> Result<Action, Error> {
     if ctx.synced.clone().wait_for(|s| *s).await.is_err() {
         return Err(Error::CacheClosed("a watch"));
     }
-    let policy_api: Api<Policy> = Api::namespaced(ctx.client.clone(), &ns);
-    // The cache may be newer than the trigger (the object could be gone or re-created).
-    let Some(current) = ctx.policies.get(&ObjectRef::from_obj(obj)) else {
-        return Ok(Action::await_change());
-    };
-    let deleting = current.meta().deletion_timestamp.is_some();
-    let has_finalizer = current.finalizers().iter().any(|f| f == FINALIZER);
-    if deleting && !has_finalizer {
-        return Ok(Action::await_change());
-    }
-    let fin_key = format!("finalizer/{ns}/{name}");
-    let cached_rv = current.meta().resource_version.as_deref();
-    // A second trigger can arrive before the cache shows the finalizer we just added.
-    if !deleting && !has_finalizer && !ctx.shared.already_written(&fin_key, 1, cached_rv) {
-        let written = add_finalizer(&policy_api, &current).await?;
-        ctx.shared.remember(fin_key, 1, written);
-    }
-
+    // The cache may be newer than the trigger (the object could be gone or re-created); the
+    // namespace is rendered either way, so a vanished policy leaves the config.
+    let current = ctx.policies.get(&ObjectRef::from_obj(obj));
     render_and_apply(&ns, ctx).await?;
 
-    if deleting {
+    let Some(current) = current else {
+        return Ok(Action::await_change());
+    };
+    if current.meta().deletion_timestamp.is_some() {
+        // Another controller's finalizer may still hold the object; ours goes once the
+        // render above has dropped the policy.
+        let policy_api: Api<Policy> = Api::namespaced(ctx.client.clone(), &ns);
         remove_finalizer(&policy_api, &current).await?;
         ctx.shared.forget_policy(&ns, &name);
         ctx.shared
@@ -249,15 +240,63 @@ async fn reconcile_inner(obj: &Policy, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
+/// Renders `ns` without a policy to start from: a deleted policy, an orphaned or edited
+/// ConfigMap. The Controller cannot do this (it runs only objects still in its cache).
+pub async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<(), Error> {
+    let started = Instant::now();
+    let res = async {
+        let lock = ctx.shared.lock(ns);
+        let _guard = lock.lock().await;
+        if ctx.synced.clone().wait_for(|s| *s).await.is_err() {
+            return Err(Error::CacheClosed("a watch"));
+        }
+        render_and_apply(ns, ctx).await
+    }
+    .await;
+    let label = match &res {
+        Ok(()) => "ok",
+        Err(e) => e.metric_label(),
+    };
+    ctx.shared
+        .metrics
+        .reconciled(label, started.elapsed().as_secs_f64());
+    res
+}
+
+/// The live policies of `ns` that carry our finalizer, adding it where it is missing. Only these
+/// are rendered: a policy without it could vanish with no event that renders it out again.
+async fn finalized_policies(ns: &str, ctx: &Context) -> Result<Vec<Arc<Policy>>, Error> {
+    let live = ctx.policies.state().into_iter().filter(|p| {
+        p.meta().namespace.as_deref() == Some(ns) && p.meta().deletion_timestamp.is_none()
+    });
+    let api: Api<Policy> = Api::namespaced(ctx.client.clone(), ns);
+    let mut out = Vec::new();
+    for p in live {
+        let key = format!("finalizer/{ns}/{}", p.name_any());
+        let cached_rv = p.meta().resource_version.as_deref();
+        // A second render can run before the cache shows the finalizer just added.
+        if p.finalizers().iter().any(|f| f == FINALIZER)
+            || ctx.shared.already_written(&key, 1, cached_rv)
+        {
+            out.push(p);
+            continue;
+        }
+        match add_finalizer(&api, &p).await? {
+            Patched::Done(rv) => {
+                ctx.shared.remember(key, 1, rv);
+                out.push(p);
+            }
+            // Deleted before it was ever rendered: nothing to take out of the config.
+            Patched::Gone => {}
+        }
+    }
+    Ok(out)
+}
+
 /// Renders the namespace from the caches and writes what changed.
 async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
     let in_ns = |m: &kube::core::ObjectMeta| m.namespace.as_deref() == Some(ns);
-    let policies: Vec<Arc<Policy>> = ctx
-        .policies
-        .state()
-        .into_iter()
-        .filter(|p| in_ns(p.meta()) && p.meta().deletion_timestamp.is_none())
-        .collect();
+    let policies = finalized_policies(ns, ctx).await?;
     let services = ctx.services.state_filter(|s| in_ns(&s.metadata));
     let slices = ctx.slices.state_filter(|s| in_ns(&s.metadata));
     let inputs: Vec<PolicyInput<'_>> = policies
@@ -447,7 +486,15 @@ async fn patch_status(
     }
 }
 
-async fn add_finalizer(api: &Api<Policy>, obj: &Policy) -> Result<Option<String>, Error> {
+/// Result of a JSON patch on a policy.
+enum Patched {
+    /// Written; the resourceVersion the server returned.
+    Done(Option<String>),
+    /// The policy no longer exists.
+    Gone,
+}
+
+async fn add_finalizer(api: &Api<Policy>, obj: &Policy) -> Result<Patched, Error> {
     // `test` makes the patch fail, not clobber, if someone else changed the list meanwhile.
     let ops = match &obj.meta().finalizers {
         None => json!([
@@ -462,9 +509,9 @@ async fn add_finalizer(api: &Api<Policy>, obj: &Policy) -> Result<Option<String>
     json_patch_policy(api, obj, ops, "add_finalizer").await
 }
 
-async fn remove_finalizer(api: &Api<Policy>, obj: &Policy) -> Result<Option<String>, Error> {
+async fn remove_finalizer(api: &Api<Policy>, obj: &Policy) -> Result<Patched, Error> {
     let Some(i) = obj.finalizers().iter().position(|f| f == FINALIZER) else {
-        return Ok(None);
+        return Ok(Patched::Done(None));
     };
     let ops = json!([
         {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER},
@@ -478,15 +525,15 @@ async fn json_patch_policy(
     obj: &Policy,
     ops: serde_json::Value,
     action: &'static str,
-) -> Result<Option<String>, Error> {
+) -> Result<Patched, Error> {
     let name = obj.name_any();
     let patch: json_patch::Patch = serde_json::from_value(ops).expect("valid JSON patch");
     match api
         .patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
         .await
     {
-        Ok(obj) => Ok(obj.meta().resource_version.clone()),
-        Err(kube::Error::Api(s)) if s.code == 404 && action == "remove_finalizer" => Ok(None),
+        Ok(obj) => Ok(Patched::Done(obj.meta().resource_version.clone())),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(Patched::Gone),
         Err(source) => Err(Error::Kube {
             action,
             target: format!(

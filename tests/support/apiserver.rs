@@ -234,6 +234,25 @@ impl ApiServer {
         self.state.lock().delete(&key).is_ok()
     }
 
+    /// Replaces an object's finalizers as a user would (`kubectl patch`); a deleting object
+    /// left without finalizers is gone. Returns whether it existed.
+    pub fn set_finalizers(&self, resource: &str, namespace: &str, name: &str, f: &[&str]) -> bool {
+        let key = Key {
+            resource: resource.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        let mut st = self.state.lock();
+        st.manager = "kubectl".into();
+        let Some(cur) = st.objects.get(&key).cloned() else {
+            return false;
+        };
+        let mut next = cur.clone();
+        next["metadata"]["finalizers"] = json!(f);
+        st.store(&key, cur, next);
+        true
+    }
+
     pub fn get(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
         let key = Key {
             resource: resource.into(),
