@@ -47,6 +47,8 @@ pub mod reason {
     pub const NOT_ACCEPTED: &str = "NotAccepted";
     /// Ready is false because the Service or port is missing.
     pub const REFS_NOT_RESOLVED: &str = "RefsNotResolved";
+    /// Ready is false because the API server refused the namespace's `detour-config` write.
+    pub const CONFIG_NOT_APPLIED: &str = "ConfigNotApplied";
 }
 
 /// Resilience policy for calls from selected client pods to one Service.

@@ -315,13 +315,23 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
     let rendered = render_namespace(ns, &inputs, &svc_refs, &slice_refs)?;
     let hash = rendered.config.hash();
 
-    apply_config_map(
+    // A refused ConfigMap (too large, RBAC, 422) must still show in every status.
+    let applied = apply_config_map(
         ns,
         ctx,
         (!inputs.is_empty()).then_some(&rendered.config),
         &hash,
     )
-    .await?;
+    .await;
+    // What the sidecars run when the write failed: the ConfigMap as it still is.
+    let running_hash = match &applied {
+        Ok(()) => Some(hash.clone()),
+        Err(_) => ctx
+            .config_maps
+            .get(&ObjectRef::new(CONFIG_MAP).within(ns))
+            .and_then(|c| c.annotations().get(HASH_ANNOTATION).cloned()),
+    };
+    let mut first_error = applied.err();
 
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     for p in &policies {
@@ -329,14 +339,18 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
         let Some(outcome) = rendered.outcomes.get(&name) else {
             continue;
         };
+        let mut outcome = outcome.clone();
+        if let Some(e) = &first_error {
+            outcome.config_not_applied(CONFIG_MAP, &e.to_string());
+        }
         let previous = match &p.0 {
             Ok(p) => p.status.clone(),
             Err(_) => None,
         };
         let status = desired_status(
-            outcome,
+            &outcome,
             p.meta().generation,
-            Some(&hash),
+            running_hash.as_deref(),
             previous.as_ref(),
             &now,
         );
@@ -362,12 +376,20 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
         if ctx.shared.already_written(&key, value, cached_rv) {
             continue;
         }
-        let written_rv = patch_status(ns, &name, &status, ctx).await?;
-        ctx.shared
-            .remember(key, value, written_rv.filter(|_| p.0.is_ok()));
-        publish_transitions(p, previous.as_ref(), &status, ctx).await;
+        // One refused status write does not keep the others stale.
+        match patch_status(ns, &name, &status, ctx).await {
+            Ok(written_rv) => {
+                ctx.shared
+                    .remember(key, value, written_rv.filter(|_| p.0.is_ok()));
+                publish_transitions(p, previous.as_ref(), &status, ctx).await;
+            }
+            Err(e) => {
+                warn!(namespace = %ns, policy = %name, error = %e, "status write failed");
+                first_error.get_or_insert(e);
+            }
+        }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 async fn apply_config_map(

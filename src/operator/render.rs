@@ -465,6 +465,22 @@ fn not_accepted(reason: &'static str, message: String) -> Outcome {
     }
 }
 
+// === impl Outcome ===
+
+impl Outcome {
+    /// The API server refused the namespace's ConfigMap: a rendered policy is not Ready, whatever
+    /// its endpoints, and the user sees the server's reason. Policies left out or with unresolved
+    /// references keep their own, more basic reason.
+    pub fn config_not_applied(&mut self, config_map: &str, error: &str) {
+        if self.rendered && self.resolved_refs.status == "True" {
+            self.ready = Cond::f(
+                reason::CONFIG_NOT_APPLIED,
+                format!("{config_map} could not be written: {error}"),
+            );
+        }
+    }
+}
+
 // === impl Cond ===
 
 impl Cond {
@@ -920,6 +936,43 @@ mod tests {
         sl2.endpoints.reverse();
         let r2 = render_namespace("ns", &[input("p", &t0, &s)], &[&svc], &[&sl2]).unwrap();
         assert_eq!(r1.config.hash(), r2.config.hash());
+    }
+
+    #[test]
+    fn a_refused_config_makes_rendered_policies_not_ready() {
+        let t0 = ts(1);
+        let ok = spec("pay", IntOrString::Int(80), 18080);
+        let clash = spec("pay", IntOrString::Int(80), 18080);
+        let svc = service("pay", &[(None, 80)]);
+        let up = slice(
+            "pay",
+            "IPv4",
+            (None, 8080),
+            &[("10.0.0.1", Some(true), None, None)],
+        );
+        let r = render_namespace(
+            "ns",
+            &[input("a", &t0, &ok), input("b", &ts(2), &clash)],
+            &[&svc],
+            &[&up],
+        )
+        .unwrap();
+        let mut a = r.outcomes["a"].clone();
+        assert_eq!(a.ready.reason, reason::READY);
+        a.config_not_applied("detour-config", "Too long: must have at most 1048576 bytes");
+        assert_eq!(
+            (a.ready.status, a.ready.reason),
+            ("False", "ConfigNotApplied")
+        );
+        assert!(a
+            .ready
+            .message
+            .contains("detour-config could not be written: Too long"));
+        assert_eq!(a.accepted, r.outcomes["a"].accepted, "only Ready changes");
+        // Not in the config: its own reason stays.
+        let mut b = r.outcomes["b"].clone();
+        b.config_not_applied("detour-config", "boom");
+        assert_eq!(b, r.outcomes["b"]);
     }
 
     #[test]

@@ -82,6 +82,8 @@ struct State {
     owners: BTreeMap<Key, BTreeMap<String, String>>,
     /// `fieldManager` of the request being served.
     manager: String,
+    /// Requests refused on purpose: (method, path suffix) → (code, message).
+    faults: Vec<(Method, String, u16, String)>,
 }
 
 /// The server. Cheap to clone; all clones share state.
@@ -312,6 +314,20 @@ impl ApiServer {
             .collect()
     }
 
+    /// Refuses every `method` request whose path ends with `path_suffix` with `code` and
+    /// `message` (a 422 for an oversized ConfigMap, a 403 for missing RBAC), until
+    /// [`clear_faults`](Self::clear_faults).
+    pub fn fail(&self, method: Method, path_suffix: &str, code: u16, message: &str) {
+        self.state
+            .lock()
+            .faults
+            .push((method, path_suffix.into(), code, message.into()));
+    }
+
+    pub fn clear_faults(&self) {
+        self.state.lock().faults.clear();
+    }
+
     pub fn clear_log(&self) {
         self.state.lock().log.clear();
     }
@@ -357,13 +373,21 @@ impl ApiServer {
         };
         let mut st = self.state.lock();
         let rv_before = st.rv;
-        let res = st.route(
-            method,
-            &path,
-            &query,
-            content_type.as_deref(),
-            body_json.clone(),
-        );
+        let fault = st
+            .faults
+            .iter()
+            .find(|(m, suffix, _, _)| m == method && path.ends_with(suffix.as_str()))
+            .map(|(_, _, code, msg)| (*code, "Injected", msg.clone()));
+        let res = match fault {
+            Some(f) => Err(f),
+            None => st.route(
+                method,
+                &path,
+                &query,
+                content_type.as_deref(),
+                body_json.clone(),
+            ),
+        };
         let changed = st.rv != rv_before;
         if st.log_requests {
             st.log.push(Record {
