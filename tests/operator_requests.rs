@@ -362,7 +362,7 @@ async fn deleting_the_last_policy_deletes_the_config_then_releases_the_finalizer
 #[tokio::test]
 async fn api_errors_back_off_per_object_and_name_the_call() {
     let p = policy(json!({"finalizers": ["detour.dev/config"]}), None);
-    let Fixture { ctx, mut handle } = fixture(&[p.clone()], &[]);
+    let Fixture { ctx, mut handle } = fixture(std::slice::from_ref(&p), &[]);
     let task = tokio::spawn({
         let ctx = ctx.clone();
         async move { run(&ctx).await }
