@@ -365,10 +365,13 @@ fn resolve(
             let c = ep.conditions.clone().unwrap_or_default();
             // nil conditions mean "unknown": ready and serving, not terminating (API docs).
             let ready = c.ready.unwrap_or(true);
+            let terminating = c.terminating.unwrap_or(false);
             let flags = Flags {
-                ready,
+                // With publishNotReadyAddresses a terminating pod still reports ready=true; it
+                // must not take new traffic like a ready one.
+                ready: ready && !terminating,
                 serving: c.serving.unwrap_or(ready),
-                terminating: c.terminating.unwrap_or(false),
+                terminating,
             };
             let addr = SocketAddr::new(ip, target);
             let pod = ep
@@ -788,6 +791,49 @@ mod tests {
         assert_eq!(
             r.outcomes["b"].resolved_refs.reason,
             reason::UNSUPPORTED_SERVICE
+        );
+    }
+
+    #[test]
+    fn ready_and_terminating_endpoints_are_terminating() {
+        // publishNotReadyAddresses: a terminating pod keeps ready=true.
+        let t0 = ts(1);
+        let s = spec("pay", IntOrString::Int(80), 18080);
+        let svc = service("pay", &[(None, 80)]);
+        let both = slice(
+            "pay",
+            "IPv4",
+            (None, 8080),
+            &[
+                ("10.0.0.1", Some(true), Some(true), Some(true)),
+                ("10.0.0.2", Some(true), Some(true), Some(false)),
+            ],
+        );
+        let r = render_namespace("ns", &[input("p", &t0, &s)], &[&svc], &[&both]).unwrap();
+        let states: Vec<EndpointState> = r.config.upstreams[0]
+            .endpoints
+            .iter()
+            .map(|e| e.state)
+            .collect();
+        assert_eq!(
+            states,
+            vec![EndpointState::Terminating, EndpointState::Ready]
+        );
+        let o = &r.outcomes["p"];
+        assert_eq!((o.endpoints.ready, o.endpoints.terminating), (1, 1));
+        assert_eq!(o.ready.message, "1 of 2 endpoints ready");
+        // Only such endpoints left: not Ready, still rendered as a last resort.
+        let only = slice(
+            "pay",
+            "IPv4",
+            (None, 8080),
+            &[("10.0.0.1", Some(true), None, Some(true))],
+        );
+        let r = render_namespace("ns", &[input("p", &t0, &s)], &[&svc], &[&only]).unwrap();
+        assert_eq!(r.outcomes["p"].ready.reason, reason::NO_ENDPOINTS);
+        assert_eq!(
+            r.config.upstreams[0].endpoints[0].state,
+            EndpointState::Terminating
         );
     }
 
