@@ -782,3 +782,33 @@ async fn a_refused_config_map_or_status_still_reports_every_policy() {
     .await;
     op.shutdown().await.unwrap();
 }
+
+/// The in-memory server's server-side apply, as a real one: a field the same manager stops
+/// sending is removed, other managers' fields stay.
+#[tokio::test]
+async fn server_side_apply_removes_fields_the_manager_stopped_sending() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, Patch, PatchParams};
+    let server = ApiServer::new();
+    server.put(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "cm", "namespace": "shop", "labels": {"owner": "kubectl"}},
+        "data": {"user": "1"},
+    }));
+    let api: Api<ConfigMap> = Api::namespaced(server.client(), "shop");
+    let pp = PatchParams::apply("me").force();
+    let first = json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cm", "annotations": {"a": "1", "b": "2"}},
+        "data": {"x": "1", "y": "2"},
+    });
+    api.patch("cm", &pp, &Patch::Apply(&first)).await.unwrap();
+    let second = json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cm"},
+        "data": {"x": "1"},
+    });
+    api.patch("cm", &pp, &Patch::Apply(&second)).await.unwrap();
+    let cm = server.get(CONFIG_MAPS, "shop", "cm").unwrap();
+    assert_eq!(cm["data"], json!({"user": "1", "x": "1"}));
+    assert!(cm["metadata"].get("annotations").is_none(), "{cm}");
+    assert_eq!(cm["metadata"]["labels"], json!({"owner": "kubectl"}));
+}
