@@ -694,3 +694,121 @@ async fn endpoint_changes_reach_the_config_while_a_sibling_is_held_in_deletion()
     .await;
     op.shutdown().await.unwrap();
 }
+
+/// The API server refuses the ConfigMap (too large, RBAC): every rendered policy says so in its
+/// Ready condition, and one refused status write does not keep the other policies stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_config_map_or_status_still_reports_every_policy() {
+    let server = ApiServer::new();
+    seed(&server);
+    for i in 0..4u16 {
+        server.put(policy(
+            "shop",
+            &format!("p{i}"),
+            "pay",
+            json!("http"),
+            18100 + i,
+        ));
+        server.fail(
+            http::Method::PATCH,
+            &format!("/upstreampolicies/p{i}/status"),
+            500,
+            "etcd is unhappy",
+        );
+    }
+    let too_long =
+        "ConfigMap \"detour-config\" is invalid: []: Too long: must have at most 1048576 bytes";
+    server.fail(
+        http::Method::PATCH,
+        "/configmaps/detour-config",
+        422,
+        too_long,
+    );
+    let op = Operator::start(server.client(), options()).await.unwrap();
+    let p = eventually(T, "pay reports the refused config", || {
+        server
+            .get(POLICIES, "shop", "pay")
+            .filter(|p| condition(p, "Ready").is_some())
+    })
+    .await;
+    assert_eq!(
+        condition(&p, "Ready"),
+        Some(("False".into(), "ConfigNotApplied".into()))
+    );
+    let ready = p["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap();
+    assert!(
+        ready["message"].as_str().unwrap().contains("Too long"),
+        "{ready}"
+    );
+    assert!(
+        p["status"].get("configHash").is_none(),
+        "nothing was applied"
+    );
+    let g = eventually(T, "ghost keeps its own reason", || {
+        server
+            .get(POLICIES, "shop", "ghost")
+            .filter(|p| condition(p, "Ready").is_some())
+    })
+    .await;
+    assert_eq!(
+        condition(&g, "Ready"),
+        Some(("False".into(), "RefsNotResolved".into()))
+    );
+
+    // The server accepts again: the backoff retries and everything converges.
+    server.clear_faults();
+    eventually(
+        Duration::from_secs(20),
+        "pay ready with the applied config",
+        || {
+            let (cfg, _) = config_of(&server, "shop")?;
+            let p = server.get(POLICIES, "shop", "pay")?;
+            (condition(&p, "Ready") == Some(("True".into(), "Ready".into()))
+                && p["status"]["configHash"] == cfg.hash())
+            .then_some(())
+        },
+    )
+    .await;
+    eventually(T, "p0 gets its status", || {
+        server
+            .get(POLICIES, "shop", "p0")
+            .filter(|p| condition(p, "Ready").is_some())
+    })
+    .await;
+    op.shutdown().await.unwrap();
+}
+
+/// The in-memory server's server-side apply, as a real one: a field the same manager stops
+/// sending is removed, other managers' fields stay.
+#[tokio::test]
+async fn server_side_apply_removes_fields_the_manager_stopped_sending() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, Patch, PatchParams};
+    let server = ApiServer::new();
+    server.put(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "cm", "namespace": "shop", "labels": {"owner": "kubectl"}},
+        "data": {"user": "1"},
+    }));
+    let api: Api<ConfigMap> = Api::namespaced(server.client(), "shop");
+    let pp = PatchParams::apply("me").force();
+    let first = json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cm", "annotations": {"a": "1", "b": "2"}},
+        "data": {"x": "1", "y": "2"},
+    });
+    api.patch("cm", &pp, &Patch::Apply(&first)).await.unwrap();
+    let second = json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cm"},
+        "data": {"x": "1"},
+    });
+    api.patch("cm", &pp, &Patch::Apply(&second)).await.unwrap();
+    let cm = server.get(CONFIG_MAPS, "shop", "cm").unwrap();
+    assert_eq!(cm["data"], json!({"user": "1", "x": "1"}));
+    assert!(cm["metadata"].get("annotations").is_none(), "{cm}");
+    assert_eq!(cm["metadata"]["labels"], json!({"owner": "kubectl"}));
+}

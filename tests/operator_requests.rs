@@ -362,7 +362,7 @@ async fn deleting_the_last_policy_deletes_the_config_then_releases_the_finalizer
 #[tokio::test]
 async fn api_errors_back_off_per_object_and_name_the_call() {
     let p = policy(json!({"finalizers": ["detour.dev/config"]}), None);
-    let Fixture { ctx, mut handle } = fixture(&[p], &[]);
+    let Fixture { ctx, mut handle } = fixture(std::slice::from_ref(&p), &[]);
     let task = tokio::spawn({
         let ctx = ctx.clone();
         async move { run(&ctx).await }
@@ -377,6 +377,45 @@ async fn api_errors_back_off_per_object_and_name_the_call() {
         status,
     )
     .await;
+    // The refused ConfigMap still shows in the status, with the server's message.
+    let status_body = expect(
+        &mut handle,
+        Method::PATCH,
+        &format!("{POLICY_PATH}/status?&force=true&fieldManager=detour-operator"),
+        APPLY,
+        200,
+        p.clone(),
+    )
+    .await;
+    let ready = status_body["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (&ready["status"], &ready["reason"]),
+        (&json!("False"), &json!("ConfigNotApplied"))
+    );
+    assert!(
+        ready["message"].as_str().unwrap().contains("etcd is sad"),
+        "{ready}"
+    );
+    assert!(status_body["status"].get("configHash").is_none());
+    let ev = expect(
+        &mut handle,
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/shop/events?",
+        Some("application/json"),
+        201,
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        (&ev["reason"], &ev["type"]),
+        (&json!("ConfigNotApplied"), &json!("Warning"))
+    );
     let err = task.await.unwrap().unwrap_err();
     assert_eq!(err.metric_label(), "apply");
     assert!(

@@ -47,6 +47,8 @@ pub mod reason {
     pub const NOT_ACCEPTED: &str = "NotAccepted";
     /// Ready is false because the Service or port is missing.
     pub const REFS_NOT_RESOLVED: &str = "RefsNotResolved";
+    /// Ready is false because the API server refused the namespace's `detour-config` write.
+    pub const CONFIG_NOT_APPLIED: &str = "ConfigNotApplied";
 }
 
 /// Resilience policy for calls from selected client pods to one Service.
@@ -123,6 +125,13 @@ pub struct UpstreamPolicySpec {
 /// A Service in the policy's namespace and one of its ports.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+// int-or-string: a port number, or a port name (IANA_SVC_NAME, as Service ports are named; a
+// name of digits only reads as a number). `string()` because client-side CEL lacks `type()`.
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "string(self.port).matches('^[0-9]+$') ? (int(string(self.port)) >= 1 && int(string(self.port)) <= 65535) : (size(string(self.port)) <= 15 && string(self.port).matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && !string(self.port).contains('--'))",
+     "message": "port must be 1-65535 or a port name (at most 15 lowercase letters, digits and '-', with a letter)",
+     "fieldPath": ".port"}
+]))]
 pub struct UpstreamRef {
     /// Name of the Service (same namespace as the policy).
     #[schemars(

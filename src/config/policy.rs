@@ -38,9 +38,14 @@ pub struct Policy {
 /// Active health check of each endpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+// `protocol: none` skips every timing rule, as `Policy::validate` does.
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "duration(self.timeout) <= duration(self.interval)",
-     "message": "timeout must not exceed interval", "fieldPath": ".timeout"}
+    {"rule": "self.protocol == 'none' || duration(self.timeout) <= duration(self.interval)",
+     "message": "timeout must not exceed interval", "fieldPath": ".timeout"},
+    {"rule": "self.protocol == 'none' || duration(self.interval) > duration('0s')",
+     "message": "interval must be greater than 0s", "fieldPath": ".interval"},
+    {"rule": "self.protocol == 'none' || duration(self.timeout) > duration('0s')",
+     "message": "timeout must be greater than 0s", "fieldPath": ".timeout"}
 ]))]
 pub struct HealthCheck {
     /// `http` (GET `path`, expect a status in `expectedStatuses`), `tcp` (connect only) or `none`.
@@ -87,7 +92,9 @@ pub enum HealthCheckProtocol {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "duration(self.baseEjectionTime) <= duration(self.maxEjectionTime)",
-     "message": "baseEjectionTime must not exceed maxEjectionTime", "fieldPath": ".baseEjectionTime"}
+     "message": "baseEjectionTime must not exceed maxEjectionTime", "fieldPath": ".baseEjectionTime"},
+    {"rule": "duration(self.baseEjectionTime) > duration('0s')",
+     "message": "baseEjectionTime must be greater than 0s", "fieldPath": ".baseEjectionTime"}
 ]))]
 pub struct OutlierDetection {
     /// Consecutive gateway errors (502/503/504 from the endpoint, connect failures, resets,
@@ -118,6 +125,10 @@ pub struct OutlierDetection {
 /// Retries of failed attempts, always on another endpoint when one exists.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "duration(self.perTryTimeout) > duration('0s')",
+     "message": "perTryTimeout must be greater than 0s", "fieldPath": ".perTryTimeout"}
+]))]
 pub struct Retries {
     /// Retries after the first attempt (0-10). 0 disables retries.
     #[serde(default = "defaults::retry_attempts")]
@@ -125,7 +136,7 @@ pub struct Retries {
     pub attempts: u32,
     /// Failure kinds that are retried.
     #[serde(default = "defaults::retry_on")]
-    #[schemars(length(max = 4))]
+    #[schemars(length(max = 4), extend("x-kubernetes-list-type" = "set"))]
     pub on: Vec<RetryOn>,
     /// Time each attempt may take to produce response headers, for requests that can be retried
     /// on a timeout (idempotent, `timeout` in `on`, `attempts` > 0). Other requests get the whole
@@ -175,7 +186,13 @@ pub struct RetryBudget {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "duration(self.connect) <= duration(self.request)",
-     "message": "connect must not exceed request", "fieldPath": ".connect"}
+     "message": "connect must not exceed request", "fieldPath": ".connect"},
+    {"rule": "duration(self.request) > duration('0s')",
+     "message": "request must be greater than 0s", "fieldPath": ".request"},
+    {"rule": "duration(self.connect) > duration('0s')",
+     "message": "connect must be greater than 0s", "fieldPath": ".connect"},
+    {"rule": "duration(self.poolIdle) > duration('0s')",
+     "message": "poolIdle must be greater than 0s", "fieldPath": ".poolIdle"}
 ]))]
 pub struct Timeouts {
     /// Overall deadline of one client request, retries included, until response headers.

@@ -131,22 +131,13 @@ impl Shared {
     /// True when `value` was already written and the cache has not caught up with that write
     /// yet (it shows an older resourceVersion, or none). Writing again would only repeat it.
     fn already_written(&self, key: &str, value: u64, cached_rv: Option<&str>) -> bool {
-        let memo = self.written.lock();
-        let Some((v, written)) = memo.get(key) else {
-            return false;
-        };
-        if *v != value {
-            return false;
-        }
-        match (written.as_deref(), cached_rv) {
-            (None, _) | (Some(_), None) => true,
-            // resourceVersions are opaque, but every API server in use issues increasing
-            // integers; when they are not, the cache is taken as stale while it differs.
-            (Some(w), Some(c)) => match (w.parse::<u64>(), c.parse::<u64>()) {
-                (Ok(w), Ok(c)) => c < w,
-                _ => c != w,
-            },
-        }
+        newer_write(&self.written.lock(), key, cached_rv) == Some(value)
+    }
+
+    /// What was last written under `key` when that write is newer than the cache; the cache
+    /// then shows an older state than the server holds.
+    fn pending_write(&self, key: &str, cached_rv: Option<&str>) -> Option<u64> {
+        newer_write(&self.written.lock(), key, cached_rv)
     }
 
     /// True when `hash` is what this operator last applied in `ns`.
@@ -169,6 +160,38 @@ impl Shared {
 
     fn remember(&self, key: String, value: u64, rv: Option<String>) {
         self.written.lock().insert(key, (value, rv));
+    }
+}
+
+/// The value remembered under `key` if its write is newer than `cached_rv`.
+fn newer_write(
+    memo: &HashMap<String, (u64, Option<String>)>,
+    key: &str,
+    cached_rv: Option<&str>,
+) -> Option<u64> {
+    let (v, written) = memo.get(key)?;
+    let newer = match (written.as_deref(), cached_rv) {
+        (None, _) | (Some(_), None) => true,
+        // resourceVersions are opaque, but every API server in use issues increasing
+        // integers; when they are not, the cache is taken as stale while it differs.
+        (Some(w), Some(c)) => match (w.parse::<u64>(), c.parse::<u64>()) {
+            (Ok(w), Ok(c)) => c < w,
+            _ => c != w,
+        },
+    };
+    newer.then_some(*v)
+}
+
+/// Whether the desired status needs no write. The cache can lag behind our last write: then
+/// that write, not the cache, is what the server holds (a quick flip back must be written).
+fn status_unchanged(
+    cached: Option<&UpstreamPolicyStatus>,
+    desired: &UpstreamPolicyStatus,
+    pending: Option<u64>,
+) -> bool {
+    match pending {
+        Some(written) => written == hash_of(&without_times(desired)),
+        None => cached == Some(desired),
     }
 }
 
@@ -315,13 +338,23 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
     let rendered = render_namespace(ns, &inputs, &svc_refs, &slice_refs)?;
     let hash = rendered.config.hash();
 
-    apply_config_map(
+    // A refused ConfigMap (too large, RBAC, 422) must still show in every status.
+    let applied = apply_config_map(
         ns,
         ctx,
         (!inputs.is_empty()).then_some(&rendered.config),
         &hash,
     )
-    .await?;
+    .await;
+    // What the sidecars run when the write failed: the ConfigMap as it still is.
+    let running_hash = match &applied {
+        Ok(()) => Some(hash.clone()),
+        Err(_) => ctx
+            .config_maps
+            .get(&ObjectRef::new(CONFIG_MAP).within(ns))
+            .and_then(|c| c.annotations().get(HASH_ANNOTATION).cloned()),
+    };
+    let mut first_error = applied.err();
 
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     for p in &policies {
@@ -329,14 +362,18 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
         let Some(outcome) = rendered.outcomes.get(&name) else {
             continue;
         };
+        let mut outcome = outcome.clone();
+        if let Some(e) = &first_error {
+            outcome.config_not_applied(CONFIG_MAP, &e.to_string());
+        }
         let previous = match &p.0 {
             Ok(p) => p.status.clone(),
             Err(_) => None,
         };
         let status = desired_status(
-            outcome,
+            &outcome,
             p.meta().generation,
-            Some(&hash),
+            running_hash.as_deref(),
             previous.as_ref(),
             &now,
         );
@@ -348,9 +385,6 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
                 outcome.ready.status,
             ]),
         );
-        if previous.as_ref() == Some(&status) {
-            continue;
-        }
         let key = format!("status/{ns}/{name}");
         let value = hash_of(&without_times(&status));
         // An unreadable object shows no status in the cache, so only our own memory stops a
@@ -359,15 +393,24 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
             Ok(_) => p.meta().resource_version.as_deref(),
             Err(_) => None,
         };
-        if ctx.shared.already_written(&key, value, cached_rv) {
+        let pending = ctx.shared.pending_write(&key, cached_rv);
+        if status_unchanged(previous.as_ref(), &status, pending) {
             continue;
         }
-        let written_rv = patch_status(ns, &name, &status, ctx).await?;
-        ctx.shared
-            .remember(key, value, written_rv.filter(|_| p.0.is_ok()));
-        publish_transitions(p, previous.as_ref(), &status, ctx).await;
+        // One refused status write does not keep the others stale.
+        match patch_status(ns, &name, &status, ctx).await {
+            Ok(written_rv) => {
+                ctx.shared
+                    .remember(key, value, written_rv.filter(|_| p.0.is_ok()));
+                publish_transitions(p, previous.as_ref(), &status, ctx).await;
+            }
+            Err(e) => {
+                warn!(namespace = %ns, policy = %name, error = %e, "status write failed");
+                first_error.get_or_insert(e);
+            }
+        }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 async fn apply_config_map(
@@ -604,6 +647,48 @@ fn hash_of<T: serde::Serialize>(v: &T) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn status(ready: &str) -> UpstreamPolicyStatus {
+        let t = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        UpstreamPolicyStatus {
+            observed_generation: Some(1),
+            conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "Ready".into(),
+                status: ready.into(),
+                reason: "Ready".into(),
+                message: String::new(),
+                observed_generation: Some(1),
+                last_transition_time: t,
+            }],
+            endpoints: Default::default(),
+            config_hash: None,
+        }
+    }
+
+    #[test]
+    fn a_quick_flip_back_is_written_while_the_cache_lags() {
+        let (a, b) = (status("True"), status("False"));
+        let mut memo = HashMap::new();
+        // Cache at rv 10 shows A; we wrote B, the server answered rv 11.
+        memo.insert(
+            "status/ns/p".to_string(),
+            (hash_of(&without_times(&b)), Some("11".into())),
+        );
+        let pending = newer_write(&memo, "status/ns/p", Some("10"));
+        assert!(pending.is_some());
+        // Back to A before the cache caught up: the server holds B, so A must be written...
+        assert!(!status_unchanged(Some(&a), &a, pending));
+        // ...and B need not be written again.
+        assert!(status_unchanged(Some(&a), &b, pending));
+        // Once the cache reaches our write, it is the reference again.
+        let caught_up = newer_write(&memo, "status/ns/p", Some("11"));
+        assert_eq!(caught_up, None);
+        assert!(status_unchanged(Some(&b), &b, caught_up));
+        assert!(!status_unchanged(Some(&b), &a, caught_up));
+        // Nothing remembered: the cache decides.
+        assert_eq!(newer_write(&memo, "status/ns/q", Some("10")), None);
+        assert!(status_unchanged(Some(&a), &a, None));
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

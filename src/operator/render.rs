@@ -365,10 +365,13 @@ fn resolve(
             let c = ep.conditions.clone().unwrap_or_default();
             // nil conditions mean "unknown": ready and serving, not terminating (API docs).
             let ready = c.ready.unwrap_or(true);
+            let terminating = c.terminating.unwrap_or(false);
             let flags = Flags {
-                ready,
+                // With publishNotReadyAddresses a terminating pod still reports ready=true; it
+                // must not take new traffic like a ready one.
+                ready: ready && !terminating,
                 serving: c.serving.unwrap_or(ready),
-                terminating: c.terminating.unwrap_or(false),
+                terminating,
             };
             let addr = SocketAddr::new(ip, target);
             let pod = ep
@@ -462,6 +465,22 @@ fn not_accepted(reason: &'static str, message: String) -> Outcome {
         ),
         endpoints: EndpointCounts::default(),
         rendered: false,
+    }
+}
+
+// === impl Outcome ===
+
+impl Outcome {
+    /// The API server refused the namespace's ConfigMap: a rendered policy is not Ready, whatever
+    /// its endpoints, and the user sees the server's reason. Policies left out or with unresolved
+    /// references keep their own, more basic reason.
+    pub fn config_not_applied(&mut self, config_map: &str, error: &str) {
+        if self.rendered && self.resolved_refs.status == "True" {
+            self.ready = Cond::f(
+                reason::CONFIG_NOT_APPLIED,
+                format!("{config_map} could not be written: {error}"),
+            );
+        }
     }
 }
 
@@ -776,6 +795,49 @@ mod tests {
     }
 
     #[test]
+    fn ready_and_terminating_endpoints_are_terminating() {
+        // publishNotReadyAddresses: a terminating pod keeps ready=true.
+        let t0 = ts(1);
+        let s = spec("pay", IntOrString::Int(80), 18080);
+        let svc = service("pay", &[(None, 80)]);
+        let both = slice(
+            "pay",
+            "IPv4",
+            (None, 8080),
+            &[
+                ("10.0.0.1", Some(true), Some(true), Some(true)),
+                ("10.0.0.2", Some(true), Some(true), Some(false)),
+            ],
+        );
+        let r = render_namespace("ns", &[input("p", &t0, &s)], &[&svc], &[&both]).unwrap();
+        let states: Vec<EndpointState> = r.config.upstreams[0]
+            .endpoints
+            .iter()
+            .map(|e| e.state)
+            .collect();
+        assert_eq!(
+            states,
+            vec![EndpointState::Terminating, EndpointState::Ready]
+        );
+        let o = &r.outcomes["p"];
+        assert_eq!((o.endpoints.ready, o.endpoints.terminating), (1, 1));
+        assert_eq!(o.ready.message, "1 of 2 endpoints ready");
+        // Only such endpoints left: not Ready, still rendered as a last resort.
+        let only = slice(
+            "pay",
+            "IPv4",
+            (None, 8080),
+            &[("10.0.0.1", Some(true), None, Some(true))],
+        );
+        let r = render_namespace("ns", &[input("p", &t0, &s)], &[&svc], &[&only]).unwrap();
+        assert_eq!(r.outcomes["p"].ready.reason, reason::NO_ENDPOINTS);
+        assert_eq!(
+            r.config.upstreams[0].endpoints[0].state,
+            EndpointState::Terminating
+        );
+    }
+
+    #[test]
     fn no_endpoints_and_only_terminating_endpoints() {
         let t0 = ts(1);
         let s = spec("pay", IntOrString::Int(80), 18080);
@@ -920,6 +982,43 @@ mod tests {
         sl2.endpoints.reverse();
         let r2 = render_namespace("ns", &[input("p", &t0, &s)], &[&svc], &[&sl2]).unwrap();
         assert_eq!(r1.config.hash(), r2.config.hash());
+    }
+
+    #[test]
+    fn a_refused_config_makes_rendered_policies_not_ready() {
+        let t0 = ts(1);
+        let ok = spec("pay", IntOrString::Int(80), 18080);
+        let clash = spec("pay", IntOrString::Int(80), 18080);
+        let svc = service("pay", &[(None, 80)]);
+        let up = slice(
+            "pay",
+            "IPv4",
+            (None, 8080),
+            &[("10.0.0.1", Some(true), None, None)],
+        );
+        let r = render_namespace(
+            "ns",
+            &[input("a", &t0, &ok), input("b", &ts(2), &clash)],
+            &[&svc],
+            &[&up],
+        )
+        .unwrap();
+        let mut a = r.outcomes["a"].clone();
+        assert_eq!(a.ready.reason, reason::READY);
+        a.config_not_applied("detour-config", "Too long: must have at most 1048576 bytes");
+        assert_eq!(
+            (a.ready.status, a.ready.reason),
+            ("False", "ConfigNotApplied")
+        );
+        assert!(a
+            .ready
+            .message
+            .contains("detour-config could not be written: Too long"));
+        assert_eq!(a.accepted, r.outcomes["a"].accepted, "only Ready changes");
+        // Not in the config: its own reason stays.
+        let mut b = r.outcomes["b"].clone();
+        b.config_not_applied("detour-config", "boom");
+        assert_eq!(b, r.outcomes["b"]);
     }
 
     #[test]

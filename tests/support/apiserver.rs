@@ -82,6 +82,8 @@ struct State {
     owners: BTreeMap<Key, BTreeMap<String, String>>,
     /// `fieldManager` of the request being served.
     manager: String,
+    /// Requests refused on purpose: (method, path suffix) → (code, message).
+    faults: Vec<(Method, String, u16, String)>,
 }
 
 /// The server. Cheap to clone; all clones share state.
@@ -312,6 +314,20 @@ impl ApiServer {
             .collect()
     }
 
+    /// Refuses every `method` request whose path ends with `path_suffix` with `code` and
+    /// `message` (a 422 for an oversized ConfigMap, a 403 for missing RBAC), until
+    /// [`clear_faults`](Self::clear_faults).
+    pub fn fail(&self, method: Method, path_suffix: &str, code: u16, message: &str) {
+        self.state
+            .lock()
+            .faults
+            .push((method, path_suffix.into(), code, message.into()));
+    }
+
+    pub fn clear_faults(&self) {
+        self.state.lock().faults.clear();
+    }
+
     pub fn clear_log(&self) {
         self.state.lock().log.clear();
     }
@@ -357,13 +373,21 @@ impl ApiServer {
         };
         let mut st = self.state.lock();
         let rv_before = st.rv;
-        let res = st.route(
-            method,
-            &path,
-            &query,
-            content_type.as_deref(),
-            body_json.clone(),
-        );
+        let fault = st
+            .faults
+            .iter()
+            .find(|(m, suffix, _, _)| m == method && path.ends_with(suffix.as_str()))
+            .map(|(_, _, code, msg)| (*code, "Injected", msg.clone()));
+        let res = match fault {
+            Some(f) => Err(f),
+            None => st.route(
+                method,
+                &path,
+                &query,
+                content_type.as_deref(),
+                body_json.clone(),
+            ),
+        };
         let changed = st.rv != rv_before;
         if st.log_requests {
             st.log.push(Record {
@@ -513,6 +537,27 @@ impl State {
             self.check_ownership(&key, &cur, &body)?;
         }
         let mut next = cur.clone();
+        if apply {
+            // Server-side apply: the fields this manager owned and no longer sends are removed
+            // (fields of other managers stay). The status subresource and the object are
+            // applied separately.
+            let sent = leaves(&body);
+            let dropped: Vec<String> = self
+                .owners
+                .get(&key)
+                .into_iter()
+                .flatten()
+                .filter(|(path, m)| {
+                    **m == self.manager
+                        && path.starts_with(".status") == r.status
+                        && !sent.contains_key(*path)
+                })
+                .map(|(path, _)| path.clone())
+                .collect();
+            for path in dropped {
+                remove_leaf(&mut next, &path);
+            }
+        }
         if ct.starts_with("application/json-patch") {
             let ops = body.as_array().cloned().unwrap_or_default();
             for op in ops {
@@ -937,6 +982,29 @@ fn key_of(obj: &Value) -> (String, String, String) {
 }
 
 /// Leaf fields of an object (arrays are leaves), without server-owned metadata.
+/// Removes the leaf at `path` (`.a.b.c`, as [`leaves`] names it) and the objects it leaves empty.
+fn remove_leaf(v: &mut Value, path: &str) {
+    fn go(v: &mut Value, keys: &[&str]) {
+        let Some(m) = v.as_object_mut() else { return };
+        match keys {
+            [] => {}
+            [last] => {
+                m.remove(*last);
+            }
+            [first, rest @ ..] => {
+                if let Some(child) = m.get_mut(*first) {
+                    go(child, rest);
+                    if child.as_object().is_some_and(|c| c.is_empty()) {
+                        m.remove(*first);
+                    }
+                }
+            }
+        }
+    }
+    let keys: Vec<&str> = path.trim_start_matches('.').split('.').collect();
+    go(v, &keys);
+}
+
 fn leaves(v: &Value) -> BTreeMap<String, Value> {
     fn walk(v: &Value, path: String, out: &mut BTreeMap<String, Value>) {
         match v {
