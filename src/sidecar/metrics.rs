@@ -213,7 +213,6 @@ impl UpstreamMetrics {
     pub fn new(metrics: &Arc<Metrics>, name: &str) -> Self {
         let m = metrics;
         let u = name;
-        let proxy_causes = proxy_causes();
         UpstreamMetrics {
             name: name.to_string(),
             statuses: (100..600).map(|_| OnceLock::new()).collect(),
@@ -223,7 +222,7 @@ impl UpstreamMetrics {
                 .iter()
                 .map(|c| m.attempt_failures.with_label_values(&[u, c.as_str()]))
                 .collect(),
-            proxy_errors: proxy_causes
+            proxy_errors: PROXY_CAUSES
                 .iter()
                 .map(|c| {
                     let status = c.status().as_u16().to_string();
@@ -307,7 +306,7 @@ impl UpstreamMetrics {
 
     /// A 502/503/504 the sidecar answered itself.
     pub fn proxy_error(&self, cause: Cause) {
-        let i = proxy_causes()
+        let i = PROXY_CAUSES
             .iter()
             .position(|c| c.proxy_status_error() == cause.proxy_status_error())
             .expect("every final cause has a series");
@@ -351,7 +350,7 @@ impl UpstreamMetrics {
             let _ = m.attempt_failures.remove_label_values(&[u, c.as_str()]);
             let _ = m.retries.remove_label_values(&[u, c.as_str()]);
         }
-        for c in proxy_causes() {
+        for c in PROXY_CAUSES {
             let status = c.status().as_u16().to_string();
             let _ = m.gateway_errors.remove_label_values(&[
                 u,
@@ -392,13 +391,18 @@ impl UpstreamMetrics {
     }
 }
 
-/// Causes that can end a request with the sidecar's own error response.
-fn proxy_causes() -> Vec<Cause> {
-    ALL_CAUSES
-        .into_iter()
-        .filter(|c| !matches!(c, Cause::UpstreamStatus | Cause::KeepaliveRace))
-        .collect()
-}
+/// Causes that can end a request with the sidecar's own error response (a keep-alive race ends
+/// one as `connection_terminated`; an upstream status is passed through, not answered).
+const PROXY_CAUSES: [Cause; 8] = [
+    Cause::ProxyInternalError,
+    Cause::ConnectionRefused,
+    Cause::ConnectionTimeout,
+    Cause::ConnectionTerminated,
+    Cause::HttpResponseTimeout,
+    Cause::HttpResponseIncomplete,
+    Cause::HttpProtocolError,
+    Cause::DestinationUnavailable,
+];
 
 fn cause_index(c: Cause) -> usize {
     ALL_CAUSES

@@ -156,7 +156,15 @@ impl Pool {
     /// its response body has been read to the end; if the body is abandoned the connection
     /// closes and is dropped at the next checkout.
     pub fn release(&self, tx: Sender) {
-        self.put(tx);
+        let cfg = self.config();
+        let mut idle = self.inner.idle.lock();
+        if idle.len() >= cfg.max_idle {
+            idle.remove(0);
+        }
+        idle.push(Idle {
+            tx,
+            since: Instant::now(),
+        });
     }
 
     /// Closes connections idle for `poolIdle` (and forgets closed ones), so idle sockets do not
@@ -168,17 +176,5 @@ impl Pool {
             .idle
             .lock()
             .retain(|c| !c.tx.is_closed() && now.saturating_duration_since(c.since) < idle_timeout);
-    }
-
-    fn put(&self, tx: Sender) {
-        let cfg = self.config();
-        let mut idle = self.inner.idle.lock();
-        if idle.len() >= cfg.max_idle {
-            idle.remove(0);
-        }
-        idle.push(Idle {
-            tx,
-            since: Instant::now(),
-        });
     }
 }
