@@ -98,7 +98,7 @@ async fn converges_follows_endpoints_and_cleans_up() {
     );
     assert_eq!(
         p["status"]["endpoints"],
-        json!({"total": 4, "ready": 2, "serving": 3, "terminating": 2})
+        json!({"total": 4, "ready": 2, "serving": 3, "terminating": 2, "ejected": 0})
     );
     assert_eq!(
         p["status"]["observedGeneration"],

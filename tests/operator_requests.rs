@@ -1,12 +1,13 @@
 //! Request-level tests of one reconcile: exact paths, field manager, content types and bodies,
 //! against a `tower_test` mock API server (in the style of kube-rs controller-rs `fixtures.rs`).
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use detour::{
     api::UpstreamPolicy,
     config::{Config, EndpointState},
     operator::{
+        health::UpstreamHealth,
         reconcile::{self, Context, Shared},
         Metrics,
     },
@@ -78,6 +79,7 @@ fn fixture(policies: &[Value], config_maps: &[Value]) -> Fixture {
         config_maps: store::<ConfigMap>(config_maps),
         synced: tokio::sync::watch::channel(true).1,
         shared: Arc::new(Shared::new(client, Arc::new(Metrics::new()), None)),
+        health: Default::default(),
     });
     Fixture { ctx, handle }
 }
@@ -246,8 +248,9 @@ async fn first_reconcile() -> (Value, Value) {
     assert_eq!(status["configHash"], cfg.hash());
     assert_eq!(
         status["endpoints"],
-        json!({"total": 2, "ready": 1, "serving": 2, "terminating": 1})
+        json!({"total": 2, "ready": 1, "serving": 2, "terminating": 1, "ejected": 0})
     );
+    assert_eq!(status["sidecars"], 0, "no sidecar reported yet");
     let kinds: Vec<(&str, &str, &str)> = status["conditions"]
         .as_array()
         .unwrap()
@@ -305,6 +308,85 @@ async fn up_to_date_namespace_makes_no_requests() {
     let p = policy(json!({"finalizers": ["detour.dev/config"]}), Some(status));
     let Fixture { ctx, handle } = fixture(&[p], &[cm]);
     // Any request would wait forever for the mock to answer.
+    let action = tokio::time::timeout(Duration::from_secs(1), run(&ctx))
+        .await
+        .expect("reconcile made a request")
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+    drop(handle);
+}
+
+/// The namespace as `first_reconcile` left it: ConfigMap and status in the cache.
+async fn converged(status_edit: impl FnOnce(&mut Value)) -> Fixture {
+    let (mut cm, mut status) = first_reconcile().await;
+    cm["metadata"]["resourceVersion"] = json!("12");
+    status_edit(&mut status);
+    let p = policy(json!({"finalizers": ["detour.dev/config"]}), Some(status));
+    fixture(&[p], &[cm])
+}
+
+fn sidecar_health(sidecars: u32, ejected: &[&str]) -> BTreeMap<String, UpstreamHealth> {
+    BTreeMap::from([(
+        "shop/pay".to_string(),
+        UpstreamHealth {
+            sidecars,
+            ejected: ejected.iter().map(|a| a.parse().unwrap()).collect(),
+        },
+    )])
+}
+
+#[tokio::test]
+async fn sidecar_reports_reach_the_status_in_one_write() {
+    let Fixture { ctx, mut handle } = converged(|_| {}).await;
+    // 10.0.0.9 left the Service; a sidecar that has not reloaded yet still reports it ejected.
+    ctx.health
+        .set(sidecar_health(2, &["10.0.0.2:8080", "10.0.0.9:8080"]));
+    let task = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { run(&ctx).await }
+    });
+    // No ConfigMap write (unchanged), no Event (conditions unchanged): only the status.
+    let body = expect(
+        &mut handle,
+        Method::PATCH,
+        &format!("{POLICY_PATH}/status?&force=true&fieldManager=detour-operator"),
+        APPLY,
+        200,
+        policy(json!({"resourceVersion": "14"}), None),
+    )
+    .await;
+    assert_eq!(
+        body["status"]["endpoints"],
+        json!({"total": 2, "ready": 1, "serving": 2, "terminating": 1, "ejected": 1})
+    );
+    assert_eq!(body["status"]["sidecars"], 2);
+    let action = tokio::time::timeout(Duration::from_secs(1), task)
+        .await
+        .expect("a request after the status write")
+        .unwrap()
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn unchanged_sidecar_reports_and_no_report_yet_make_no_requests() {
+    let shown = |s: &mut Value| {
+        s["endpoints"]["ejected"] = json!(1);
+        s["sidecars"] = json!(3);
+    };
+    // Same figures as the status shows: nothing to write.
+    let Fixture { ctx, handle } = converged(shown).await;
+    ctx.health.set(sidecar_health(3, &["10.0.0.1:8080"]));
+    let action = tokio::time::timeout(Duration::from_secs(1), run(&ctx))
+        .await
+        .expect("reconcile made a request")
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+    drop(handle);
+
+    // Just started, no scrape round done: the status keeps its figures instead of flapping to 0.
+    let Fixture { ctx, handle } = converged(shown).await;
+    assert!(ctx.health.latest().is_none());
     let action = tokio::time::timeout(Duration::from_secs(1), run(&ctx))
         .await
         .expect("reconcile made a request")

@@ -19,6 +19,15 @@ use crate::config::Policy;
 /// API group of every detour resource.
 pub const GROUP: &str = "detour.dev";
 
+/// Label on every pod that runs the detour sidecar (any value). The operator watches only pods
+/// carrying it, to collect the sidecars' live endpoint state; the injector sets it, and so must
+/// whoever adds the sidecar by hand.
+pub const SIDECAR_LABEL: &str = "detour.dev/sidecar";
+
+/// Name of the sidecar container's admin port (`containerPort` of `--admin`). The operator reads
+/// `GET /endpoints` there; the admin server must then listen on the pod IP (`--admin 0.0.0.0:9901`).
+pub const SIDECAR_ADMIN_PORT: &str = "detour-admin";
+
 /// Condition types written to `status.conditions`.
 pub mod condition {
     /// The policy is valid and its listener is free: it is part of the rendered config.
@@ -83,6 +92,17 @@ pub mod reason {
         name = "Total-Endpoints",
         type_ = "integer",
         json_path = ".status.endpoints.total"
+    ),
+    printcolumn(
+        name = "Ejected",
+        type_ = "integer",
+        json_path = ".status.endpoints.ejected"
+    ),
+    printcolumn(
+        name = "Sidecars",
+        type_ = "integer",
+        priority = 1,
+        json_path = ".status.sidecars"
     ),
     printcolumn(
         name = "Ready",
@@ -166,6 +186,10 @@ pub struct UpstreamPolicyStatus {
     /// Endpoint counts of the upstream Service port.
     #[serde(default)]
     pub endpoints: EndpointCounts,
+    /// Sidecars (pods labelled `detour.dev/sidecar`) that answered the operator's last scrape
+    /// and run this policy's upstream. 0 means `endpoints.ejected` has no one to come from.
+    #[serde(default)]
+    pub sidecars: u32,
     /// Hash of the rendered `detour-config` document the policy is part of (what sidecars
     /// report in `/config` and `detour_config_info`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -184,6 +208,10 @@ pub struct EndpointCounts {
     pub serving: u32,
     /// `terminating` (still serving ones are used only when nothing else is left).
     pub terminating: u32,
+    /// Endpoints at least one sidecar has ejected (outlier detection on live traffic), as of the
+    /// operator's last scrape of the sidecars.
+    #[serde(default)]
+    pub ejected: u32,
 }
 
 // === impl UpstreamPolicy ===
@@ -318,6 +346,50 @@ mod tests {
         let v = &crd["spec"]["versions"][0];
         assert_eq!(v["subresources"]["status"], json!({}));
         assert_eq!(crd["spec"]["names"]["shortNames"], json!(["upol"]));
+    }
+
+    #[test]
+    fn printer_columns_show_ejected_after_ready_and_total() {
+        let crd = serde_json::to_value(crd()).unwrap();
+        let cols = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+            .as_array()
+            .unwrap();
+        let names: Vec<&str> = cols.iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "Upstream",
+                "Listener",
+                "Ready-Endpoints",
+                "Total-Endpoints",
+                "Ejected",
+                "Sidecars",
+                "Ready",
+                "Reason",
+                "Age"
+            ]
+        );
+        let col = |n: &str| cols.iter().find(|c| c["name"] == n).unwrap();
+        assert_eq!(col("Ejected")["jsonPath"], ".status.endpoints.ejected");
+        assert_eq!(col("Sidecars")["jsonPath"], ".status.sidecars");
+        assert_eq!(col("Sidecars")["priority"], 1, "only in -o wide");
+        // Both paths exist in the schema (a typo in a jsonPath shows an empty column).
+        let status = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+            ["status"]["properties"];
+        assert_eq!(
+            status["endpoints"]["properties"]["ejected"]["type"],
+            "integer"
+        );
+        assert_eq!(status["sidecars"]["type"], "integer");
+    }
+
+    #[test]
+    fn status_from_before_sidecar_health_still_reads() {
+        let s: UpstreamPolicyStatus = serde_json::from_value(json!({
+            "endpoints": {"total": 2, "ready": 1, "serving": 1, "terminating": 0},
+        }))
+        .unwrap();
+        assert_eq!((s.endpoints.ejected, s.sidecars), (0, 0));
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub struct Metrics {
     reconcile_duration: Histogram,
     renders: IntCounterVec,
     status_patches: IntCounterVec,
+    sidecar_scrapes: IntCounterVec,
     policies: IntGaugeVec,
     leader: IntGauge,
     /// Latest condition statuses per policy (`ns/name`), so the gauge is a count, not a sum of
@@ -69,6 +70,14 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let sidecar_scrapes = IntCounterVec::new(
+            Opts::new(
+                "detour_operator_sidecar_scrapes_total",
+                "Reads of a sidecar's GET /endpoints by result (ok or error).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         let policies = IntGaugeVec::new(
             Opts::new(
                 "detour_operator_policies",
@@ -87,10 +96,15 @@ impl Metrics {
             Box::new(reconcile_duration.clone()),
             Box::new(renders.clone()),
             Box::new(status_patches.clone()),
+            Box::new(sidecar_scrapes.clone()),
             Box::new(policies.clone()),
             Box::new(leader.clone()),
         ] {
             registry.register(c).expect("unique metric");
+        }
+        // Present at 0 from the start, so a rate over them works before the first failure.
+        for r in ["ok", "error"] {
+            sidecar_scrapes.with_label_values(&[r]).reset();
         }
         for c in CONDITIONS {
             for s in STATUSES {
@@ -103,6 +117,7 @@ impl Metrics {
             reconcile_duration,
             renders,
             status_patches,
+            sidecar_scrapes,
             policies,
             leader,
             by_policy: Mutex::default(),
@@ -120,6 +135,11 @@ impl Metrics {
 
     pub fn status_patched(&self, result: &str) {
         self.status_patches.with_label_values(&[result]).inc();
+    }
+
+    /// One sidecar scrape: `ok` or `error`.
+    pub fn sidecar_scraped(&self, result: &str) {
+        self.sidecar_scrapes.with_label_values(&[result]).inc();
     }
 
     pub fn set_leader(&self, leader: bool) {
@@ -179,6 +199,14 @@ mod tests {
         assert!(m
             .text()
             .contains("detour_operator_policies{condition=\"Ready\",status=\"True\"} 1"));
+        assert!(
+            t.contains("detour_operator_sidecar_scrapes_total{result=\"error\"} 0"),
+            "{t}"
+        );
+        m.sidecar_scraped("ok");
+        assert!(m
+            .text()
+            .contains("detour_operator_sidecar_scrapes_total{result=\"ok\"} 1"));
         m.reconciled("ok", 0.01);
         assert!(m
             .text()

@@ -5,6 +5,7 @@
 //! finalizer, events), this file the wiring (watches, leader election, admin server).
 
 mod admin;
+pub mod health;
 mod metrics;
 pub mod reconcile;
 pub mod render;
@@ -18,7 +19,7 @@ use std::{
 
 use futures::{future, FutureExt, StreamExt};
 use k8s_openapi::api::{
-    core::v1::{ConfigMap, Service},
+    core::v1::{ConfigMap, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -33,7 +34,7 @@ use kube::{
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{debug, info, warn};
 
-use crate::api::UpstreamPolicy;
+use crate::api::{UpstreamPolicy, SIDECAR_LABEL};
 
 pub use self::admin::Health;
 pub use self::metrics::Metrics;
@@ -41,6 +42,9 @@ use self::reconcile::{Context, Shared, MANAGED_BY};
 use self::render::SERVICE_NAME_LABEL;
 
 type Policy = DeserializeGuard<UpstreamPolicy>;
+
+/// Lower bound of `--health-interval`.
+const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Flags of `detour operator`.
 #[derive(Debug, Clone, clap::Args)]
@@ -66,6 +70,10 @@ pub struct Args {
     /// Changes arriving within this window are reconciled once (the last state wins).
     #[arg(long, env = "DETOUR_DEBOUNCE", default_value = "100ms")]
     pub debounce: crate::config::Duration,
+    /// How often every sidecar pod (label detour.dev/sidecar, port detour-admin) is asked for
+    /// its endpoints' live state, reported as status.endpoints.ejected and status.sidecars.
+    #[arg(long, env = "DETOUR_HEALTH_INTERVAL", default_value = "10s")]
+    pub health_interval: crate::config::Duration,
 }
 
 /// Why the operator stopped.
@@ -112,6 +120,8 @@ pub struct Options {
     /// `None` runs without a Lease (single replica, tests).
     pub leader_election: Option<LeaseOptions>,
     pub debounce: Duration,
+    /// Time between two scrapes of the sidecars.
+    pub health_interval: Duration,
 }
 
 impl Default for Options {
@@ -121,6 +131,7 @@ impl Default for Options {
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             leader_election: None,
             debounce: Duration::from_millis(100),
+            health_interval: Duration::from_secs(10),
         }
     }
 }
@@ -142,6 +153,8 @@ impl From<Args> for Options {
                 grace: 5,
             }),
             debounce: a.debounce.get(),
+            // A zero interval would scrape in a busy loop.
+            health_interval: a.health_interval.get().max(MIN_HEALTH_INTERVAL),
         }
     }
 }
@@ -308,7 +321,7 @@ async fn run_scopes(client: &Client, opts: &Options, shared: &Arc<Shared>, healt
     let mut runs = Vec::new();
     let mut syncs = Vec::new();
     for ns in scopes {
-        let (run, synced) = scope(client.clone(), ns, shared.clone(), opts.debounce);
+        let (run, synced) = scope(client.clone(), ns, shared.clone(), opts);
         runs.push(run);
         syncs.push(synced);
     }
@@ -341,7 +354,7 @@ fn scope(
     client: Client,
     ns: Option<String>,
     shared: Arc<Shared>,
-    debounce: Duration,
+    opts: &Options,
 ) -> (
     future::BoxFuture<'static, ()>,
     future::BoxFuture<'static, ()>,
@@ -351,6 +364,7 @@ fn scope(
     let (services, svc_writer) = reflector::store::<Service>();
     let (slices, slice_writer) = reflector::store::<EndpointSlice>();
     let (config_maps, cm_writer) = reflector::store::<ConfigMap>();
+    let (pods, pod_writer) = reflector::store::<Pod>();
     let (synced_tx, synced) = watch::channel(false);
     // Namespaces to render without a policy to start from (see `reconcile_namespace`).
     let (janitor_tx, janitor_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -362,6 +376,7 @@ fn scope(
         config_maps: config_maps.clone(),
         synced,
         shared: shared.clone(),
+        health: Arc::new(health::HealthReports::default()),
     });
 
     // Our own status writes and finalizer patches come back as watch events; only spec,
@@ -405,8 +420,27 @@ fn scope(
                 future::ready(out)
             }
         });
+    // The sidecars' reports change a policy's status without any object changing.
+    let (health_trigger, health_triggered) = futures::channel::mpsc::unbounded();
     let controller = Controller::for_stream(policy_stream, policies.clone())
-        .with_config(controller::Config::default().debounce(debounce));
+        .with_config(controller::Config::default().debounce(opts.debounce))
+        .reconcile_on(health_triggered);
+    // Only sidecar pods, slimmed to what eligibility reads: memory stays small in big clusters.
+    let pod_stream = watcher(api::<Pod>(&client, &ns), wc.clone().labels(SIDECAR_LABEL))
+        .default_backoff()
+        .modify(health::slim)
+        .reflect(pod_writer);
+    let poller = health::poll(
+        pod_stream,
+        health::Poller {
+            pods,
+            policies: policies.clone(),
+            reports: ctx.health.clone(),
+            trigger: health_trigger,
+            interval: opts.health_interval,
+            metrics: shared.metrics.clone(),
+        },
+    );
 
     let svc_stream = watcher(api::<Service>(&client, &ns), wc.clone())
         .default_backoff()
@@ -491,8 +525,8 @@ fn scope(
         });
     let janitor = janitor(janitor_rx, janitor_tx, ctx);
     let run = async move {
-        futures::pin_mut!(run, janitor);
-        future::select(run, janitor).await;
+        futures::pin_mut!(run, janitor, poller);
+        future::select(future::select(run, janitor), poller).await;
     }
     .boxed();
     (run, sync.boxed())
@@ -598,14 +632,20 @@ mod tests {
             "250ms",
             "--admin",
             "127.0.0.1:0",
+            "--health-interval",
+            "2s",
         ]);
         let o = Options::from(cli.args);
         assert_eq!(o.namespaces, vec!["shop", "pay"]);
         assert!(o.leader_election.is_none());
         assert_eq!(o.debounce, Duration::from_millis(250));
+        assert_eq!(o.health_interval, Duration::from_secs(2));
+        let o = Options::from(Cli::parse_from(["detour", "--health-interval", "0s"]).args);
+        assert_eq!(o.health_interval, MIN_HEALTH_INTERVAL);
 
         let o = Options::from(Cli::parse_from(["detour", "--identity", "pod-1"]).args);
         assert!(o.namespaces.is_empty(), "all namespaces by default");
+        assert_eq!(o.health_interval, Duration::from_secs(10));
         let lease = o.leader_election.expect("leader election by default");
         assert_eq!(
             (

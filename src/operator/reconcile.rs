@@ -31,6 +31,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::{
+    health::HealthReports,
     metrics::Metrics,
     render::{desired_status, render_namespace, PolicyInput, RenderError},
 };
@@ -88,6 +89,8 @@ pub struct Context {
     /// Becomes true once all four caches hold a full list.
     pub synced: tokio::sync::watch::Receiver<bool>,
     pub shared: Arc<Shared>,
+    /// What the sidecars of this scope last reported (`health::poll` fills it).
+    pub health: Arc<HealthReports>,
 }
 
 /// State shared by every scope and kept across leadership changes.
@@ -355,6 +358,13 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
             .and_then(|c| c.annotations().get(HASH_ANNOTATION).cloned()),
     };
     let mut first_error = applied.err();
+    let sidecars = ctx.health.latest();
+    let rendered_upstreams: HashMap<&str, &crate::config::Upstream> = rendered
+        .config
+        .upstreams
+        .iter()
+        .map(|u| (u.name.as_str(), u))
+        .collect();
 
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     for p in &policies {
@@ -370,6 +380,24 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
             Ok(p) => p.status.clone(),
             Err(_) => None,
         };
+        let upstream = format!("{ns}/{name}");
+        match &sidecars {
+            Some(reports) => {
+                let h = reports.get(&upstream).cloned().unwrap_or_default();
+                let addresses = rendered_upstreams
+                    .get(upstream.as_str())
+                    .into_iter()
+                    .flat_map(|u| u.endpoints.iter().map(|e| e.address.as_str()));
+                outcome.sidecar_health(h.sidecars, h.ejected_among(addresses));
+            }
+            // No scrape round yet (just started or took over): keep what the status says.
+            None => {
+                if let Some(prev) = &previous {
+                    let ejected = prev.endpoints.ejected.min(outcome.endpoints.total);
+                    outcome.sidecar_health(prev.sidecars, ejected);
+                }
+            }
+        }
         let status = desired_status(
             &outcome,
             p.meta().generation,
@@ -661,6 +689,7 @@ mod tests {
                 last_transition_time: t,
             }],
             endpoints: Default::default(),
+            sidecars: 0,
             config_hash: None,
         }
     }

@@ -48,6 +48,8 @@ pub struct Outcome {
     pub resolved_refs: Cond,
     pub ready: Cond,
     pub endpoints: EndpointCounts,
+    /// Sidecars reporting this policy's upstream (see [`Outcome::sidecar_health`]).
+    pub sidecars: u32,
     /// Part of the rendered config.
     pub rendered: bool,
 }
@@ -207,6 +209,7 @@ pub fn render_namespace(
                 resolved_refs,
                 ready,
                 endpoints: counts,
+                sidecars: 0,
                 rendered: true,
             },
         );
@@ -256,6 +259,7 @@ pub fn desired_status(
             cond(condition::READY, &outcome.ready),
         ],
         endpoints: outcome.endpoints,
+        sidecars: outcome.sidecars,
         config_hash: outcome
             .rendered
             .then(|| config_hash.map(str::to_string))
@@ -464,6 +468,7 @@ fn not_accepted(reason: &'static str, message: String) -> Outcome {
             "the policy is not accepted (see Accepted)",
         ),
         endpoints: EndpointCounts::default(),
+        sidecars: 0,
         rendered: false,
     }
 }
@@ -480,6 +485,15 @@ impl Outcome {
                 reason::CONFIG_NOT_APPLIED,
                 format!("{config_map} could not be written: {error}"),
             );
+        }
+    }
+
+    /// What the sidecars report (collected by the operator, not rendered): how many run this
+    /// upstream and how many of its endpoints they ejected. Only a rendered policy has sidecars.
+    pub fn sidecar_health(&mut self, sidecars: u32, ejected: u32) {
+        if self.rendered {
+            self.sidecars = sidecars;
+            self.endpoints.ejected = ejected;
         }
     }
 }
@@ -653,7 +667,8 @@ mod tests {
                 total: 5,
                 ready: 2,
                 serving: 3,
-                terminating: 2
+                terminating: 2,
+                ejected: 0,
             }
         );
         assert_eq!((o.ready.status, o.ready.reason), ("True", reason::READY));

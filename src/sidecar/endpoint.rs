@@ -15,7 +15,7 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::pool::{Pool, PoolConfig};
@@ -58,6 +58,24 @@ pub enum Health {
     Unknown,
     Healthy,
     Unhealthy,
+}
+
+/// One word for an endpoint's state, as `detour_endpoints{state}` and `GET /endpoints` report
+/// it. An endpoint in several states shows the first of terminating, ejected, unhealthy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LiveState {
+    /// Eligible: not terminating, not ejected, not failing active checks.
+    Healthy,
+    /// Failing active health checks.
+    Unhealthy,
+    /// Ejected by outlier detection (passive, on live traffic).
+    Ejected,
+    /// Kubernetes says the pod is terminating.
+    Terminating,
+    /// A state a newer sidecar reports that this build does not know (read side only).
+    #[serde(other)]
+    Unknown,
 }
 
 /// A failure seen on live traffic, for outlier detection.
@@ -233,6 +251,18 @@ impl Endpoint {
     pub fn is_ejected(&self, now: Instant) -> bool {
         let until = self.ejected_until_ms.load(Ordering::Relaxed);
         until != 0 && self.millis(now) < until
+    }
+
+    pub fn live_state(&self, now: Instant) -> LiveState {
+        if self.is_terminating() {
+            LiveState::Terminating
+        } else if self.is_ejected(now) {
+            LiveState::Ejected
+        } else if self.health() == Health::Unhealthy {
+            LiveState::Unhealthy
+        } else {
+            LiveState::Healthy
+        }
     }
 
     /// Usable for normal balancing: healthy (or not yet checked), not ejected, not terminating.

@@ -27,7 +27,8 @@ use std::{
     time::Duration,
 };
 
-pub use self::endpoint::{EndpointSnapshot, Health};
+pub use self::admin::{EndpointsReport, ReportedEndpoint};
+pub use self::endpoint::{EndpointSnapshot, Health, LiveState};
 pub use self::errors::Cause;
 pub use self::labels::{matches as selector_matches, parse_downward_labels};
 pub use self::runtime::{Options, Sidecar, SidecarHandle, UpstreamView};

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use super::{
     budget::Budget,
-    endpoint::{Endpoint, EndpointSnapshot, Failure, Health},
+    endpoint::{Endpoint, EndpointSnapshot, Failure, LiveState},
     errors::Cause,
     metrics::UpstreamMetrics,
     pool::PoolConfig,
@@ -130,14 +130,11 @@ impl UpstreamRt {
     pub fn endpoint_counts(&self, now: Instant) -> [i64; 4] {
         let mut c = [0i64; 4];
         for e in &self.endpoints {
-            let i = if e.is_terminating() {
-                3
-            } else if e.is_ejected(now) {
-                2
-            } else if e.health() == Health::Unhealthy {
-                1
-            } else {
-                0
+            let i = match e.live_state(now) {
+                LiveState::Healthy | LiveState::Unknown => 0,
+                LiveState::Unhealthy => 1,
+                LiveState::Ejected => 2,
+                LiveState::Terminating => 3,
             };
             c[i] += 1;
         }
