@@ -441,60 +441,38 @@ mod tests {
 
     #[test]
     fn pods_not_worth_asking_are_skipped() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
-            (
-                "pending",
-                Box::new(|p| p["status"]["phase"] = json!("Pending")),
-            ),
-            (
-                "succeeded",
-                Box::new(|p| p["status"]["phase"] = json!("Succeeded")),
-            ),
-            (
-                "no status",
-                Box::new(|p| {
-                    p.as_object_mut()
-                        .unwrap()
-                        .remove("status")
-                        .map(drop)
-                        .unwrap()
-                }),
-            ),
-            (
-                "no pod IP",
-                Box::new(|p| {
-                    p["status"]
-                        .as_object_mut()
-                        .unwrap()
-                        .remove("podIP")
-                        .map(drop)
-                        .unwrap()
-                }),
-            ),
-            (
-                "bad pod IP",
-                Box::new(|p| p["status"]["podIP"] = json!("not-an-ip")),
-            ),
+        // (what, JSON pointer, new value or removal)
+        let cases = [
+            ("pending", "/status/phase", Some(json!("Pending"))),
+            ("succeeded", "/status/phase", Some(json!("Succeeded"))),
+            ("no status", "/status", None),
+            ("no pod IP", "/status/podIP", None),
+            ("bad pod IP", "/status/podIP", Some(json!("not-an-ip"))),
             (
                 "deleting",
-                Box::new(|p| p["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z")),
+                "/metadata/deletionTimestamp",
+                Some(json!("2026-01-01T00:00:00Z")),
             ),
             (
                 "no admin port",
-                Box::new(|p| p["spec"]["containers"][1]["ports"][0]["name"] = json!("admin")),
+                "/spec/containers/1/ports/0/name",
+                Some(json!("admin")),
             ),
             (
                 "UDP admin port",
-                Box::new(|p| p["spec"]["containers"][1]["ports"][0]["protocol"] = json!("UDP")),
+                "/spec/containers/1/ports/0/protocol",
+                Some(json!("UDP")),
             ),
-            (
-                "no spec",
-                Box::new(|p| p.as_object_mut().unwrap().remove("spec").map(drop).unwrap()),
-            ),
+            ("no spec", "/spec", None),
         ];
-        for (what, edit) in cases {
+        for (what, pointer, value) in cases {
             let mut p = sidecar_pod();
-            edit(&mut p);
+            let (parent, key) = pointer.rsplit_once('/').unwrap();
+            let parent = p.pointer_mut(parent).unwrap().as_object_mut().unwrap();
+            match value {
+                Some(v) => parent.insert(key.to_string(), v),
+                None => parent.remove(key),
+            };
             assert_eq!(scrape_target(&pod(p)), None, "{what}");
         }
     }

@@ -41,7 +41,8 @@ pub struct Args {
     /// one is logged and counted and the running config stays.
     #[arg(long, short, env = "DETOUR_CONFIG")]
     pub config: PathBuf,
-    /// Admin server address: /metrics, /live, /ready, /config.
+    /// Admin server address: /metrics, /live, /ready, /config, /endpoints. In Kubernetes, bind
+    /// 0.0.0.0 and name the container port detour-admin so the operator can read /endpoints.
     #[arg(long, env = "DETOUR_ADMIN", default_value = "127.0.0.1:9901")]
     pub admin: SocketAddr,
     /// How long in-flight requests may take to finish after SIGTERM.

@@ -38,7 +38,7 @@ use crate::config::{Config, HealthCheck};
 /// How the sidecar runs (as opposed to what it proxies, which is the `Config`).
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Admin server address (`/metrics`, `/live`, `/ready`, `/config`).
+    /// Admin server address (`/metrics`, `/live`, `/ready`, `/config`, `/endpoints`).
     pub admin: SocketAddr,
     /// Longest wait for in-flight requests on shutdown.
     pub drain_timeout: Duration,
