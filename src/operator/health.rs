@@ -273,6 +273,9 @@ pub struct Poller {
     pub trigger: mpsc::UnboundedSender<ObjectRef<Policy>>,
     pub interval: Duration,
     pub metrics: Arc<Metrics>,
+    /// True once the controller's caches are filled (the policies among them): the first round
+    /// looks at every policy's status.
+    pub synced: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Drives the pod watch and, once its cache is filled, scrapes every `interval`.
@@ -288,7 +291,11 @@ where
         future::ready(())
     });
     let rounds = async {
+        // This is the pod store's only waiter (`wait_until_ready` wakes just one).
         if p.pods.wait_until_ready().await.is_err() {
+            return;
+        }
+        if p.synced.clone().wait_for(|s| *s).await.is_err() {
             return;
         }
         let mut tick = tokio::time::interval(p.interval);
@@ -355,7 +362,8 @@ async fn round(p: &Poller, failing: &mut HashSet<String>, first: bool) {
     failing.retain(|k| scraped.contains(k));
 
     let agg = aggregate(reports.iter().map(|(ns, r)| (ns.as_str(), r)));
-    let mut changed = p.reports.set(agg.clone());
+    let upstreams = agg.len();
+    let mut changed = p.reports.set(agg);
     if first {
         // A status written by an earlier run may report sidecars that are gone now.
         for pol in p.policies.state() {
@@ -394,7 +402,7 @@ async fn round(p: &Poller, failing: &mut HashSet<String>, first: bool) {
     }
     debug!(
         sidecars = reports.len(),
-        upstreams = agg.len(),
+        upstreams,
         triggered = namespaces.len(),
         "sidecar health round"
     );

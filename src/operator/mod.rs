@@ -439,6 +439,7 @@ fn scope(
             trigger: health_trigger,
             interval: opts.health_interval,
             metrics: shared.metrics.clone(),
+            synced: ctx.synced.clone(),
         },
     );
 
