@@ -616,6 +616,38 @@ mod tests {
     }
 
     #[test]
+    fn only_rendered_policies_carry_sidecar_figures() {
+        use crate::operator::render::{render_namespace, PolicyInput};
+        let spec: crate::api::UpstreamPolicySpec = serde_json::from_value(json!({
+            "upstream": {"service": "pay", "port": 80}, "listener": {"port": 18080},
+        }))
+        .unwrap();
+        let inputs = [
+            PolicyInput {
+                name: "ok",
+                created: None,
+                spec: Ok(&spec),
+            },
+            PolicyInput {
+                name: "broken",
+                created: None,
+                spec: Err("cannot be read".into()),
+            },
+        ];
+        let r = render_namespace("shop", &inputs, &[], &[]).unwrap();
+        let (mut ok, mut broken) = (r.outcomes["ok"].clone(), r.outcomes["broken"].clone());
+        ok.sidecar_health(3, 1);
+        broken.sidecar_health(3, 1);
+        assert_eq!((ok.sidecars, ok.endpoints.ejected), (3, 1));
+        assert_eq!((broken.sidecars, broken.endpoints.ejected), (0, 0));
+        let t = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        );
+        let status = crate::operator::render::desired_status(&ok, Some(1), None, None, &t);
+        assert_eq!((status.sidecars, status.endpoints.ejected), (3, 1));
+    }
+
+    #[test]
     fn reports_tell_which_upstreams_changed() {
         let r = HealthReports::default();
         assert!(r.latest().is_none(), "nothing known before the first round");

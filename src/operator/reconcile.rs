@@ -383,12 +383,14 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
         let upstream = format!("{ns}/{name}");
         match &sidecars {
             Some(reports) => {
-                let h = reports.get(&upstream).cloned().unwrap_or_default();
                 let addresses = rendered_upstreams
                     .get(upstream.as_str())
                     .into_iter()
                     .flat_map(|u| u.endpoints.iter().map(|e| e.address.as_str()));
-                outcome.sidecar_health(h.sidecars, h.ejected_among(addresses));
+                let (n, ejected) = reports
+                    .get(&upstream)
+                    .map_or((0, 0), |h| (h.sidecars, h.ejected_among(addresses)));
+                outcome.sidecar_health(n, ejected);
             }
             // No scrape round yet (just started or took over): keep what the status says.
             None => {
