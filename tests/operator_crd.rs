@@ -189,6 +189,10 @@ fn cel_rules_refuse_what_rust_validation_refuses() {
             None,
         ),
         (json!({"timeouts": {"poolIdle": "1ms"}}), None),
+        (
+            json!({"healthCheck": {"expectedStatuses": ["200-399", "404", "500-500"]}}),
+            None,
+        ),
     ];
     let validator = Validator::new();
     // spec.upstream.port is int-or-string: a number 1-65535 or a Service port name.
@@ -216,6 +220,23 @@ fn cel_rules_refuse_what_rust_validation_refuses() {
                 );
             }
         }
+    }
+    // A reversed status range cannot even be read by Rust ("cannot be read" at the field), so
+    // the API server must refuse it before the operator sees it.
+    for range in ["399-200", "201-200"] {
+        let obj = doc(json!({"healthCheck": {"expectedStatuses": ["200", range]}}));
+        let errs = validator
+            .validate(&schema, &obj, None)
+            .expect_err(&format!("CEL accepted status range {range}"))
+            .into_vec();
+        assert!(
+            errs.iter()
+                .any(|e| e.field_path.contains("healthCheck.expectedStatuses")
+                    && e.message.contains("must not end below its start")),
+            "{range}: {errs:?}"
+        );
+        let rust: Result<UpstreamPolicySpec, _> = serde_json::from_value(obj["spec"].clone());
+        assert!(rust.is_err(), "Rust accepted status range {range}");
     }
     for (spec, want) in cases {
         let obj = doc(spec.clone());

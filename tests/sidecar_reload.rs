@@ -266,3 +266,61 @@ async fn health_state_survives_a_reload_that_changes_the_health_check_policy() {
     }
     assert_eq!(h.pods[0].requests(), seen);
 }
+
+/// Two upstreams for disjoint workloads may share a listen address: the sidecar binds the one
+/// whose workloadSelector selects its own pod, and refuses the config when it has no pod labels.
+#[tokio::test]
+async fn disjoint_workloads_share_a_listen_address_and_each_pod_binds_its_own() {
+    let web = SimPod::start("web-0").await.unwrap();
+    let api = SimPod::start("api-0").await.unwrap();
+    // A concrete port: port 0 never counts as shared.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = Config::empty();
+    for (name, pod) in [("shop/web", &web), ("shop/api", &api)] {
+        let mut one = config_for(&[pod.addr()], fast_policy()).upstreams.remove(0);
+        one.name = name.to_string();
+        one.listen = format!("127.0.0.1:{port}");
+        one.workload_selector = Some(
+            serde_json::from_value(serde_json::json!({
+                "matchLabels": {"app": name.trim_start_matches("shop/")}
+            }))
+            .unwrap(),
+        );
+        cfg.upstreams.push(one);
+    }
+
+    let err = Sidecar::start(cfg.clone(), Options::default())
+        .await
+        .err()
+        .expect("a sidecar without pod labels cannot choose between the two");
+    let text = err.to_string();
+    assert!(
+        text.contains("upstreams[1].listen")
+            && text.contains("\"shop/web\"")
+            && text.contains("--pod-labels"),
+        "{text}"
+    );
+
+    let opts = Options {
+        pod_labels: Some([("app".to_string(), "api".to_string())].into()),
+        ..Options::default()
+    };
+    let sidecar = Sidecar::start(cfg, opts)
+        .await
+        .expect("sidecar of an api pod");
+    assert_eq!(sidecar.listener_addr("shop/web"), None);
+    let addr = sidecar.listener_addr("shop/api").expect("api listener");
+    assert_eq!(addr.port(), port);
+    for n in 0..4 {
+        let resp = send_fresh(addr, request(http::Method::GET, &format!("/{n}")))
+            .await
+            .unwrap();
+        assert_eq!(resp.status, StatusCode::OK);
+        assert_eq!(resp.pod(), Some("api-0"));
+    }
+    assert_eq!(web.requests(), 0);
+}

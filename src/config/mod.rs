@@ -6,6 +6,7 @@
 
 mod duration;
 mod policy;
+pub mod selector;
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path};
 
@@ -213,7 +214,7 @@ impl Config {
             errs.push("kind", format!("must be {KIND:?}, got {:?}", self.kind));
         }
         let mut names = BTreeMap::new();
-        let mut listens = BTreeMap::new();
+        let mut listens: BTreeMap<SocketAddr, Vec<usize>> = BTreeMap::new();
         for (i, u) in self.upstreams.iter().enumerate() {
             let p = format!("upstreams[{i}]");
             if !valid_name(&u.name) {
@@ -234,14 +235,29 @@ impl Config {
                 ),
                 // Port 0 (any free port, used by tests and the demo) never collides.
                 Ok(a) if a.port() == 0 => {}
+                // Upstreams for workloads no pod can share (disjoint `workloadSelector`s) may
+                // share an address: each sidecar binds only the ones that select its pod.
                 Ok(a) => {
-                    if let Some(j) = listens.insert(a, i) {
+                    let before: &mut Vec<usize> = listens.entry(a).or_default();
+                    let clash = before.iter().copied().find(|&j: &usize| {
+                        !selector::disjoint(
+                            self.upstreams[j].workload_selector.as_ref(),
+                            u.workload_selector.as_ref(),
+                        )
+                    });
+                    if let Some(j) = clash {
                         errs.push(
                             format!("{p}.listen"),
-                            format!("{a} is already used by upstreams[{j}]"),
+                            format!(
+                                "{a} is already used by upstreams[{j}], and their workloadSelectors can select the same pod"
+                            ),
                         );
                     }
+                    before.push(i);
                 }
+            }
+            if let Some(sel) = &u.workload_selector {
+                selector::validate(sel, &format!("{p}.workloadSelector"), errs);
             }
             let mut addrs = BTreeMap::new();
             for (k, e) in u.endpoints.iter().enumerate() {
@@ -427,6 +443,51 @@ upstreams:
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
         assert_eq!(errs.len(), 7, "{text}");
+    }
+
+    #[test]
+    fn a_listen_address_is_shared_only_by_disjoint_workloads() {
+        let doc = |second: &str| {
+            format!(
+                r#"
+apiVersion: detour.dev/v1alpha1
+kind: SidecarConfig
+upstreams:
+  - name: a
+    listen: 127.0.0.1:18080
+    workloadSelector: {{matchLabels: {{app: web}}}}
+  - name: b
+    listen: 127.0.0.1:18080
+    workloadSelector: {second}
+"#
+            )
+        };
+        Config::from_str_validated(&doc("{matchLabels: {app: api}}")).unwrap();
+        Config::from_str_validated(&doc(
+            "{matchExpressions: [{key: app, operator: NotIn, values: [web]}]}",
+        ))
+        .unwrap();
+        for overlapping in [
+            "{matchLabels: {tier: edge}}",
+            "{matchExpressions: [{key: app, operator: In, values: [web, api]}]}",
+            "{}",
+        ] {
+            let e = Config::from_str_validated(&doc(overlapping)).unwrap_err();
+            assert!(
+                e.to_string().contains(
+                    "upstreams[1].listen: 127.0.0.1:18080 is already used by upstreams[0], and their workloadSelectors can select the same pod"
+                ),
+                "{overlapping}: {e}"
+            );
+        }
+        let e = Config::from_str_validated(&doc("{matchExpressions: [{key: app, operator: Has}]}"))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "upstreams[1].workloadSelector.matchExpressions[0].operator: must be one of"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -561,7 +561,13 @@ impl JsonSchema for StatusRange {
         json_schema!({
             "type": "string",
             "pattern": "^[1-5][0-9][0-9](-[1-5][0-9][0-9])?$",
-            "description": "An HTTP status code (200) or inclusive range (200-399)."
+            "description": "An HTTP status code (200) or inclusive range (200-399).",
+            // Both ends have three digits (the pattern), so comparing them as strings orders
+            // them as numbers.
+            "x-kubernetes-validations": [{
+                "rule": "!self.contains('-') || self.split('-')[0] <= self.split('-')[1]",
+                "message": "a status range must not end below its start (write 200-399, not 399-200)"
+            }]
         })
     }
 }

@@ -17,7 +17,7 @@ use k8s_openapi::{
 
 use crate::{
     api::{condition, reason, EndpointCounts, UpstreamPolicySpec, UpstreamPolicyStatus},
-    config::{Config, Endpoint, EndpointState, FieldErrors, Upstream},
+    config::{selector, Config, Endpoint, EndpointState, FieldErrors, Upstream},
 };
 
 /// Label EndpointSlices carry to name their Service.
@@ -106,6 +106,9 @@ pub fn render_namespace(
             Ok(spec) => {
                 let mut errs = FieldErrors::default();
                 spec.policy.validate("spec", &mut errs);
+                if let Some(sel) = &spec.workload_selector {
+                    selector::validate(sel, "spec.workloadSelector", &mut errs);
+                }
                 if errs.is_empty() {
                     valid.push((p.name, spec));
                     None
@@ -119,40 +122,56 @@ pub fn render_namespace(
         }
     }
 
-    // Listener ports: the oldest claim wins, every claimant is told.
-    let mut claims: BTreeMap<u16, Vec<&str>> = BTreeMap::new();
-    for (name, spec) in &valid {
-        claims.entry(spec.listener.port).or_default().push(name);
+    // Listener ports: in age order, a policy keeps its port unless an older policy that kept it
+    // serves workloads that may overlap (the same pod could run both); every claimant is told.
+    // Winners on one port are then pairwise disjoint, as the sidecar's validation demands.
+    let mut holders: BTreeMap<u16, Vec<&(&str, &UpstreamPolicySpec)>> = BTreeMap::new();
+    let mut lost_to: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut beaten: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for claim in &valid {
+        let (name, spec) = *claim;
+        let kept = holders.entry(spec.listener.port).or_default();
+        let older = kept.iter().find(|(_, s)| {
+            !selector::disjoint(
+                s.workload_selector.as_ref(),
+                spec.workload_selector.as_ref(),
+            )
+        });
+        match older {
+            Some((winner, _)) => {
+                lost_to.insert(name, winner);
+                beaten.entry(winner).or_default().push(name);
+            }
+            None => kept.push(claim),
+        }
     }
     let mut upstreams = Vec::new();
     for (name, spec) in &valid {
         let port = spec.listener.port;
-        let claimants = &claims[&port];
-        let accepted = if claimants.len() == 1 {
-            Cond::t(
-                reason::ACCEPTED,
-                "policy is valid and its listener port is free",
-            )
-        } else if claimants[0] == *name {
-            Cond::t(
-                reason::LISTENER_CONFLICT,
-                format!(
-                    "listener port {port} is also claimed by newer {}; this policy is older and keeps it",
-                    list(&claimants[1..])
-                ),
-            )
-        } else {
+        let accepted = if let Some(winner) = lost_to.get(name) {
             outcomes.insert(
                 name.to_string(),
                 not_accepted(
                     reason::LISTENER_CONFLICT,
                     format!(
-                        "listener port {port} is already used by older policy {}; choose another spec.listener.port",
-                        claimants[0]
+                        "listener port {port} is already used by older policy {winner} for workloads that may overlap; choose another spec.listener.port or a workloadSelector disjoint from its"
                     ),
                 ),
             );
             continue;
+        } else if let Some(newer) = beaten.get(name) {
+            Cond::t(
+                reason::LISTENER_CONFLICT,
+                format!(
+                    "listener port {port} is also claimed by newer {} for workloads that may overlap; this policy is older and keeps it",
+                    list(newer)
+                ),
+            )
+        } else {
+            Cond::t(
+                reason::ACCEPTED,
+                "policy is valid and its listener port is free for its workloads",
+            )
         };
 
         let (resolved_refs, endpoints) = match resolve(spec, &services, &slices_by_service) {
@@ -923,6 +942,70 @@ mod tests {
         assert_eq!(r.outcomes["other"].accepted.reason, reason::ACCEPTED);
         let names: Vec<&str> = r.config.upstreams.iter().map(|u| u.name.as_str()).collect();
         assert_eq!(names, vec!["ns/old", "ns/other"]);
+    }
+
+    #[test]
+    fn disjoint_workloads_share_a_listener_port_overlapping_ones_conflict() {
+        let (t1, t2, t3, t4) = (ts(100), ts(200), ts(300), ts(400));
+        let svc = service("pay", &[(None, 80)]);
+        let with = |sel: serde_json::Value| {
+            let mut s = spec("pay", IntOrString::Int(80), 18080);
+            s.workload_selector = Some(serde_json::from_value(sel).unwrap());
+            s
+        };
+        let x = with(serde_json::json!({"matchLabels": {"app": "x"}}));
+        let xy = with(serde_json::json!({"matchExpressions": [
+            {"key": "app", "operator": "In", "values": ["x", "y"]}]}));
+        let y = with(serde_json::json!({"matchLabels": {"app": "y"}}));
+        let bad = with(serde_json::json!({"matchExpressions": [
+            {"key": "app", "operator": "Like", "values": ["x"]}]}));
+        let r = render_namespace(
+            "ns",
+            &[
+                input("y", &t3, &y),
+                input("xy", &t2, &xy),
+                input("x", &t1, &x),
+                input("bad", &t4, &bad),
+            ],
+            &[&svc],
+            &[],
+        )
+        .unwrap();
+        let (rx, rxy, ry) = (&r.outcomes["x"], &r.outcomes["xy"], &r.outcomes["y"]);
+        // x is oldest and keeps the port; xy overlaps it and loses.
+        assert_eq!(
+            (rx.accepted.status, rx.accepted.reason),
+            ("True", reason::LISTENER_CONFLICT)
+        );
+        assert!(rx.accepted.message.contains("newer policy xy"), "{rx:?}");
+        assert_eq!(
+            (rxy.accepted.status, rxy.accepted.reason),
+            ("False", reason::LISTENER_CONFLICT)
+        );
+        assert!(rxy.accepted.message.contains("older policy x "), "{rxy:?}");
+        // y overlaps only xy, which holds no port: y serves other pods than x on the same port.
+        assert_eq!(
+            (ry.accepted.status, ry.accepted.reason),
+            ("True", reason::ACCEPTED)
+        );
+        let bad = &r.outcomes["bad"];
+        assert_eq!(bad.accepted.reason, reason::INVALID);
+        assert!(
+            bad.accepted
+                .message
+                .contains("spec.workloadSelector.matchExpressions[0].operator"),
+            "{bad:?}"
+        );
+        let names: Vec<(&str, &str)> = r
+            .config
+            .upstreams
+            .iter()
+            .map(|u| (u.name.as_str(), u.listen.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![("ns/x", "127.0.0.1:18080"), ("ns/y", "127.0.0.1:18080")]
+        );
     }
 
     #[test]

@@ -1,33 +1,9 @@
-//! Kubernetes label selector matching, so a sidecar serves only the upstreams whose
-//! `workloadSelector` selects its own pod.
+//! The pod's own labels (downward API file), so a sidecar serves only the upstreams whose
+//! `workloadSelector` selects its pod (matching lives in `config::selector`).
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-
-/// Does `sel` select a pod with `labels`? (`matchLabels` AND every `matchExpressions` entry.)
-pub fn matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    if let Some(ml) = &sel.match_labels {
-        if ml.iter().any(|(k, v)| labels.get(k) != Some(v)) {
-            return false;
-        }
-    }
-    for e in sel.match_expressions.iter().flatten() {
-        let have = labels.get(&e.key);
-        let values = e.values.as_deref().unwrap_or_default();
-        let ok = match e.operator.as_str() {
-            "In" => have.is_some_and(|v| values.contains(v)),
-            "NotIn" => have.is_none_or(|v| !values.contains(v)),
-            "Exists" => have.is_some(),
-            "DoesNotExist" => have.is_none(),
-            _ => false,
-        };
-        if !ok {
-            return false;
-        }
-    }
-    true
-}
+pub use crate::config::selector::matches;
 
 /// Parses the downward API `labels` file: one `key="value"` per line.
 pub fn parse_downward_labels(text: &str) -> BTreeMap<String, String> {
@@ -47,7 +23,7 @@ pub fn parse_downward_labels(text: &str) -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 
     fn labels() -> BTreeMap<String, String> {
         parse_downward_labels("app=\"gateway\"\ntier=\"edge\"\n")

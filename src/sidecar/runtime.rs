@@ -33,7 +33,7 @@ use super::{
     workers::{self, Workers},
     Error,
 };
-use crate::config::{Config, HealthCheck};
+use crate::config::{Config, FieldErrors, HealthCheck};
 
 /// How the sidecar runs (as opposed to what it proxies, which is the `Config`).
 #[derive(Clone, Debug)]
@@ -306,6 +306,24 @@ impl Shared {
                 },
             )
             .collect();
+        // Disjoint workloads may share a listen address; without its pod's labels a sidecar
+        // cannot tell which of them it serves.
+        let mut shared = FieldErrors::default();
+        let mut by_key: HashMap<String, usize> = HashMap::new();
+        for (i, u) in &selected {
+            if let Some(j) = by_key.insert(listen_key(u), *i) {
+                shared.push(
+                    format!("upstreams[{i}].listen"),
+                    format!(
+                        "{} is also the address of upstreams[{j}] ({:?}); they are told apart by their workloadSelectors, so start the sidecar with --pod-labels",
+                        u.listen, config.upstreams[j].name
+                    ),
+                );
+            }
+        }
+        if !shared.is_empty() {
+            return Err(Error::Invalid(shared));
+        }
 
         // Bind every new listener first: if one fails, nothing changes.
         let mut fresh: HashMap<String, Vec<std::net::TcpListener>> = HashMap::new();
