@@ -136,7 +136,9 @@ impl Pool {
                 )
             })??;
         let _ = stream.set_nodelay(true);
+        // One buffer, one write per request head (and small body): see the server side.
         let (tx, conn) = http1::Builder::new()
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(io::Error::other)?;

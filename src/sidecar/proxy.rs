@@ -47,7 +47,7 @@ pub async fn handle(
     client: &Client,
 ) -> Response<RespBody> {
     let start = Instant::now();
-    let resp = match forward(req, &up, client, start).await {
+    let mut resp = match forward(req, &up, client, start).await {
         Ok(resp) => resp,
         Err(Reject::Proxy(e)) => {
             up.metrics.proxy_error(e.cause);
@@ -69,6 +69,10 @@ pub async fn handle(
     };
     up.metrics.response(resp.status().as_u16());
     up.metrics.duration.observe(start.elapsed().as_secs_f64());
+    if let RespBody::Upstream { upstream, .. } = resp.body_mut() {
+        // Moved, not cloned: one reference count operation less on a value every worker shares.
+        *upstream = Some(up);
+    }
     resp
 }
 
@@ -149,16 +153,22 @@ async fn forward(
             })?
     });
 
-    up.budget.deposit();
+    up.budget.deposit(start);
     let mut tried: SmallVec<[SocketAddr; 4]> = SmallVec::new();
     let mut attempts = 0u32;
     let mut race_retry_left = true;
     let mut failed_before = false;
-    let mut fresh_on: Option<Arc<Endpoint>> = None;
-    let mut last: Option<Arc<Endpoint>> = None;
+    // Endpoints are borrowed from `up`, which outlives the request: no reference counting on
+    // the request path except the in-flight guard.
+    let mut fresh_on: Option<&Arc<Endpoint>> = None;
+    let mut last: Option<&Arc<Endpoint>> = None;
+    // The first attempt starts now; the clock is read again only for retries.
+    let mut now = start;
 
     loop {
-        let now = Instant::now();
+        if attempts > 0 {
+            now = Instant::now();
+        }
         let Some(left) = deadline
             .checked_duration_since(now)
             .filter(|d| !d.is_zero())
@@ -204,7 +214,7 @@ async fn forward(
         if !tried.contains(&ep.addr) {
             tried.push(ep.addr);
         }
-        last = Some(ep.clone());
+        last = Some(ep);
         // Per-try timeouts exist to try elsewhere: a request that can never be retried on a
         // timeout (non-idempotent, or timeouts not retried) gets the whole remaining deadline,
         // so slow non-idempotent work is not cut short.
@@ -220,7 +230,7 @@ async fn forward(
             None => body.take().unwrap_or_else(ReqBody::empty),
         };
 
-        match attempt(&ep, &parts, this_body, mode, now + try_budget).await {
+        match attempt(ep, &parts, this_body, mode, now, now + try_budget).await {
             Attempt::Response { resp, tx, guard } => {
                 let status = resp.status();
                 if policy.load_balancer == LoadBalancer::PeakEwma {
@@ -235,7 +245,7 @@ async fn forward(
                 let gateway = matches!(status.as_u16(), 502..=504);
                 if gateway {
                     m.attempt_failure(Cause::UpstreamStatus);
-                    up.record_failure(&ep, Failure::Gateway, Instant::now());
+                    up.record_failure(ep, Failure::Gateway, Instant::now());
                     let can = may_retry(
                         up,
                         RetryOn::GatewayError,
@@ -256,7 +266,7 @@ async fn forward(
                     }
                     m.upstream_error(status.as_u16());
                 } else if status.is_server_error() {
-                    up.record_failure(&ep, Failure::ServerError, Instant::now());
+                    up.record_failure(ep, Failure::ServerError, Instant::now());
                 } else {
                     ep.record_success();
                 }
@@ -266,7 +276,7 @@ async fn forward(
                 if mode != Mode::Upgrade {
                     ep.pool().release(tx);
                 }
-                return Ok(client_response(resp, guard, up, gateway));
+                return Ok(client_response(resp, guard, gateway));
             }
             Attempt::ClientAborted(msg) => {
                 return Err(Reject::Client(
@@ -306,7 +316,7 @@ async fn forward(
                     } else {
                         Failure::Gateway
                     };
-                    up.record_failure(&ep, failure, Instant::now());
+                    up.record_failure(ep, failure, Instant::now());
                 }
                 match may_retry(
                     up,
@@ -348,9 +358,10 @@ async fn attempt(
     parts: &Parts,
     body: ReqBody,
     mode: Mode,
+    started: Instant,
     until: Instant,
 ) -> Attempt {
-    let window = until.saturating_duration_since(Instant::now());
+    let window = until.saturating_duration_since(started);
     let guard = ep.start_request();
     let connecting = async {
         match mode {
@@ -386,7 +397,8 @@ async fn attempt(
             }
         }
     };
-    if Instant::now() >= until {
+    // A pooled connection came at once; only a new one can have used up the window.
+    if !conn.reused && Instant::now() >= until {
         // Connecting used the whole window: nothing was sent, the body is still ours.
         return Attempt::Failed {
             err: AttemptError::new(
@@ -533,10 +545,10 @@ async fn buffer_body(mut body: Incoming, limit: usize) -> Result<ReqBody, hyper:
 }
 
 /// The upstream's response as the client gets it.
+/// `handle` hands the body its upstream once the metrics are recorded.
 fn client_response(
     resp: Response<Incoming>,
     guard: InflightGuard,
-    up: &Arc<UpstreamRt>,
     passed_gateway_error: bool,
 ) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
@@ -551,7 +563,7 @@ fn client_response(
     let body = RespBody::Upstream {
         body,
         guard: Some(guard),
-        upstream: Some(up.clone()),
+        upstream: None,
     };
     Response::from_parts(parts, body)
 }
