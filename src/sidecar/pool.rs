@@ -113,17 +113,6 @@ impl Pool {
         None
     }
 
-    /// A pooled connection, or a new one.
-    pub async fn get(&self) -> io::Result<Conn> {
-        if let Some(c) = self.checkout() {
-            return Ok(c);
-        }
-        Ok(Conn {
-            tx: self.connect(false).await?,
-            reused: false,
-        })
-    }
-
     /// Opens a new connection (with upgrade support when asked: such connections are not pooled).
     pub async fn connect(&self, upgrades: bool) -> io::Result<Sender> {
         let cfg = self.config();

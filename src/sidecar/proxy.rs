@@ -363,9 +363,18 @@ async fn attempt(
 ) -> Attempt {
     let window = until.saturating_duration_since(started);
     let guard = ep.start_request();
+    // A pooled connection needs no timer; only connecting does.
+    let pooled = match mode {
+        Mode::Pooled => ep.pool().checkout(),
+        _ => None,
+    };
     let connecting = async {
         match mode {
-            Mode::Pooled => ep.pool().get().await,
+            Mode::Pooled => ep
+                .pool()
+                .connect(false)
+                .await
+                .map(|tx| Conn { tx, reused: false }),
             Mode::Fresh => ep
                 .pool()
                 .connect(false)
@@ -378,7 +387,11 @@ async fn attempt(
                 .map(|tx| Conn { tx, reused: false }),
         }
     };
-    let mut conn = match tokio::time::timeout_at(until, connecting).await {
+    let connected = match pooled {
+        Some(c) => Ok(Ok(c)),
+        None => tokio::time::timeout_at(until, connecting).await,
+    };
+    let mut conn = match connected {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             return Attempt::Failed {
