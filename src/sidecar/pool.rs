@@ -41,8 +41,13 @@ pub struct Pool {
 
 struct Inner {
     addr: SocketAddr,
-    config: Mutex<PoolConfig>,
-    idle: Mutex<Vec<Idle>>,
+    /// One lock for both: checkout and release need the config's timings anyway.
+    state: Mutex<State>,
+}
+
+struct State {
+    config: PoolConfig,
+    idle: Vec<Idle>,
 }
 
 struct Idle {
@@ -64,22 +69,24 @@ impl Pool {
         Pool {
             inner: Arc::new(Inner {
                 addr,
-                config: Mutex::new(config),
-                idle: Mutex::new(Vec::new()),
+                state: Mutex::new(State {
+                    config,
+                    idle: Vec::new(),
+                }),
             }),
         }
     }
 
     pub fn set_config(&self, config: PoolConfig) {
-        *self.inner.config.lock() = config;
+        self.inner.state.lock().config = config;
     }
 
     pub fn config(&self) -> PoolConfig {
-        *self.inner.config.lock()
+        self.inner.state.lock().config
     }
 
     pub fn idle_len(&self) -> usize {
-        self.inner.idle.lock().len()
+        self.inner.state.lock().idle.len()
     }
 
     /// The most recently used connection that is idle (ready), still open and fresh enough.
@@ -88,9 +95,10 @@ impl Pool {
     /// the body; the connection task flips them to ready when the body is done, so returning a
     /// connection costs no task and no wake-up.
     pub fn checkout(&self) -> Option<Conn> {
-        let idle_timeout = self.config().idle_timeout;
         let now = Instant::now();
-        let mut idle = self.inner.idle.lock();
+        let mut state = self.inner.state.lock();
+        let idle_timeout = state.config.idle_timeout;
+        let idle = &mut state.idle;
         // Oldest first: drop whatever is past the idle timeout, and closed connections.
         let stale = idle
             .iter()
@@ -147,25 +155,22 @@ impl Pool {
     /// its response body has been read to the end; if the body is abandoned the connection
     /// closes and is dropped at the next checkout.
     pub fn release(&self, tx: Sender) {
-        let cfg = self.config();
-        let mut idle = self.inner.idle.lock();
-        if idle.len() >= cfg.max_idle {
-            idle.remove(0);
+        let since = Instant::now();
+        let mut state = self.inner.state.lock();
+        if state.idle.len() >= state.config.max_idle {
+            state.idle.remove(0);
         }
-        idle.push(Idle {
-            tx,
-            since: Instant::now(),
-        });
+        state.idle.push(Idle { tx, since });
     }
 
     /// Closes connections idle for `poolIdle` (and forgets closed ones), so idle sockets do not
     /// linger until the upstream closes them. Run periodically by the sidecar.
     pub fn purge(&self) {
-        let idle_timeout = self.config().idle_timeout;
         let now = Instant::now();
-        self.inner
+        let mut state = self.inner.state.lock();
+        let idle_timeout = state.config.idle_timeout;
+        state
             .idle
-            .lock()
             .retain(|c| !c.tx.is_closed() && now.saturating_duration_since(c.since) < idle_timeout);
     }
 }
