@@ -5,12 +5,15 @@
 //! keep-alive race (a request written into a connection the upstream is closing). Whether a
 //! connection was reused is reported so the rare race that still happens can be told apart.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{io, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use tokio::{net::TcpStream, time::Instant};
+use tokio::{
+    net::TcpStream,
+    time::{Instant, Sleep},
+};
 
 use super::body::ReqBody;
 
@@ -53,13 +56,20 @@ struct State {
 struct Idle {
     tx: Sender,
     since: Instant,
+    timer: Option<Timer>,
 }
+
+/// A per-try timer that travels with its connection. Moving a timer's deadline later is one
+/// atomic store while it is still armed (tokio extends it in place), where a new timer per
+/// request costs a timer-wheel insertion and removal.
+pub type Timer = Pin<Box<Sleep>>;
 
 /// A connection ready to send one request.
 pub struct Conn {
     pub tx: Sender,
     /// It served a request before (a failure with no response byte is then a keep-alive race).
     pub reused: bool,
+    pub timer: Option<Timer>,
 }
 
 // === impl Pool ===
@@ -115,6 +125,7 @@ impl Pool {
                 return Some(Conn {
                     tx: c.tx,
                     reused: true,
+                    timer: c.timer,
                 });
             }
         }
@@ -154,13 +165,13 @@ impl Pool {
     /// Returns a connection whose response head has arrived. It is handed out again only once
     /// its response body has been read to the end; if the body is abandoned the connection
     /// closes and is dropped at the next checkout.
-    pub fn release(&self, tx: Sender) {
+    pub fn release(&self, tx: Sender, timer: Option<Timer>) {
         let since = Instant::now();
         let mut state = self.inner.state.lock();
         if state.idle.len() >= state.config.max_idle {
             state.idle.remove(0);
         }
-        state.idle.push(Idle { tx, since });
+        state.idle.push(Idle { tx, since, timer });
     }
 
     /// Closes connections idle for `poolIdle` (and forgets closed ones), so idle sockets do not

@@ -20,7 +20,7 @@ use super::{
     errors::{AttemptError, Cause, ProxyError, Reach},
     headers,
     metrics::NoRetry,
-    pool::{Conn, Sender},
+    pool::{Conn, Sender, Timer},
     upstream::UpstreamRt,
 };
 use crate::config::{LoadBalancer, RetryOn};
@@ -104,6 +104,7 @@ enum Attempt {
     Response {
         resp: Response<Incoming>,
         tx: Sender,
+        timer: Timer,
         guard: InflightGuard,
     },
     Failed {
@@ -231,7 +232,12 @@ async fn forward(
         };
 
         match attempt(ep, &parts, this_body, mode, now, now + try_budget).await {
-            Attempt::Response { resp, tx, guard } => {
+            Attempt::Response {
+                resp,
+                tx,
+                timer,
+                guard,
+            } => {
                 let status = resp.status();
                 if policy.load_balancer == LoadBalancer::PeakEwma {
                     ep.observe_latency(now.elapsed(), Instant::now());
@@ -274,7 +280,7 @@ async fn forward(
                     m.rescued.inc();
                 }
                 if mode != Mode::Upgrade {
-                    ep.pool().release(tx);
+                    ep.pool().release(tx, Some(timer));
                 }
                 return Ok(client_response(resp, guard, gateway));
             }
@@ -370,21 +376,21 @@ async fn attempt(
     };
     let connecting = async {
         match mode {
-            Mode::Pooled => ep
-                .pool()
-                .connect(false)
-                .await
-                .map(|tx| Conn { tx, reused: false }),
-            Mode::Fresh => ep
-                .pool()
-                .connect(false)
-                .await
-                .map(|tx| Conn { tx, reused: false }),
-            Mode::Upgrade => ep
-                .pool()
-                .connect(true)
-                .await
-                .map(|tx| Conn { tx, reused: false }),
+            Mode::Pooled => ep.pool().connect(false).await.map(|tx| Conn {
+                tx,
+                reused: false,
+                timer: None,
+            }),
+            Mode::Fresh => ep.pool().connect(false).await.map(|tx| Conn {
+                tx,
+                reused: false,
+                timer: None,
+            }),
+            Mode::Upgrade => ep.pool().connect(true).await.map(|tx| Conn {
+                tx,
+                reused: false,
+                timer: None,
+            }),
         }
     };
     let connected = match pooled {
@@ -432,10 +438,24 @@ async fn attempt(
             req.headers_mut().insert(header::HOST, v);
         }
     }
-    match tokio::time::timeout_at(until, conn.tx.try_send_request(req)).await {
+    let mut timer = match conn.timer.take() {
+        Some(mut t) => {
+            t.as_mut().reset(until);
+            t
+        }
+        None => Box::pin(tokio::time::sleep_until(until)),
+    };
+    // As `timeout_at`: the response first, then the timer.
+    let sent = tokio::select! {
+        biased;
+        r = conn.tx.try_send_request(req) => Ok(r),
+        _ = timer.as_mut() => Err(()),
+    };
+    match sent {
         Ok(Ok(resp)) => Attempt::Response {
             resp,
             tx: conn.tx,
+            timer,
             guard,
         },
         Ok(Err(mut e)) => {
