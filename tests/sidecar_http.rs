@@ -210,3 +210,62 @@ async fn http_1_0_clients_are_served() {
     assert!(text.contains(" 200 "), "{text}");
     assert!(text.ends_with("pod-0\n"), "{text}");
 }
+
+/// Sends one GET on a raw connection and reads its response (head and content-length body).
+async fn raw_get(s: &mut tokio::net::TcpStream) -> String {
+    s.write_all(b"GET /idle HTTP/1.1\r\nhost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .expect("a content-length response");
+            if got.len() >= end + 4 + len {
+                return String::from_utf8_lossy(&got).into_owned();
+            }
+        }
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "connection closed mid-response");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_client_connection_is_closed_after_30_to_40_seconds() {
+    let h = Harness::start(1, fast_policy()).await;
+    let mut s = tokio::net::TcpStream::connect(h.addr()).await.unwrap();
+    assert!(raw_get(&mut s).await.starts_with("HTTP/1.1 200"));
+    // Idle for less than 30 s: still open.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert!(raw_get(&mut s).await.starts_with("HTTP/1.1 200"));
+    // Idle for 45 s: the sidecar has closed it (end of stream, nothing else).
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    let mut buf = [0u8; 64];
+    let n = within(Duration::from_secs(1), "end of stream", s.read(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "expected the idle connection closed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_slower_than_the_idle_timeout_is_not_cut() {
+    let mut policy = fast_policy();
+    policy.retries.per_try_timeout = CfgDuration::from_secs(90);
+    policy.timeouts.request = CfgDuration::from_secs(120);
+    let h = Harness::start(1, policy).await;
+    h.pods[0]
+        .set_fault(Fault::Slow(Duration::from_secs(50)))
+        .await
+        .unwrap();
+    let mut s = tokio::net::TcpStream::connect(h.addr()).await.unwrap();
+    assert!(raw_get(&mut s).await.starts_with("HTTP/1.1 200"));
+    // The connection stays usable after the long request.
+    h.pods[0].set_fault(Fault::Healthy).await.unwrap();
+    assert!(raw_get(&mut s).await.starts_with("HTTP/1.1 200"));
+}

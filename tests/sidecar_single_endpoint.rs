@@ -273,3 +273,37 @@ async fn no_endpoint_gives_503_destination_unavailable() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn hang_on_a_reused_connection_gets_the_whole_per_try_timeout() {
+    let h = Harness::start(1, one_pod_policy()).await;
+    for _ in 0..3 {
+        assert_eq!(h.get("/").await.status, StatusCode::OK);
+    }
+    assert_eq!(h.pods[0].connections(), 1, "one pooled connection, reused");
+    // The pooled connection keeps its per-try timer, still armed for the last request's
+    // deadline; the next attempt must get a full timeout of its own, not the leftover.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.pods[0].set_fault(Fault::Hang).await.unwrap();
+    let before = h.metrics();
+    let t = Instant::now();
+    let r = h.get("/").await;
+    let attempts = assert_proxy_error(
+        &h,
+        &r,
+        &before,
+        504,
+        "http_response_timeout",
+        "http_response_timeout",
+    );
+    assert!(
+        t.elapsed() >= Duration::from_secs(1) * attempts,
+        "{attempts} attempts in {:?}",
+        t.elapsed()
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(5500),
+        "{:?}",
+        t.elapsed()
+    );
+}

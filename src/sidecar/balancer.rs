@@ -16,8 +16,9 @@ use super::endpoint::{Endpoint, Health};
 use crate::config::LoadBalancer;
 
 #[derive(Debug)]
-pub struct Pick {
-    pub endpoint: Arc<Endpoint>,
+pub struct Pick<'a> {
+    /// Borrowed from the upstream: the request path clones it only for what outlives the pick.
+    pub endpoint: &'a Arc<Endpoint>,
     /// Chosen in panic mode.
     pub panic: bool,
 }
@@ -45,13 +46,13 @@ impl std::fmt::Display for NoEndpoint {
     }
 }
 
-pub fn pick(
-    endpoints: &[Arc<Endpoint>],
+pub fn pick<'a>(
+    endpoints: &'a [Arc<Endpoint>],
     tried: &[SocketAddr],
     lb: LoadBalancer,
     panic_threshold: u32,
     now: Instant,
-) -> Result<Pick, NoEndpoint> {
+) -> Result<Pick<'a>, NoEndpoint> {
     // One pass sorts every endpoint into its tier; the state read here is the state used.
     let mut eligible: SmallVec<[&Arc<Endpoint>; 8]> = SmallVec::new();
     let mut eligible_tried: SmallVec<[&Arc<Endpoint>; 8]> = SmallVec::new();
@@ -111,7 +112,7 @@ pub fn pick(
     for (candidates, in_panic) in tiers {
         if let Some(endpoint) = p2c(candidates, lb) {
             return Ok(Pick {
-                endpoint: endpoint.clone(),
+                endpoint,
                 panic: in_panic,
             });
         }
@@ -161,7 +162,11 @@ mod tests {
             .collect()
     }
 
-    fn lr(eps: &[Arc<Endpoint>], tried: &[SocketAddr], panic: u32) -> Result<Pick, NoEndpoint> {
+    fn lr<'a>(
+        eps: &'a [Arc<Endpoint>],
+        tried: &[SocketAddr],
+        panic: u32,
+    ) -> Result<Pick<'a>, NoEndpoint> {
         pick(
             eps,
             tried,

@@ -3,6 +3,8 @@
 //! so retries cannot multiply load during an outage (the Finagle/Linkerd idea, kept as a plain
 //! sliding window).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
@@ -14,14 +16,20 @@ pub struct Budget {
     percent: u64,
     min_per_second: u64,
     epoch: Instant,
+    /// Requests per second, ring-indexed like `Window::buckets`. Counted without the lock:
+    /// every request deposits, while the lock is only taken to withdraw (failures) or to move
+    /// the window on.
+    requests: [AtomicU64; WINDOW_SECS],
+    /// `Window::current`, readable without the lock.
+    current: AtomicU64,
     window: Mutex<Window>,
 }
 
 #[derive(Default)]
 struct Window {
-    /// (requests, retries paid by the ratio, retries paid by the reserve) per second,
-    /// ring-indexed by second.
-    buckets: [(u64, u64, u64); WINDOW_SECS],
+    /// (retries paid by the ratio, retries paid by the reserve) per second, ring-indexed by
+    /// second.
+    buckets: [(u64, u64); WINDOW_SECS],
     /// The second (since epoch) the newest bucket belongs to.
     current: u64,
 }
@@ -32,47 +40,64 @@ impl Budget {
             percent: cfg.percent as u64,
             min_per_second: cfg.min_per_second as u64,
             epoch: Instant::now(),
+            requests: Default::default(),
+            current: AtomicU64::new(0),
             window: Mutex::new(Window::default()),
         }
     }
 
-    fn with_window<R>(&self, f: impl FnOnce(&mut Window, usize) -> R) -> R {
-        let sec = Instant::now()
-            .saturating_duration_since(self.epoch)
-            .as_secs();
+    fn second(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_secs()
+    }
+
+    fn with_window<R>(&self, now: Instant, f: impl FnOnce(&mut Window, usize) -> R) -> R {
+        let sec = self.second(now);
         let mut w = self.window.lock();
         if sec > w.current {
             let gap = (sec - w.current).min(WINDOW_SECS as u64);
             for i in 1..=gap {
                 let idx = ((w.current + i) % WINDOW_SECS as u64) as usize;
-                w.buckets[idx] = (0, 0, 0);
+                w.buckets[idx] = (0, 0);
+                self.requests[idx].store(0, Ordering::Relaxed);
             }
             w.current = sec;
+            self.current.store(sec, Ordering::Relaxed);
         }
         let idx = (sec % WINDOW_SECS as u64) as usize;
         f(&mut w, idx)
     }
 
-    /// Counts an original request (not a retry).
-    pub fn deposit(&self) {
-        self.with_window(|w, i| w.buckets[i].0 += 1);
+    /// Counts an original request (not a retry) that arrived at `now`.
+    pub fn deposit(&self, now: Instant) {
+        let sec = self.second(now);
+        let idx = (sec % WINDOW_SECS as u64) as usize;
+        if sec == self.current.load(Ordering::Relaxed) {
+            self.requests[idx].fetch_add(1, Ordering::Relaxed);
+        } else {
+            // A new second: move the window on first (under the lock).
+            self.with_window(now, |_, i| {
+                self.requests[i].fetch_add(1, Ordering::Relaxed);
+            });
+        }
     }
 
     /// Takes one retry from the budget; `false` when it is exhausted.
     pub fn try_withdraw(&self) -> bool {
         let (percent, min) = (self.percent, self.min_per_second);
-        self.with_window(|w, i| {
-            if w.buckets[i].2 < min {
-                w.buckets[i].2 += 1;
+        self.with_window(Instant::now(), |w, i| {
+            if w.buckets[i].1 < min {
+                w.buckets[i].1 += 1;
                 return true;
             }
-            let (requests, retries) = w
-                .buckets
+            let retries: u64 = w.buckets.iter().map(|(t, _)| t).sum();
+            let requests: u64 = self
+                .requests
                 .iter()
-                .fold((0, 0), |(a, b), (r, t, _)| (a + r, b + t));
+                .map(|r| r.load(Ordering::Relaxed))
+                .sum();
             let ok = (retries + 1) * 100 <= requests * percent;
             if ok {
-                w.buckets[i].1 += 1;
+                w.buckets[i].0 += 1;
             }
             ok
         })
@@ -95,7 +120,7 @@ mod tests {
     async fn ratio_of_requests() {
         let b = budget(20, 0);
         for _ in 0..100 {
-            b.deposit();
+            b.deposit(Instant::now());
         }
         let granted = (0..100).filter(|_| b.try_withdraw()).count();
         assert_eq!(granted, 20);
@@ -105,7 +130,7 @@ mod tests {
     async fn reserve_adds_to_the_ratio() {
         let b = budget(20, 5);
         for _ in 0..100 {
-            b.deposit();
+            b.deposit(Instant::now());
         }
         assert_eq!((0..100).filter(|_| b.try_withdraw()).count(), 25);
     }
@@ -122,12 +147,12 @@ mod tests {
     async fn old_requests_leave_the_window() {
         let b = budget(50, 0);
         for _ in 0..10 {
-            b.deposit();
+            b.deposit(Instant::now());
         }
         tokio::time::advance(Duration::from_secs(11)).await;
         assert!(!b.try_withdraw());
-        b.deposit();
-        b.deposit();
+        b.deposit(Instant::now());
+        b.deposit(Instant::now());
         assert!(b.try_withdraw());
         assert!(!b.try_withdraw());
     }

@@ -33,6 +33,15 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers, including those the `Connection` header names. For an upgrade,
 /// `Connection: upgrade` and `Upgrade` are kept: they must reach the other side.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of them: one pass over the names is cheaper than a hashed
+    // removal per hop-by-hop name.
+    if !keep_upgrade
+        && !headers
+            .keys()
+            .any(|k| k == header::UPGRADE || HOP_BY_HOP.contains(k))
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -59,21 +68,31 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// Adds `Via` and appends the client to `X-Forwarded-For`; sets `X-Forwarded-Proto` and
 /// `X-Forwarded-Host` when no earlier proxy did. Allocates only when a list must be extended.
 pub fn add_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue) {
-    let xff = HeaderName::from_static("x-forwarded-for");
-    if headers.contains_key(&xff) {
-        append_list(headers, xff, client_ip.to_str().unwrap_or_default());
-    } else {
-        headers.insert(xff, client_ip.clone());
+    use http::header::Entry;
+    // Entries: one lookup per header whether it is there or not.
+    match headers.entry(HeaderName::from_static("x-forwarded-for")) {
+        Entry::Occupied(mut e) => {
+            let joined = match e.get().to_str() {
+                Ok(prev) if !prev.is_empty() => {
+                    format!("{prev}, {}", client_ip.to_str().unwrap_or_default())
+                }
+                _ => client_ip.to_str().unwrap_or_default().to_string(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&joined) {
+                e.insert(v);
+            }
+        }
+        Entry::Vacant(e) => {
+            e.insert(client_ip.clone());
+        }
     }
     add_via(headers);
-    let proto = HeaderName::from_static("x-forwarded-proto");
-    if !headers.contains_key(&proto) {
-        headers.insert(proto, HeaderValue::from_static("http"));
+    if let Entry::Vacant(e) = headers.entry(HeaderName::from_static("x-forwarded-proto")) {
+        e.insert(HeaderValue::from_static("http"));
     }
-    let fhost = HeaderName::from_static("x-forwarded-host");
-    if !headers.contains_key(&fhost) {
-        if let Some(h) = headers.get(header::HOST).cloned() {
-            headers.insert(fhost, h);
+    if let Some(h) = headers.get(header::HOST).cloned() {
+        if let Entry::Vacant(e) = headers.entry(HeaderName::from_static("x-forwarded-host")) {
+            e.insert(h);
         }
     }
 }
@@ -81,17 +100,6 @@ pub fn add_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue) {
 /// Adds this hop to `Via` (a second field line when one exists: same meaning, no allocation).
 pub fn add_via(headers: &mut HeaderMap) {
     headers.append(header::VIA, HeaderValue::from_static(VIA_VALUE));
-}
-
-/// Appends `value` to a comma-separated list header (one header line, as proxies do).
-pub fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    let joined = match headers.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {value}"),
-        _ => value.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&joined) {
-        headers.insert(name, v);
-    }
 }
 
 /// Methods that are safe to send twice (RFC 9110 §9.2.2).

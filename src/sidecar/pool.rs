@@ -5,12 +5,15 @@
 //! keep-alive race (a request written into a connection the upstream is closing). Whether a
 //! connection was reused is reported so the rare race that still happens can be told apart.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{io, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use tokio::{net::TcpStream, time::Instant};
+use tokio::{
+    net::TcpStream,
+    time::{Instant, Sleep},
+};
 
 use super::body::ReqBody;
 
@@ -41,20 +44,32 @@ pub struct Pool {
 
 struct Inner {
     addr: SocketAddr,
-    config: Mutex<PoolConfig>,
-    idle: Mutex<Vec<Idle>>,
+    /// One lock for both: checkout and release need the config's timings anyway.
+    state: Mutex<State>,
+}
+
+struct State {
+    config: PoolConfig,
+    idle: Vec<Idle>,
 }
 
 struct Idle {
     tx: Sender,
     since: Instant,
+    timer: Option<Timer>,
 }
+
+/// A per-try timer that travels with its connection. Moving a timer's deadline later is one
+/// atomic store while it is still armed (tokio extends it in place), where a new timer per
+/// request costs a timer-wheel insertion and removal.
+pub type Timer = Pin<Box<Sleep>>;
 
 /// A connection ready to send one request.
 pub struct Conn {
     pub tx: Sender,
     /// It served a request before (a failure with no response byte is then a keep-alive race).
     pub reused: bool,
+    pub timer: Option<Timer>,
 }
 
 // === impl Pool ===
@@ -64,22 +79,24 @@ impl Pool {
         Pool {
             inner: Arc::new(Inner {
                 addr,
-                config: Mutex::new(config),
-                idle: Mutex::new(Vec::new()),
+                state: Mutex::new(State {
+                    config,
+                    idle: Vec::new(),
+                }),
             }),
         }
     }
 
     pub fn set_config(&self, config: PoolConfig) {
-        *self.inner.config.lock() = config;
+        self.inner.state.lock().config = config;
     }
 
     pub fn config(&self) -> PoolConfig {
-        *self.inner.config.lock()
+        self.inner.state.lock().config
     }
 
     pub fn idle_len(&self) -> usize {
-        self.inner.idle.lock().len()
+        self.inner.state.lock().idle.len()
     }
 
     /// The most recently used connection that is idle (ready), still open and fresh enough.
@@ -88,9 +105,10 @@ impl Pool {
     /// the body; the connection task flips them to ready when the body is done, so returning a
     /// connection costs no task and no wake-up.
     pub fn checkout(&self) -> Option<Conn> {
-        let idle_timeout = self.config().idle_timeout;
         let now = Instant::now();
-        let mut idle = self.inner.idle.lock();
+        let mut state = self.inner.state.lock();
+        let idle_timeout = state.config.idle_timeout;
+        let idle = &mut state.idle;
         // Oldest first: drop whatever is past the idle timeout, and closed connections.
         let stale = idle
             .iter()
@@ -107,21 +125,11 @@ impl Pool {
                 return Some(Conn {
                     tx: c.tx,
                     reused: true,
+                    timer: c.timer,
                 });
             }
         }
         None
-    }
-
-    /// A pooled connection, or a new one.
-    pub async fn get(&self) -> io::Result<Conn> {
-        if let Some(c) = self.checkout() {
-            return Ok(c);
-        }
-        Ok(Conn {
-            tx: self.connect(false).await?,
-            reused: false,
-        })
     }
 
     /// Opens a new connection (with upgrade support when asked: such connections are not pooled).
@@ -136,7 +144,9 @@ impl Pool {
                 )
             })??;
         let _ = stream.set_nodelay(true);
+        // One buffer, one write per request head (and small body): see the server side.
         let (tx, conn) = http1::Builder::new()
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(io::Error::other)?;
@@ -155,26 +165,23 @@ impl Pool {
     /// Returns a connection whose response head has arrived. It is handed out again only once
     /// its response body has been read to the end; if the body is abandoned the connection
     /// closes and is dropped at the next checkout.
-    pub fn release(&self, tx: Sender) {
-        let cfg = self.config();
-        let mut idle = self.inner.idle.lock();
-        if idle.len() >= cfg.max_idle {
-            idle.remove(0);
+    pub fn release(&self, tx: Sender, timer: Option<Timer>) {
+        let since = Instant::now();
+        let mut state = self.inner.state.lock();
+        if state.idle.len() >= state.config.max_idle {
+            state.idle.remove(0);
         }
-        idle.push(Idle {
-            tx,
-            since: Instant::now(),
-        });
+        state.idle.push(Idle { tx, since, timer });
     }
 
     /// Closes connections idle for `poolIdle` (and forgets closed ones), so idle sockets do not
     /// linger until the upstream closes them. Run periodically by the sidecar.
     pub fn purge(&self) {
-        let idle_timeout = self.config().idle_timeout;
         let now = Instant::now();
-        self.inner
+        let mut state = self.inner.state.lock();
+        let idle_timeout = state.config.idle_timeout;
+        state
             .idle
-            .lock()
             .retain(|c| !c.tx.is_closed() && now.saturating_duration_since(c.since) < idle_timeout);
     }
 }

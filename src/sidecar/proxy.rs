@@ -20,7 +20,7 @@ use super::{
     errors::{AttemptError, Cause, ProxyError, Reach},
     headers,
     metrics::NoRetry,
-    pool::{Conn, Sender},
+    pool::{Conn, Sender, Timer},
     upstream::UpstreamRt,
 };
 use crate::config::{LoadBalancer, RetryOn};
@@ -47,7 +47,7 @@ pub async fn handle(
     client: &Client,
 ) -> Response<RespBody> {
     let start = Instant::now();
-    let resp = match forward(req, &up, client, start).await {
+    let mut resp = match forward(req, &up, client, start).await {
         Ok(resp) => resp,
         Err(Reject::Proxy(e)) => {
             up.metrics.proxy_error(e.cause);
@@ -69,6 +69,10 @@ pub async fn handle(
     };
     up.metrics.response(resp.status().as_u16());
     up.metrics.duration.observe(start.elapsed().as_secs_f64());
+    if let RespBody::Upstream { upstream, .. } = resp.body_mut() {
+        // Moved, not cloned: one reference count operation less on a value every worker shares.
+        *upstream = Some(up);
+    }
     resp
 }
 
@@ -100,6 +104,7 @@ enum Attempt {
     Response {
         resp: Response<Incoming>,
         tx: Sender,
+        timer: Timer,
         guard: InflightGuard,
     },
     Failed {
@@ -149,16 +154,22 @@ async fn forward(
             })?
     });
 
-    up.budget.deposit();
+    up.budget.deposit(start);
     let mut tried: SmallVec<[SocketAddr; 4]> = SmallVec::new();
     let mut attempts = 0u32;
     let mut race_retry_left = true;
     let mut failed_before = false;
-    let mut fresh_on: Option<Arc<Endpoint>> = None;
-    let mut last: Option<Arc<Endpoint>> = None;
+    // Endpoints are borrowed from `up`, which outlives the request: no reference counting on
+    // the request path except the in-flight guard.
+    let mut fresh_on: Option<&Arc<Endpoint>> = None;
+    let mut last: Option<&Arc<Endpoint>> = None;
+    // The first attempt starts now; the clock is read again only for retries.
+    let mut now = start;
 
     loop {
-        let now = Instant::now();
+        if attempts > 0 {
+            now = Instant::now();
+        }
         let Some(left) = deadline
             .checked_duration_since(now)
             .filter(|d| !d.is_zero())
@@ -204,7 +215,7 @@ async fn forward(
         if !tried.contains(&ep.addr) {
             tried.push(ep.addr);
         }
-        last = Some(ep.clone());
+        last = Some(ep);
         // Per-try timeouts exist to try elsewhere: a request that can never be retried on a
         // timeout (non-idempotent, or timeouts not retried) gets the whole remaining deadline,
         // so slow non-idempotent work is not cut short.
@@ -220,8 +231,13 @@ async fn forward(
             None => body.take().unwrap_or_else(ReqBody::empty),
         };
 
-        match attempt(&ep, &parts, this_body, mode, now + try_budget).await {
-            Attempt::Response { resp, tx, guard } => {
+        match attempt(ep, &parts, this_body, mode, now, now + try_budget).await {
+            Attempt::Response {
+                resp,
+                tx,
+                timer,
+                guard,
+            } => {
                 let status = resp.status();
                 if policy.load_balancer == LoadBalancer::PeakEwma {
                     ep.observe_latency(now.elapsed(), Instant::now());
@@ -235,7 +251,7 @@ async fn forward(
                 let gateway = matches!(status.as_u16(), 502..=504);
                 if gateway {
                     m.attempt_failure(Cause::UpstreamStatus);
-                    up.record_failure(&ep, Failure::Gateway, Instant::now());
+                    up.record_failure(ep, Failure::Gateway, Instant::now());
                     let can = may_retry(
                         up,
                         RetryOn::GatewayError,
@@ -256,7 +272,7 @@ async fn forward(
                     }
                     m.upstream_error(status.as_u16());
                 } else if status.is_server_error() {
-                    up.record_failure(&ep, Failure::ServerError, Instant::now());
+                    up.record_failure(ep, Failure::ServerError, Instant::now());
                 } else {
                     ep.record_success();
                 }
@@ -264,9 +280,9 @@ async fn forward(
                     m.rescued.inc();
                 }
                 if mode != Mode::Upgrade {
-                    ep.pool().release(tx);
+                    ep.pool().release(tx, Some(timer));
                 }
-                return Ok(client_response(resp, guard, up, gateway));
+                return Ok(client_response(resp, guard, gateway));
             }
             Attempt::ClientAborted(msg) => {
                 return Err(Reject::Client(
@@ -306,7 +322,7 @@ async fn forward(
                     } else {
                         Failure::Gateway
                     };
-                    up.record_failure(&ep, failure, Instant::now());
+                    up.record_failure(ep, failure, Instant::now());
                 }
                 match may_retry(
                     up,
@@ -348,26 +364,40 @@ async fn attempt(
     parts: &Parts,
     body: ReqBody,
     mode: Mode,
+    started: Instant,
     until: Instant,
 ) -> Attempt {
-    let window = until.saturating_duration_since(Instant::now());
+    let window = until.saturating_duration_since(started);
     let guard = ep.start_request();
+    // A pooled connection needs no timer; only connecting does.
+    let pooled = match mode {
+        Mode::Pooled => ep.pool().checkout(),
+        _ => None,
+    };
     let connecting = async {
         match mode {
-            Mode::Pooled => ep.pool().get().await,
-            Mode::Fresh => ep
-                .pool()
-                .connect(false)
-                .await
-                .map(|tx| Conn { tx, reused: false }),
-            Mode::Upgrade => ep
-                .pool()
-                .connect(true)
-                .await
-                .map(|tx| Conn { tx, reused: false }),
+            Mode::Pooled => ep.pool().connect(false).await.map(|tx| Conn {
+                tx,
+                reused: false,
+                timer: None,
+            }),
+            Mode::Fresh => ep.pool().connect(false).await.map(|tx| Conn {
+                tx,
+                reused: false,
+                timer: None,
+            }),
+            Mode::Upgrade => ep.pool().connect(true).await.map(|tx| Conn {
+                tx,
+                reused: false,
+                timer: None,
+            }),
         }
     };
-    let mut conn = match tokio::time::timeout_at(until, connecting).await {
+    let connected = match pooled {
+        Some(c) => Ok(Ok(c)),
+        None => tokio::time::timeout_at(until, connecting).await,
+    };
+    let mut conn = match connected {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             return Attempt::Failed {
@@ -386,7 +416,8 @@ async fn attempt(
             }
         }
     };
-    if Instant::now() >= until {
+    // A pooled connection came at once; only a new one can have used up the window.
+    if !conn.reused && Instant::now() >= until {
         // Connecting used the whole window: nothing was sent, the body is still ours.
         return Attempt::Failed {
             err: AttemptError::new(
@@ -407,10 +438,24 @@ async fn attempt(
             req.headers_mut().insert(header::HOST, v);
         }
     }
-    match tokio::time::timeout_at(until, conn.tx.try_send_request(req)).await {
+    let mut timer = match conn.timer.take() {
+        Some(mut t) => {
+            t.as_mut().reset(until);
+            t
+        }
+        None => Box::pin(tokio::time::sleep_until(until)),
+    };
+    // As `timeout_at`: the response first, then the timer.
+    let sent = tokio::select! {
+        biased;
+        r = conn.tx.try_send_request(req) => Ok(r),
+        _ = timer.as_mut() => Err(()),
+    };
+    match sent {
         Ok(Ok(resp)) => Attempt::Response {
             resp,
             tx: conn.tx,
+            timer,
             guard,
         },
         Ok(Err(mut e)) => {
@@ -533,10 +578,10 @@ async fn buffer_body(mut body: Incoming, limit: usize) -> Result<ReqBody, hyper:
 }
 
 /// The upstream's response as the client gets it.
+/// `handle` hands the body its upstream once the metrics are recorded.
 fn client_response(
     resp: Response<Incoming>,
     guard: InflightGuard,
-    up: &Arc<UpstreamRt>,
     passed_gateway_error: bool,
 ) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
@@ -551,7 +596,7 @@ fn client_response(
     let body = RespBody::Upstream {
         body,
         guard: Some(guard),
-        upstream: Some(up.clone()),
+        upstream: None,
     };
     Response::from_parts(parts, body)
 }

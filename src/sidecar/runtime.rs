@@ -6,7 +6,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -14,7 +14,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use hyper::{server::conn::http1, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -25,6 +25,7 @@ use tokio::{
 
 use super::{
     admin,
+    body::RespBody,
     endpoint::{Endpoint, EndpointSnapshot},
     health, labels,
     metrics::{Metrics, UpstreamMetrics},
@@ -558,38 +559,157 @@ async fn serve_conn(
 ) {
     let _ = stream.set_nodelay(true);
     let client = Arc::new(proxy::Client::new(peer));
+    let activity = Arc::new(Activity::default());
+    let seen = activity.clone();
     let svc = service_fn(move |req| {
         // Each request uses the upstream as configured when it arrived, to its end.
         let up = slot.load_full();
         let client = client.clone();
-        async move { Ok::<_, Infallible>(proxy::handle(req, up, &client).await) }
+        let busy = Busy::start(&activity);
+        async move {
+            let resp = proxy::handle(req, up, &client).await;
+            Ok::<_, Infallible>(resp.map(|body| TrackedBody { body, _busy: busy }))
+        }
     });
+    // No hyper timer: its header read timeout arms and drops a timer on every request. The
+    // idle check below does that job with one timer per connection.
+    // writev(false): a small response is copied into one buffer and written with one plain
+    // write, cheaper than queueing its body as a second buffer for writev (S1: -5 % CPU).
     let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
         .keep_alive(true)
+        .header_read_timeout(None)
+        .writev(false)
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
     let mut stop = shared.stop_accepting.subscribe();
-    let stopping = *stop.borrow() || *listener_stop.borrow();
-    if stopping {
+    if *stop.borrow() || *listener_stop.borrow() {
         conn.as_mut().graceful_shutdown();
         let _ = conn.await;
     } else {
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            // Shutdown, or this listener left the config: finish the request in flight, close.
-            _ = stop.changed() => {
+        // Shutdown, or this listener left the config: finish the request in flight, close.
+        // Polling a watch's `changed()` takes the channel's lock, shared by every connection
+        // on every worker; once it has registered this task's waker, the version check of
+        // `has_changed` (an atomic load) says whether it needs polling again.
+        let (probe, listener_probe) = (stop.clone(), listener_stop.clone());
+        let mut stopped = std::pin::pin!(async move {
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = listener_stop.changed() => {}
+            }
+        });
+        let mut idle_check = std::pin::pin!(tokio::time::sleep(CLIENT_IDLE_CHECK));
+        let mut last_started = 0;
+        let mut idle_for = Duration::ZERO;
+        let mut armed = false;
+        let end = std::future::poll_fn(|cx| {
+            use std::{future::Future, task::Poll};
+            if !armed
+                || probe.has_changed().unwrap_or(true)
+                || listener_probe.has_changed().unwrap_or(true)
+            {
+                armed = true;
+                if stopped.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(ConnEnd::Stop);
+                }
+            }
+            if idle_check.as_mut().poll(cx).is_ready() {
+                let started = seen.started.load(Ordering::Relaxed);
+                if started != last_started || seen.busy.load(Ordering::Relaxed) > 0 {
+                    idle_for = Duration::ZERO;
+                } else {
+                    idle_for += CLIENT_IDLE_CHECK;
+                }
+                last_started = started;
+                if idle_for >= CLIENT_IDLE {
+                    return Poll::Ready(ConnEnd::Idle);
+                }
+                let next = idle_check.deadline() + CLIENT_IDLE_CHECK;
+                idle_check.as_mut().reset(next);
+                let _ = idle_check.as_mut().poll(cx);
+            }
+            conn.as_mut().poll(cx).map(|_| ConnEnd::Done)
+        })
+        .await;
+        match end {
+            ConnEnd::Done => {}
+            ConnEnd::Stop => {
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
             }
-            _ = listener_stop.changed() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
+            // Nothing in flight: dropping the connection closes it.
+            ConnEnd::Idle => {}
         }
     }
     if shared.conns.open.fetch_sub(1, Ordering::SeqCst) == 1 {
         shared.conns.idle.notify_waiters();
+    }
+}
+
+/// A client connection on which no request started and none was in flight for this long is
+/// closed, as hyper's default header read timeout (30 s) did. Checked every
+/// `CLIENT_IDLE_CHECK`, so an idle connection goes after 30 to 40 s.
+const CLIENT_IDLE: Duration = Duration::from_secs(30);
+const CLIENT_IDLE_CHECK: Duration = Duration::from_secs(10);
+
+enum ConnEnd {
+    Done,
+    Stop,
+    Idle,
+}
+
+/// What a client connection is doing, for the idle check. Touched only by the connection's
+/// own task (no cross-thread traffic); atomics because the service must be `Send`.
+#[derive(Default)]
+struct Activity {
+    /// Requests started so far.
+    started: AtomicU64,
+    /// Requests whose response is not fully sent yet.
+    busy: AtomicUsize,
+}
+
+/// One request in progress, from its head to the end of its response body.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn start(a: &Arc<Activity>) -> Busy {
+        a.started.fetch_add(1, Ordering::Relaxed);
+        a.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(a.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as busy until it is sent or dropped.
+    struct TrackedBody {
+        #[pin]
+        body: RespBody,
+        _busy: Busy,
+    }
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
