@@ -112,7 +112,7 @@ impl Pool {
         // Oldest first: drop whatever is past the idle timeout, and closed connections.
         let stale = idle
             .iter()
-            .take_while(|c| now.saturating_duration_since(c.since) >= idle_timeout)
+            .take_while(|c| c.expired(now, idle_timeout))
             .count();
         idle.drain(..stale);
         let mut i = idle.len();
@@ -182,6 +182,110 @@ impl Pool {
         let idle_timeout = state.config.idle_timeout;
         state
             .idle
-            .retain(|c| !c.tx.is_closed() && now.saturating_duration_since(c.since) < idle_timeout);
+            .retain(|c| !c.tx.is_closed() && !c.expired(now, idle_timeout));
+    }
+}
+
+// === impl Idle ===
+
+impl Idle {
+    /// Past `poolIdle`: closed rather than risked (the upstream may be closing it right now).
+    fn expired(&self, now: Instant, idle_timeout: Duration) -> bool {
+        now.saturating_duration_since(self.since) >= idle_timeout
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::demo::pod::SimPod;
+
+    fn pool(pod: &SimPod, idle_timeout: Duration) -> Pool {
+        Pool::new(
+            pod.addr(),
+            PoolConfig {
+                idle_timeout,
+                max_idle: 2,
+                ..PoolConfig::default()
+            },
+        )
+    }
+
+    /// Sends one GET on `tx`, returns it to the pool at the response head (as the proxy does)
+    /// and reads the body to the end, which makes the connection ready again.
+    async fn exchange(pool: &Pool, mut tx: Sender) {
+        let req = http::Request::get("/")
+            .header(http::header::HOST, "pod")
+            .body(ReqBody::empty())
+            .unwrap();
+        let resp = tx.send_request(req).await.expect("response head");
+        assert_eq!(resp.status(), http::StatusCode::OK);
+        pool.release(tx, None);
+        resp.into_body().collect().await.expect("body");
+    }
+
+    /// Gives the connection task the turn in which it marks a finished connection ready.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_finished_connection_is_reused_and_max_idle_bounds_the_pool() {
+        let pod = SimPod::start("p").await.unwrap();
+        let pool = pool(&pod, Duration::from_secs(60));
+        assert!(pool.checkout().is_none(), "nothing pooled yet");
+        let a = pool.connect(false).await.unwrap();
+        let b = pool.connect(false).await.unwrap();
+        exchange(&pool, a).await;
+        exchange(&pool, b).await;
+        settle().await;
+        assert_eq!(pool.idle_len(), 2);
+        let first = pool.checkout().expect("a pooled connection");
+        assert!(first.reused);
+        exchange(&pool, first.tx).await;
+        settle().await;
+        // Three requests, two connections: the pool never opened a third.
+        assert_eq!(pod.requests(), 3);
+        assert_eq!(pod.connections(), 2);
+        // max_idle 2: a third release pushes out the oldest.
+        let c = pool.connect(false).await.unwrap();
+        exchange(&pool, c).await;
+        assert_eq!(pool.idle_len(), 2);
+    }
+
+    #[tokio::test]
+    async fn expired_and_closed_connections_are_never_handed_out() {
+        let pod = SimPod::start("p").await.unwrap();
+        let short = pool(&pod, Duration::from_millis(50));
+        let tx = short.connect(false).await.unwrap();
+        exchange(&short, tx).await;
+        // Generous: only "later than 50 ms" matters.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(short.checkout().is_none(), "past poolIdle");
+        assert_eq!(short.idle_len(), 0);
+
+        let long = pool(&pod, Duration::from_secs(60));
+        let tx = long.connect(false).await.unwrap();
+        exchange(&long, tx).await;
+        settle().await;
+        assert_eq!(long.idle_len(), 1);
+        // The upstream closes its side: the connection is forgotten, by checkout or purge.
+        pod.close_connections();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while long.idle_len() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "closed connection kept"
+            );
+            long.purge();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(long.checkout().is_none());
     }
 }
