@@ -269,3 +269,63 @@ async fn a_request_slower_than_the_idle_timeout_is_not_cut() {
     h.pods[0].set_fault(Fault::Healthy).await.unwrap();
     assert!(raw_get(&mut s).await.starts_with("HTTP/1.1 200"));
 }
+
+/// A listener leaving the config stops its connections gracefully; one whose client stalled
+/// halfway through a request head is still closed by the idle check, not waited for forever.
+#[tokio::test(start_paused = true)]
+async fn a_half_sent_request_head_does_not_hold_a_removed_listener_open() {
+    let h = Harness::start(1, fast_policy()).await;
+    let mut s = tokio::net::TcpStream::connect(h.addr()).await.unwrap();
+    s.write_all(b"GET /stalled HTTP/1.1\r\nhost: app\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.sidecar
+        .apply(Config::empty())
+        .await
+        .expect("empty config");
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    let mut buf = [0u8; 256];
+    let res = within(
+        Duration::from_secs(1),
+        "the stalled connection closed",
+        s.read(&mut buf),
+    )
+    .await;
+    assert!(matches!(res, Ok(0) | Err(_)), "{res:?}");
+    assert_eq!(h.pods[0].requests(), 0);
+}
+
+/// The per-try timeout starts when the request is sent upstream, not when its head arrived: a
+/// client that takes longer than `perTryTimeout` to upload its body costs no attempt.
+#[tokio::test]
+async fn a_slow_upload_does_not_use_up_the_per_try_timeout() {
+    let mut policy = fast_policy();
+    policy.retries.per_try_timeout = CfgDuration::from_millis(300);
+    let h = Harness::start(1, policy).await;
+    let before = h.metrics();
+    let mut s = tokio::net::TcpStream::connect(h.addr()).await.unwrap();
+    s.write_all(b"PUT /upload HTTP/1.1\r\nhost: app\r\ncontent-length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    s.write_all(b"world").await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+        let n = within(PATIENCE, "the response", s.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let after = h.metrics();
+    assert_eq!(
+        d(&after, &before, "detour_attempt_failures_total", &[]),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(h.pods[0].requests(), 1);
+}

@@ -133,7 +133,8 @@ async fn forward(
     let idempotent = headers::is_idempotent(&parts.method, &parts.headers);
     let deadline = start + policy.timeouts.request.get();
 
-    let mut body = Some(if body.is_end_stream() {
+    let has_body = !body.is_end_stream();
+    let mut body = Some(if !has_body {
         ReqBody::empty()
     } else {
         // A client that trickles its body must not hold the request past its deadline.
@@ -163,8 +164,10 @@ async fn forward(
     // the request path except the in-flight guard.
     let mut fresh_on: Option<&Arc<Endpoint>> = None;
     let mut last: Option<&Arc<Endpoint>> = None;
-    // The first attempt starts now; the clock is read again only for retries.
-    let mut now = start;
+    // The first attempt starts now; the clock is read again only for retries. Reading the
+    // client's body took time that belongs to neither the per-try timeout nor the endpoint's
+    // latency, so a request with a body reads the clock afresh.
+    let mut now = if has_body { Instant::now() } else { start };
 
     loop {
         if attempts > 0 {

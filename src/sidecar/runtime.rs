@@ -602,15 +602,20 @@ async fn serve_conn(
         let mut last_started = 0;
         let mut idle_for = Duration::ZERO;
         let mut armed = false;
+        let mut stopping = false;
         let end = std::future::poll_fn(|cx| {
             use std::{future::Future, task::Poll};
-            if !armed
-                || probe.has_changed().unwrap_or(true)
-                || listener_probe.has_changed().unwrap_or(true)
+            if !stopping
+                && (!armed
+                    || probe.has_changed().unwrap_or(true)
+                    || listener_probe.has_changed().unwrap_or(true))
             {
                 armed = true;
                 if stopped.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(ConnEnd::Stop);
+                    // The idle check keeps running: a client that stalls halfway through a
+                    // request head is not waited for without end.
+                    stopping = true;
+                    conn.as_mut().graceful_shutdown();
                 }
             }
             if idle_check.as_mut().poll(cx).is_ready() {
@@ -624,8 +629,10 @@ async fn serve_conn(
                 if idle_for >= CLIENT_IDLE {
                     return Poll::Ready(ConnEnd::Idle);
                 }
-                let next = idle_check.deadline() + CLIENT_IDLE_CHECK;
-                idle_check.as_mut().reset(next);
+                // From now, not from the old deadline: a late poll must not leave it unarmed.
+                idle_check
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + CLIENT_IDLE_CHECK);
                 let _ = idle_check.as_mut().poll(cx);
             }
             conn.as_mut().poll(cx).map(|_| ConnEnd::Done)
@@ -633,10 +640,6 @@ async fn serve_conn(
         .await;
         match end {
             ConnEnd::Done => {}
-            ConnEnd::Stop => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
             // Nothing in flight: dropping the connection closes it.
             ConnEnd::Idle => {}
         }
@@ -654,7 +657,6 @@ const CLIENT_IDLE_CHECK: Duration = Duration::from_secs(10);
 
 enum ConnEnd {
     Done,
-    Stop,
     Idle,
 }
 
