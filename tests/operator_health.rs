@@ -158,27 +158,23 @@ async fn seed(server: &ApiServer, base_ejection: &str) -> (SimPod, SimPod, Confi
     (good, bad, cfg)
 }
 
+/// Two running sidecar pods, `web-a` and `web-b`, serving `cfg`.
+async fn two_sidecars(server: &ApiServer, cfg: &Config) -> (SidecarHandle, SidecarHandle) {
+    let a = start_sidecar(cfg.clone()).await;
+    let b = start_sidecar(cfg.clone()).await;
+    for (name, sidecar) in [("web-a", &a), ("web-b", &b)] {
+        let port = sidecar.admin_addr().port();
+        server.put(sidecar_pod("shop", name, port, "Running"));
+    }
+    (a, b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ejections_show_in_the_status_and_clear_on_recovery() {
     let server = ApiServer::new();
     let op = Operator::start(server.client(), options()).await.unwrap();
     let (_good, bad, cfg) = seed(&server, "1s").await;
-    let (a, b) = (
-        start_sidecar(cfg.clone()).await,
-        start_sidecar(cfg.clone()).await,
-    );
-    server.put(sidecar_pod(
-        "shop",
-        "web-a",
-        a.admin_addr().port(),
-        "Running",
-    ));
-    server.put(sidecar_pod(
-        "shop",
-        "web-b",
-        b.admin_addr().port(),
-        "Running",
-    ));
+    let (a, b) = two_sidecars(&server, &cfg).await;
     wait_figures(&server, (2, 0, 2), "two sidecars, nothing ejected").await;
 
     // The pod starts refusing: the first request that picks it ejects it in sidecar a.
@@ -218,22 +214,7 @@ async fn removed_endpoints_and_sidecars_stop_counting() {
     let op = Operator::start(server.client(), options()).await.unwrap();
     // Long ejections: whatever happens next is not the ejection running out.
     let (_good, bad, cfg) = seed(&server, "120s").await;
-    let (a, b) = (
-        start_sidecar(cfg.clone()).await,
-        start_sidecar(cfg.clone()).await,
-    );
-    server.put(sidecar_pod(
-        "shop",
-        "web-a",
-        a.admin_addr().port(),
-        "Running",
-    ));
-    server.put(sidecar_pod(
-        "shop",
-        "web-b",
-        b.admin_addr().port(),
-        "Running",
-    ));
+    let (a, b) = two_sidecars(&server, &cfg).await;
     // Not counted: not running yet; running but its admin port refuses; no sidecar label.
     server.put(sidecar_pod(
         "shop",

@@ -583,67 +583,62 @@ async fn serve_conn(
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
     let mut stop = shared.stop_accepting.subscribe();
-    if *stop.borrow() || *listener_stop.borrow() {
+    // Shutdown, or this listener left the config: finish the request in flight, close. The idle
+    // check keeps running after that, so a client that stalls halfway through a request head is
+    // not waited for without end.
+    let mut stopping = *stop.borrow() || *listener_stop.borrow();
+    if stopping {
         conn.as_mut().graceful_shutdown();
-        let _ = conn.await;
-    } else {
-        // Shutdown, or this listener left the config: finish the request in flight, close.
-        // Polling a watch's `changed()` takes the channel's lock, shared by every connection
-        // on every worker; once it has registered this task's waker, the version check of
-        // `has_changed` (an atomic load) says whether it needs polling again.
-        let (probe, listener_probe) = (stop.clone(), listener_stop.clone());
-        let mut stopped = std::pin::pin!(async move {
-            tokio::select! {
-                _ = stop.changed() => {}
-                _ = listener_stop.changed() => {}
-            }
-        });
-        let mut idle_check = std::pin::pin!(tokio::time::sleep(CLIENT_IDLE_CHECK));
-        let mut last_started = 0;
-        let mut idle_for = Duration::ZERO;
-        let mut armed = false;
-        let mut stopping = false;
-        let end = std::future::poll_fn(|cx| {
-            use std::{future::Future, task::Poll};
-            if !stopping
-                && (!armed
-                    || probe.has_changed().unwrap_or(true)
-                    || listener_probe.has_changed().unwrap_or(true))
-            {
-                armed = true;
-                if stopped.as_mut().poll(cx).is_ready() {
-                    // The idle check keeps running: a client that stalls halfway through a
-                    // request head is not waited for without end.
-                    stopping = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-            }
-            if idle_check.as_mut().poll(cx).is_ready() {
-                let started = seen.started.load(Ordering::Relaxed);
-                if started != last_started || seen.busy.load(Ordering::Relaxed) > 0 {
-                    idle_for = Duration::ZERO;
-                } else {
-                    idle_for += CLIENT_IDLE_CHECK;
-                }
-                last_started = started;
-                if idle_for >= CLIENT_IDLE {
-                    return Poll::Ready(ConnEnd::Idle);
-                }
-                // From now, not from the old deadline: a late poll must not leave it unarmed.
-                idle_check
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + CLIENT_IDLE_CHECK);
-                let _ = idle_check.as_mut().poll(cx);
-            }
-            conn.as_mut().poll(cx).map(|_| ConnEnd::Done)
-        })
-        .await;
-        match end {
-            ConnEnd::Done => {}
-            // Nothing in flight: dropping the connection closes it.
-            ConnEnd::Idle => {}
-        }
     }
+    // Polling a watch's `changed()` takes the channel's lock, shared by every connection on
+    // every worker; once it has registered this task's waker, the version check of
+    // `has_changed` (an atomic load) says whether it needs polling again.
+    let (probe, listener_probe) = (stop.clone(), listener_stop.clone());
+    let mut stopped = std::pin::pin!(async move {
+        tokio::select! {
+            _ = stop.changed() => {}
+            _ = listener_stop.changed() => {}
+        }
+    });
+    let mut idle_check = std::pin::pin!(tokio::time::sleep(CLIENT_IDLE_CHECK));
+    let mut last_started = 0;
+    let mut idle_for = Duration::ZERO;
+    let mut armed = false;
+    // Ends when the connection does, or when it has been idle for `CLIENT_IDLE`: nothing is in
+    // flight then, and dropping the connection closes it.
+    std::future::poll_fn(|cx| {
+        use std::{future::Future, task::Poll};
+        if !stopping
+            && (!armed
+                || probe.has_changed().unwrap_or(true)
+                || listener_probe.has_changed().unwrap_or(true))
+        {
+            armed = true;
+            if stopped.as_mut().poll(cx).is_ready() {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+        if idle_check.as_mut().poll(cx).is_ready() {
+            let started = seen.started.load(Ordering::Relaxed);
+            if started != last_started || seen.busy.load(Ordering::Relaxed) > 0 {
+                idle_for = Duration::ZERO;
+            } else {
+                idle_for += CLIENT_IDLE_CHECK;
+            }
+            last_started = started;
+            if idle_for >= CLIENT_IDLE {
+                return Poll::Ready(());
+            }
+            // From now, not from the old deadline: a late poll must not leave it unarmed.
+            idle_check
+                .as_mut()
+                .reset(tokio::time::Instant::now() + CLIENT_IDLE_CHECK);
+            let _ = idle_check.as_mut().poll(cx);
+        }
+        conn.as_mut().poll(cx).map(|_| ())
+    })
+    .await;
     if shared.conns.open.fetch_sub(1, Ordering::SeqCst) == 1 {
         shared.conns.idle.notify_waiters();
     }
@@ -654,11 +649,6 @@ async fn serve_conn(
 /// `CLIENT_IDLE_CHECK`, so an idle connection goes after 30 to 40 s.
 const CLIENT_IDLE: Duration = Duration::from_secs(30);
 const CLIENT_IDLE_CHECK: Duration = Duration::from_secs(10);
-
-enum ConnEnd {
-    Done,
-    Idle,
-}
 
 /// What a client connection is doing, for the idle check. Touched only by the connection's
 /// own task (no cross-thread traffic); atomics because the service must be `Send`.
