@@ -11,7 +11,11 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::sync::Arc;
 
-use super::{endpoint::InflightGuard, upstream::UpstreamRt};
+use super::{
+    endpoint::InflightGuard,
+    h1::{BodyError, BodyStream},
+    upstream::UpstreamRt,
+};
 
 /// What is sent upstream.
 #[derive(Debug)]
@@ -29,7 +33,7 @@ pub enum ReqBody {
 pub enum RespBody {
     Full(Option<Bytes>),
     Upstream {
-        body: Incoming,
+        body: BodyStream,
         /// Keeps the endpoint's in-flight count up until the body is done (least-request).
         guard: Option<InflightGuard>,
         /// Told when the upstream breaks the body off (`http_response_incomplete`).
@@ -112,34 +116,36 @@ impl RespBody {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             RespBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             RespBody::Upstream {
                 body,
                 guard,
                 upstream,
-            } => {
-                let res = Pin::new(body).poll_frame(cx);
-                match &res {
-                    Poll::Ready(None) => {
-                        guard.take();
+            } => match std::task::ready!(body.poll_data(cx)) {
+                Some(Ok(data)) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                None => {
+                    // Read to the end: the connection is free for the next request.
+                    if let (Some(conn), Some(g)) = (body.take_idle(), guard.as_ref()) {
+                        g.endpoint().pool().release(conn);
                     }
-                    Poll::Ready(Some(Err(_))) => {
-                        if let (Some(up), Some(g)) = (upstream.take(), guard.as_ref()) {
-                            up.body_failed(g.endpoint());
-                        }
-                        guard.take();
-                    }
-                    _ => {}
+                    guard.take();
+                    Poll::Ready(None)
                 }
-                res
-            }
+                Some(Err(e)) => {
+                    if let (Some(up), Some(g)) = (upstream.take(), guard.as_ref()) {
+                        up.body_failed(g.endpoint());
+                    }
+                    guard.take();
+                    Poll::Ready(Some(Err(e)))
+                }
+            },
         }
     }
 

@@ -24,6 +24,8 @@ use crate::config::{EndpointState, HealthCheck, OutlierDetection};
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub pod: Option<String>,
+    /// `Host` for a request that came without one: the endpoint's address.
+    host: http::HeaderValue,
     /// One pool per worker thread (plus one for callers outside the workers), so a connection
     /// is only ever used by the thread that drives it.
     pools: Box<[Pool]>,
@@ -149,6 +151,7 @@ impl Endpoint {
         Endpoint {
             addr,
             pod,
+            host: http::HeaderValue::from_str(&addr.to_string()).expect("an address is ASCII"),
             pools: (0..=workers).map(|_| Pool::new(addr, pool)).collect(),
             terminating: AtomicBool::new(state == EndpointState::Terminating),
             inflight: AtomicU32::new(0),
@@ -165,6 +168,10 @@ impl Endpoint {
             // infinitely fast to peak-EWMA.
             ewma: Mutex::new((1e6, now)),
         }
+    }
+
+    pub fn host_header(&self) -> &http::HeaderValue {
+        &self.host
     }
 
     /// The connection pool of the calling thread.

@@ -6,7 +6,7 @@ use std::{error::Error as StdError, fmt, io, net::SocketAddr};
 
 use http::{header, HeaderValue, Response, StatusCode};
 
-use super::body::RespBody;
+use super::{body::RespBody, h1};
 
 /// The closed set of failure causes. Labels are RFC 9209 proxy error types where one fits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -153,24 +153,38 @@ impl AttemptError {
         AttemptError::new(cause, Reach::NotSent, format!("connect: {err}"))
     }
 
-    /// Classifies a hyper client error that happened after the connection was up.
-    /// `reused`: the connection had served a request before; a failure with no response byte on
-    /// such a connection is the keep-alive race.
-    pub fn from_hyper(err: &hyper::Error, sent: bool, reused: bool) -> Self {
-        let reach = if sent {
-            Reach::MaybeProcessed
-        } else {
-            Reach::NotSent
-        };
+    /// Classifies a failed exchange on a connection that was up. `reused`: the connection had
+    /// served a request before; a failure with no response byte on such a connection is the
+    /// keep-alive race.
+    pub fn from_h1(err: &h1::Error, reused: bool) -> Self {
         let detail = error_chain(err);
-        let cause = if err.is_parse() || err.is_parse_status() {
-            Cause::HttpProtocolError
-        } else if err.is_timeout() {
-            Cause::HttpResponseTimeout
-        } else if reused && (err.is_incomplete_message() || err.is_canceled() || is_reset(err)) {
-            Cause::KeepaliveRace
-        } else {
-            Cause::ConnectionTerminated
+        let (cause, reach) = match err {
+            h1::Error::Write { source, sent } => {
+                let reach = if *sent {
+                    Reach::MaybeProcessed
+                } else {
+                    Reach::NotSent
+                };
+                let cause = if reused && is_reset(source) {
+                    Cause::KeepaliveRace
+                } else {
+                    Cause::ConnectionTerminated
+                };
+                (cause, reach)
+            }
+            h1::Error::Closed { received: 0 } if reused => {
+                (Cause::KeepaliveRace, Reach::MaybeProcessed)
+            }
+            h1::Error::Read {
+                source,
+                received: 0,
+            } if reused && is_reset(source) => (Cause::KeepaliveRace, Reach::MaybeProcessed),
+            h1::Error::Closed { .. } | h1::Error::Read { .. } => {
+                (Cause::ConnectionTerminated, Reach::MaybeProcessed)
+            }
+            h1::Error::Parse(_) => (Cause::HttpProtocolError, Reach::MaybeProcessed),
+            // The proxy answers a failed client body itself; classified for completeness.
+            h1::Error::ClientBody(_) => (Cause::ConnectionTerminated, Reach::MaybeProcessed),
         };
         AttemptError::new(cause, reach, detail)
     }

@@ -11,6 +11,7 @@ mod body;
 mod budget;
 mod endpoint;
 mod errors;
+mod h1;
 mod headers;
 mod health;
 mod labels;

@@ -2,22 +2,17 @@
 //!
 //! LIFO reuse (the warmest connection first), and no connection is reused after it has been idle
 //! for `poolIdle`: closing idle connections before the upstream does is what prevents the
-//! keep-alive race (a request written into a connection the upstream is closing). Whether a
-//! connection was reused is reported so the rare race that still happens can be told apart.
+//! keep-alive race (a request written into a connection the upstream is closing). A connection
+//! the upstream has already closed is noticed at checkout, without a system call while it has
+//! not. Whether a connection was reused is reported so the rare race that still happens can be
+//! told apart.
 
 use std::{io, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use tokio::{
-    net::TcpStream,
-    time::{Instant, Sleep},
-};
+use tokio::time::{Instant, Sleep};
 
-use super::body::ReqBody;
-
-pub type Sender = http1::SendRequest<ReqBody>;
+use super::h1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolConfig {
@@ -54,9 +49,8 @@ struct State {
 }
 
 struct Idle {
-    tx: Sender,
+    conn: h1::Conn,
     since: Instant,
-    timer: Option<Timer>,
 }
 
 /// A per-try timer that travels with its connection. Moving a timer's deadline later is one
@@ -66,10 +60,9 @@ pub type Timer = Pin<Box<Sleep>>;
 
 /// A connection ready to send one request.
 pub struct Conn {
-    pub tx: Sender,
+    pub conn: h1::Conn,
     /// It served a request before (a failure with no response byte is then a keep-alive race).
     pub reused: bool,
-    pub timer: Option<Timer>,
 }
 
 // === impl Pool ===
@@ -99,90 +92,62 @@ impl Pool {
         self.inner.state.lock().idle.len()
     }
 
-    /// The most recently used connection that is idle (ready), still open and fresh enough.
-    ///
-    /// Connections go back into the pool as soon as their response head is in, still busy with
-    /// the body; the connection task flips them to ready when the body is done, so returning a
-    /// connection costs no task and no wake-up.
+    /// The most recently used idle connection that is still open and fresh enough.
     pub fn checkout(&self) -> Option<Conn> {
         let now = Instant::now();
         let mut state = self.inner.state.lock();
         let idle_timeout = state.config.idle_timeout;
         let idle = &mut state.idle;
-        // Oldest first: drop whatever is past the idle timeout, and closed connections.
+        // Oldest first: drop whatever is past the idle timeout.
         let stale = idle
             .iter()
             .take_while(|c| c.expired(now, idle_timeout))
             .count();
         idle.drain(..stale);
-        let mut i = idle.len();
-        while i > 0 {
-            i -= 1;
-            if idle[i].tx.is_closed() {
-                idle.remove(i);
-            } else if idle[i].tx.is_ready() {
-                let c = idle.remove(i);
+        // Newest first; one the upstream closed is dropped on the way.
+        while let Some(mut c) = idle.pop() {
+            if c.conn.is_idle_usable() {
                 return Some(Conn {
-                    tx: c.tx,
+                    conn: c.conn,
                     reused: true,
-                    timer: c.timer,
                 });
             }
         }
         None
     }
 
-    /// Opens a new connection (with upgrade support when asked: such connections are not pooled).
-    pub async fn connect(&self, upgrades: bool) -> io::Result<Sender> {
+    /// Opens a new connection, within `connect_timeout`.
+    pub async fn connect(&self) -> io::Result<h1::Conn> {
         let cfg = self.config();
-        let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(self.inner.addr))
+        tokio::time::timeout(cfg.connect_timeout, h1::Conn::connect(self.inner.addr))
             .await
             .map_err(|_| {
                 io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("no connection within {:?}", cfg.connect_timeout),
                 )
-            })??;
-        let _ = stream.set_nodelay(true);
-        // One buffer, one write per request head (and small body): see the server side.
-        let (tx, conn) = http1::Builder::new()
-            .writev(false)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(io::Error::other)?;
-        if upgrades {
-            tokio::spawn(async move {
-                let _ = conn.with_upgrades().await;
-            });
-        } else {
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-        }
-        Ok(tx)
+            })?
     }
 
-    /// Returns a connection whose response head has arrived. It is handed out again only once
-    /// its response body has been read to the end; if the body is abandoned the connection
-    /// closes and is dropped at the next checkout.
-    pub fn release(&self, tx: Sender, timer: Option<Timer>) {
+    /// Returns a connection whose response has been read to the end.
+    pub fn release(&self, conn: h1::Conn) {
         let since = Instant::now();
         let mut state = self.inner.state.lock();
         if state.idle.len() >= state.config.max_idle {
             state.idle.remove(0);
         }
-        state.idle.push(Idle { tx, since, timer });
+        state.idle.push(Idle { conn, since });
     }
 
-    /// Closes connections idle for `poolIdle` (and forgets closed ones), so idle sockets do not
-    /// linger until the upstream closes them. Run periodically by the sidecar.
+    /// Closes connections idle for `poolIdle` and those the upstream closed, so idle sockets
+    /// do not linger. Run periodically by the sidecar.
     pub fn purge(&self) {
         let now = Instant::now();
         let mut state = self.inner.state.lock();
         let idle_timeout = state.config.idle_timeout;
         state
             .idle
-            .retain(|c| !c.tx.is_closed() && !c.expired(now, idle_timeout));
+            .retain_mut(|c| !c.expired(now, idle_timeout) && c.conn.is_idle_usable());
     }
 }
 
@@ -197,12 +162,13 @@ impl Idle {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::{future::poll_fn, time::Duration};
 
-    use http_body_util::BodyExt;
+    use http::HeaderValue;
 
     use super::*;
     use crate::demo::pod::SimPod;
+    use crate::sidecar::body::ReqBody;
 
     fn pool(pod: &SimPod, idle_timeout: Duration) -> Pool {
         Pool::new(
@@ -215,24 +181,27 @@ mod tests {
         )
     }
 
-    /// Sends one GET on `tx`, returns it to the pool at the response head (as the proxy does)
-    /// and reads the body to the end, which makes the connection ready again.
-    async fn exchange(pool: &Pool, mut tx: Sender) {
-        let req = http::Request::get("/")
-            .header(http::header::HOST, "pod")
-            .body(ReqBody::empty())
-            .unwrap();
-        let resp = tx.send_request(req).await.expect("response head");
-        assert_eq!(resp.status(), http::StatusCode::OK);
-        pool.release(tx, None);
-        resp.into_body().collect().await.expect("body");
-    }
-
-    /// Gives the connection task the turn in which it marks a finished connection ready.
-    async fn settle() {
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+    /// Sends one GET on `conn`, reads the body to the end and returns the connection to the
+    /// pool, as the proxy does.
+    async fn exchange(pool: &Pool, conn: h1::Conn) {
+        let parts = http::Request::get("/").body(()).unwrap().into_parts().0;
+        let host = HeaderValue::from_static("pod");
+        let got = conn
+            .send(&parts, &host, ReqBody::empty(), false)
+            .await
+            .expect("response head");
+        assert_eq!(got.head.status, http::StatusCode::OK);
+        let idle = match got.body {
+            h1::Incoming::Done { idle, .. } => idle,
+            h1::Incoming::Streaming(mut body) => {
+                while let Some(chunk) = poll_fn(|cx| body.poll_data(cx)).await {
+                    chunk.expect("body");
+                }
+                body.take_idle()
+            }
+            h1::Incoming::Upgraded { .. } => panic!("no upgrade asked"),
+        };
+        pool.release(idle.expect("a keep-alive connection"));
     }
 
     #[tokio::test]
@@ -240,21 +209,19 @@ mod tests {
         let pod = SimPod::start("p").await.unwrap();
         let pool = pool(&pod, Duration::from_secs(60));
         assert!(pool.checkout().is_none(), "nothing pooled yet");
-        let a = pool.connect(false).await.unwrap();
-        let b = pool.connect(false).await.unwrap();
+        let a = pool.connect().await.unwrap();
+        let b = pool.connect().await.unwrap();
         exchange(&pool, a).await;
         exchange(&pool, b).await;
-        settle().await;
         assert_eq!(pool.idle_len(), 2);
         let first = pool.checkout().expect("a pooled connection");
         assert!(first.reused);
-        exchange(&pool, first.tx).await;
-        settle().await;
+        exchange(&pool, first.conn).await;
         // Three requests, two connections: the pool never opened a third.
         assert_eq!(pod.requests(), 3);
         assert_eq!(pod.connections(), 2);
         // max_idle 2: a third release pushes out the oldest.
-        let c = pool.connect(false).await.unwrap();
+        let c = pool.connect().await.unwrap();
         exchange(&pool, c).await;
         assert_eq!(pool.idle_len(), 2);
     }
@@ -263,17 +230,16 @@ mod tests {
     async fn expired_and_closed_connections_are_never_handed_out() {
         let pod = SimPod::start("p").await.unwrap();
         let short = pool(&pod, Duration::from_millis(50));
-        let tx = short.connect(false).await.unwrap();
-        exchange(&short, tx).await;
+        let conn = short.connect().await.unwrap();
+        exchange(&short, conn).await;
         // Generous: only "later than 50 ms" matters.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(short.checkout().is_none(), "past poolIdle");
         assert_eq!(short.idle_len(), 0);
 
         let long = pool(&pod, Duration::from_secs(60));
-        let tx = long.connect(false).await.unwrap();
-        exchange(&long, tx).await;
-        settle().await;
+        let conn = long.connect().await.unwrap();
+        exchange(&long, conn).await;
         assert_eq!(long.idle_len(), 1);
         // The upstream closes its side: the connection is forgotten, by checkout or purge.
         pod.close_connections();
@@ -287,5 +253,24 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(long.checkout().is_none());
+
+        // Checkout alone notices a closed connection too, and hands out none.
+        let conn = long.connect().await.unwrap();
+        exchange(&long, conn).await;
+        pod.close_connections();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            // A connection handed out while the close is still in flight goes back.
+            match long.checkout() {
+                Some(c) => long.release(c.conn),
+                None => break,
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "closed connection handed out"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(long.idle_len(), 0);
     }
 }

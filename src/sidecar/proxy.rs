@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::{Bytes, BytesMut};
-use http::{header, request::Parts, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{header, request::Parts, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -18,9 +18,9 @@ use super::{
     body::{ReqBody, RespBody},
     endpoint::{Endpoint, Failure, InflightGuard},
     errors::{AttemptError, Cause, ProxyError, Reach},
-    headers,
+    h1, headers,
     metrics::NoRetry,
-    pool::{Conn, Sender, Timer},
+    pool::{Conn, Timer},
     upstream::UpstreamRt,
 };
 use crate::config::{LoadBalancer, RetryOn};
@@ -102,8 +102,8 @@ enum Mode {
 /// The result of one attempt.
 enum Attempt {
     Response {
-        resp: Response<Incoming>,
-        tx: Sender,
+        head: http::response::Parts,
+        body: h1::Incoming,
         timer: Timer,
         guard: InflightGuard,
     },
@@ -236,21 +236,26 @@ async fn forward(
 
         match attempt(ep, &parts, this_body, mode, now, now + try_budget).await {
             Attempt::Response {
-                resp,
-                tx,
+                head,
+                body: resp_body,
                 timer,
                 guard,
             } => {
-                let status = resp.status();
+                let status = head.status;
                 if policy.load_balancer == LoadBalancer::PeakEwma {
                     ep.observe_latency(now.elapsed(), Instant::now());
                 }
-                if status == StatusCode::SWITCHING_PROTOCOLS {
-                    if let Some(on_client) = on_client_upgrade.take() {
+                let resp_body = match resp_body {
+                    h1::Incoming::Upgraded { io, early } => {
+                        // h1 hands over a connection only for a 101 to an upgrade request.
+                        let on_client = on_client_upgrade
+                            .take()
+                            .expect("an upgrade request has the client's upgrade");
                         ep.record_success();
-                        return Ok(tunnel(resp, on_client, guard));
+                        return Ok(tunnel(head, io, early, on_client, guard));
                     }
-                }
+                    other => other,
+                };
                 let gateway = matches!(status.as_u16(), 502..=504);
                 if gateway {
                     m.attempt_failure(Cause::UpstreamStatus);
@@ -268,6 +273,15 @@ async fn forward(
                         Ok(()) => {
                             m.retry(Cause::UpstreamStatus);
                             failed_before = true;
+                            // A short 502 read whole leaves its connection usable.
+                            if let h1::Incoming::Done {
+                                idle: Some(mut conn),
+                                ..
+                            } = resp_body
+                            {
+                                conn.timer = Some(timer);
+                                ep.pool().release(conn);
+                            }
                             tracing::debug!(upstream = %up.name, endpoint = %ep.addr, %status, "retrying a gateway error");
                             continue;
                         }
@@ -282,10 +296,7 @@ async fn forward(
                 if failed_before && status.as_u16() < 500 {
                     m.rescued.inc();
                 }
-                if mode != Mode::Upgrade {
-                    ep.pool().release(tx, Some(timer));
-                }
-                return Ok(client_response(resp, guard, gateway));
+                return Ok(client_response(head, resp_body, ep, timer, guard, gateway));
             }
             Attempt::ClientAborted(msg) => {
                 return Err(Reject::Client(
@@ -377,30 +388,18 @@ async fn attempt(
         Mode::Pooled => ep.pool().checkout(),
         _ => None,
     };
-    let connecting = async {
-        match mode {
-            Mode::Pooled => ep.pool().connect(false).await.map(|tx| Conn {
-                tx,
-                reused: false,
-                timer: None,
-            }),
-            Mode::Fresh => ep.pool().connect(false).await.map(|tx| Conn {
-                tx,
-                reused: false,
-                timer: None,
-            }),
-            Mode::Upgrade => ep.pool().connect(true).await.map(|tx| Conn {
-                tx,
-                reused: false,
-                timer: None,
-            }),
-        }
-    };
     let connected = match pooled {
         Some(c) => Ok(Ok(c)),
-        None => tokio::time::timeout_at(until, connecting).await,
+        None => tokio::time::timeout_at(until, ep.pool().connect())
+            .await
+            .map(|r| {
+                r.map(|conn| Conn {
+                    conn,
+                    reused: false,
+                })
+            }),
     };
-    let mut conn = match connected {
+    let Conn { mut conn, reused } = match connected {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             return Attempt::Failed {
@@ -420,7 +419,7 @@ async fn attempt(
         }
     };
     // A pooled connection came at once; only a new one can have used up the window.
-    if !conn.reused && Instant::now() >= until {
+    if !reused && Instant::now() >= until {
         // Connecting used the whole window: nothing was sent, the body is still ours.
         return Attempt::Failed {
             err: AttemptError::new(
@@ -431,16 +430,6 @@ async fn attempt(
             body: Some(body),
         };
     }
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = parts.headers.clone();
-    if !req.headers().contains_key(header::HOST) {
-        if let Ok(v) = HeaderValue::from_str(&ep.addr.to_string()) {
-            req.headers_mut().insert(header::HOST, v);
-        }
-    }
     let mut timer = match conn.timer.take() {
         Some(mut t) => {
             t.as_mut().reset(until);
@@ -448,26 +437,29 @@ async fn attempt(
         }
         None => Box::pin(tokio::time::sleep_until(until)),
     };
+    let host = ep.host_header();
     // As `timeout_at`: the response first, then the timer.
     let sent = tokio::select! {
         biased;
-        r = conn.tx.try_send_request(req) => Ok(r),
+        r = conn.send(parts, host, body, mode == Mode::Upgrade) => Ok(r),
         _ = timer.as_mut() => Err(()),
     };
     match sent {
-        Ok(Ok(resp)) => Attempt::Response {
-            resp,
-            tx: conn.tx,
+        Ok(Ok(received)) => Attempt::Response {
+            head: received.head,
+            body: received.body,
             timer,
             guard,
         },
-        Ok(Err(mut e)) => {
-            if e.error().is_user() {
-                return Attempt::ClientAborted(super::errors::error_chain(e.error()));
+        Ok(Err(failed)) => {
+            if let h1::Error::ClientBody(msg) = failed.error {
+                return Attempt::ClientAborted(msg);
             }
-            let unsent = e.take_message().map(|r| r.into_body());
-            let err = AttemptError::from_hyper(e.error(), unsent.is_none(), conn.reused);
-            Attempt::Failed { err, body: unsent }
+            let err = AttemptError::from_h1(&failed.error, reused);
+            Attempt::Failed {
+                err,
+                body: failed.unsent,
+            }
         }
         Err(_) => Attempt::Failed {
             err: AttemptError::new(
@@ -580,14 +572,17 @@ async fn buffer_body(mut body: Incoming, limit: usize) -> Result<ReqBody, hyper:
     Ok(ReqBody::Full(Some(first.unwrap_or_else(|| buf.freeze()))))
 }
 
-/// The upstream's response as the client gets it.
+/// The upstream's response as the client gets it. A body that came whole with the head frees
+/// its connection (and the endpoint's in-flight count) at once; a longer one does so at its end.
 /// `handle` hands the body its upstream once the metrics are recorded.
 fn client_response(
-    resp: Response<Incoming>,
+    mut parts: http::response::Parts,
+    body: h1::Incoming,
+    ep: &Endpoint,
+    timer: Timer,
     guard: InflightGuard,
     passed_gateway_error: bool,
 ) -> Response<RespBody> {
-    let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
     headers::add_via(&mut parts.headers);
     if passed_gateway_error {
@@ -596,10 +591,24 @@ fn client_response(
             parts.headers.append("proxy-status", v);
         }
     }
-    let body = RespBody::Upstream {
-        body,
-        guard: Some(guard),
-        upstream: None,
+    let body = match body {
+        h1::Incoming::Done { data, idle } => {
+            if let Some(mut conn) = idle {
+                conn.timer = Some(timer);
+                ep.pool().release(conn);
+            }
+            drop(guard);
+            RespBody::Full(data)
+        }
+        h1::Incoming::Streaming(mut body) => {
+            body.keep_timer(timer);
+            RespBody::Upstream {
+                body,
+                guard: Some(guard),
+                upstream: None,
+            }
+        }
+        h1::Incoming::Upgraded { .. } => unreachable!("an upgraded connection is tunnelled"),
     };
     Response::from_parts(parts, body)
 }
@@ -607,21 +616,26 @@ fn client_response(
 /// A `101 Switching Protocols`: both sides are joined byte for byte until either closes. The
 /// endpoint counts the tunnel as in flight while it lasts.
 fn tunnel(
-    mut resp: Response<Incoming>,
+    mut parts: http::response::Parts,
+    upstream: tokio::net::TcpStream,
+    early: Bytes,
     on_client: hyper::upgrade::OnUpgrade,
     guard: InflightGuard,
 ) -> Response<RespBody> {
-    let on_upstream = hyper::upgrade::on(&mut resp);
     tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
         let _guard = guard;
-        let (Ok(client_io), Ok(upstream_io)) = tokio::join!(on_client, on_upstream) else {
+        let Ok(client_io) = on_client.await else {
             return;
         };
         let mut a = TokioIo::new(client_io);
-        let mut b = TokioIo::new(upstream_io);
+        let mut b = upstream;
+        // Bytes of the new protocol that came with the 101 go first.
+        if !early.is_empty() && a.write_all(&early).await.is_err() {
+            return;
+        }
         let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
     });
-    let (mut parts, _) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, true);
     headers::add_via(&mut parts.headers);
     Response::from_parts(parts, RespBody::empty())

@@ -688,12 +688,12 @@ pin_project_lite::pin_project! {
 
 impl http_body::Body for TrackedBody {
     type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Error = super::h1::BodyError;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
         self.project().body.poll_frame(cx)
     }
 

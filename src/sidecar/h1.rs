@@ -1,0 +1,927 @@
+//! The upstream side of the proxy: a small HTTP/1.1 client driven by the request's own task.
+//!
+//! hyper's client runs each connection as a task of its own and talks to it over channels, so
+//! every proxied request crossed two tasks and three channels and woke the other task twice.
+//! Here the task that serves the client request writes the upstream request, reads the response
+//! head and streams the response body straight from the socket. A connection goes back to its
+//! pool once its response body has been read to the end, with nothing left over.
+//!
+//! Scope is what a reverse proxy needs from an upstream (RFC 9112): responses framed by
+//! `Content-Length`, `chunked` or the connection's close; interim 1xx responses skipped; `101
+//! Switching Protocols` handed over as a raw connection. Trailers are read and dropped. No
+//! pipelining and no HTTP/1.0 keep-alive: such connections are used once.
+
+use std::{
+    io,
+    task::{Context, Poll, Waker},
+};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use http_body_util::BodyExt;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+use super::{body::ReqBody, pool::Timer};
+
+/// A response head larger than this is refused (hyper's client allows about 400 KiB; real
+/// upstreams send a few hundred bytes).
+pub const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 100;
+/// How much room a read asks for: a typical response fits in one.
+const READ_SIZE: usize = 8 * 1024;
+/// A replayable body up to this size goes out in the same write as the head.
+const COALESCE: usize = 16 * 1024;
+/// A chunk-size line or trailer field longer than this is a protocol error.
+const MAX_LINE: usize = 4096;
+
+/// One upstream connection, idle or serving one request.
+#[derive(Debug)]
+pub struct Conn {
+    io: TcpStream,
+    /// Bytes read from the upstream and not yet used.
+    buf: BytesMut,
+    /// The per-try timer that travels with the connection (see `pool::Timer`).
+    pub timer: Option<Timer>,
+}
+
+/// Why an exchange failed before a usable response head.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("writing the request: {source}")]
+    Write {
+        source: io::Error,
+        /// Some request bytes were written before the failure.
+        sent: bool,
+    },
+    #[error("connection closed after {received} bytes of the response head")]
+    Closed { received: usize },
+    #[error("reading the response head: {source}")]
+    Read { source: io::Error, received: usize },
+    #[error("invalid response: {0}")]
+    Parse(String),
+    /// The client's own request body failed while it was being forwarded.
+    #[error("{0}")]
+    ClientBody(String),
+}
+
+/// A failed exchange, with the request body when none of it was sent (it can go elsewhere).
+#[derive(Debug)]
+pub struct Failed {
+    pub error: Error,
+    pub unsent: Option<ReqBody>,
+}
+
+/// Why a response body could not be read to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("upstream closed the connection with the response body incomplete")]
+    Incomplete,
+    #[error("reading the response body: {0}")]
+    Io(#[from] io::Error),
+    #[error("invalid chunked response body: {0}")]
+    Chunked(&'static str),
+}
+
+/// A response head and what follows it.
+pub struct Received {
+    pub head: http::response::Parts,
+    pub body: Incoming,
+}
+
+/// The response body as the exchange left it.
+pub enum Incoming {
+    /// The whole body came with the head (the common small response). `idle` is the connection,
+    /// ready for its next request, unless it must close.
+    Done {
+        data: Option<Bytes>,
+        idle: Option<Conn>,
+    },
+    /// More to read from the connection.
+    Streaming(BodyStream),
+    /// `101 Switching Protocols`: the connection now carries the upgraded protocol; `early`
+    /// holds bytes of it that came with the head.
+    Upgraded { io: TcpStream, early: Bytes },
+}
+
+/// A response body being read from its connection.
+#[derive(Debug)]
+pub struct BodyStream {
+    conn: Option<Conn>,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+/// How the end of a message body is found (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes remain.
+    Length(u64),
+    Chunked(Chunk),
+    /// Everything until the upstream closes.
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailer,
+}
+
+enum Step {
+    Data(Bytes),
+    More,
+    End,
+}
+
+// === impl Conn ===
+
+impl Conn {
+    pub async fn connect(addr: std::net::SocketAddr) -> io::Result<Conn> {
+        let io = TcpStream::connect(addr).await?;
+        let _ = io.set_nodelay(true);
+        Ok(Conn {
+            io,
+            buf: BytesMut::new(),
+            timer: None,
+        })
+    }
+
+    /// Can an idle connection take a request? Costs no system call unless the socket has become
+    /// readable, which an idle HTTP/1 connection only does when the upstream closed it (or sent
+    /// bytes nobody asked for: either way it is not used again).
+    pub fn is_idle_usable(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Sends one request and reads the response head. `parts` is the head as it goes upstream
+    /// (origin-form target, hop-by-hop headers removed); `host` is used when it has no `Host`.
+    /// With `upgrade`, a `101` response hands over the connection.
+    pub async fn send(
+        mut self,
+        parts: &Parts,
+        host: &HeaderValue,
+        body: ReqBody,
+        upgrade: bool,
+    ) -> Result<Received, Failed> {
+        let (mut head, framing) = encode_head(parts, host, &body);
+        let mut body = Some(body);
+        let mut complete = true;
+        match body.as_mut() {
+            Some(ReqBody::Full(b)) if b.as_ref().is_none_or(|b| b.len() <= COALESCE) => {
+                if let Some(b) = b.as_ref() {
+                    head.extend_from_slice(b);
+                }
+                if let Err(error) = self.write_head(&head).await {
+                    return Err(Failed {
+                        unsent: body.take(),
+                        error,
+                    });
+                }
+            }
+            _ => {
+                if let Err(error) = self.write_head(&head).await {
+                    return Err(Failed {
+                        unsent: body.take(),
+                        error,
+                    });
+                }
+                let body = body.take().unwrap_or_else(ReqBody::empty);
+                complete = self
+                    .send_body(body, framing)
+                    .await
+                    .map_err(|error| Failed {
+                        error,
+                        unsent: None,
+                    })?;
+            }
+        }
+        self.read_response(&parts.method, upgrade, complete)
+            .await
+            .map_err(|error| Failed {
+                error,
+                unsent: None,
+            })
+    }
+
+    /// Writes the request head, telling whether any of it left when writing fails (a request
+    /// none of whose bytes were written can go to another endpoint whatever its method).
+    async fn write_head(&mut self, mut head: &[u8]) -> Result<(), Error> {
+        let mut sent = false;
+        while !head.is_empty() {
+            match self.io.write(head).await {
+                Ok(0) => {
+                    return Err(Error::Write {
+                        source: io::ErrorKind::WriteZero.into(),
+                        sent,
+                    })
+                }
+                Ok(n) => {
+                    head = &head[n..];
+                    sent = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(Error::Write { source, sent }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams a body after its head. An upstream that answers before it has the whole body
+    /// (a 413, an early error) gets no more of it: the response is read, and the connection is
+    /// not used again. Returns whether the whole body was sent.
+    async fn send_body(&mut self, mut body: ReqBody, framing: BodyOut) -> Result<bool, Error> {
+        let (mut rd, mut wr) = self.io.split();
+        let mut probe = [0u8; 1];
+        let sending = async {
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| Error::ClientBody(super::errors::error_chain(&e)))?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                let w = if framing == BodyOut::Chunked {
+                    let mut out = BytesMut::with_capacity(data.len() + 12);
+                    out.put_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    out.put_slice(&data);
+                    out.put_slice(b"\r\n");
+                    wr.write_all(&out).await
+                } else {
+                    wr.write_all(&data).await
+                };
+                w.map_err(|e| Error::Write {
+                    source: e,
+                    sent: true,
+                })?;
+            }
+            if framing == BodyOut::Chunked {
+                wr.write_all(b"0\r\n\r\n").await.map_err(|e| Error::Write {
+                    source: e,
+                    sent: true,
+                })?;
+            }
+            Ok::<(), Error>(())
+        };
+        tokio::select! {
+            biased;
+            r = sending => r.map(|()| true),
+            // Bytes (or the close) before the body is done: an early response, or the upstream
+            // giving up. Either way reading tells which. A peek, not readiness: readiness can
+            // be stale, a peek waits for real bytes.
+            _ = rd.peek(&mut probe) => Ok(false),
+        }
+    }
+
+    async fn read_response(
+        mut self,
+        method: &Method,
+        upgrade: bool,
+        request_complete: bool,
+    ) -> Result<Received, Error> {
+        loop {
+            let (head, keep_alive) = self.read_head().await?;
+            let status = head.status;
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                if !upgrade {
+                    return Err(Error::Parse(
+                        "101 Switching Protocols to a request that asked for no upgrade".into(),
+                    ));
+                }
+                let early = self.buf.split().freeze();
+                return Ok(Received {
+                    head,
+                    body: Incoming::Upgraded { io: self.io, early },
+                });
+            }
+            if status.is_informational() {
+                // 100 Continue, 103 Early Hints: the final response follows.
+                continue;
+            }
+            let framing = body_framing(method, status, &head.headers)?;
+            let keep_alive = keep_alive && request_complete && !upgrade;
+            // The common case: the whole body is already here.
+            if let Framing::Length(n) = framing {
+                if (self.buf.len() as u64) >= n {
+                    let data = (n > 0).then(|| self.buf.split_to(n as usize).freeze());
+                    let idle = (keep_alive && self.buf.is_empty()).then_some(self);
+                    return Ok(Received {
+                        head,
+                        body: Incoming::Done { data, idle },
+                    });
+                }
+            }
+            return Ok(Received {
+                head,
+                body: Incoming::Streaming(BodyStream {
+                    conn: Some(self),
+                    framing,
+                    keep_alive,
+                }),
+            });
+        }
+    }
+
+    /// Reads until a complete response head is in the buffer and parses it.
+    async fn read_head(&mut self) -> Result<(http::response::Parts, bool), Error> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if !self.buf.is_empty() {
+                if let Some(parsed) = parse_head(&mut self.buf)? {
+                    return Ok(parsed);
+                }
+                if self.buf.len() >= MAX_HEAD {
+                    return Err(Error::Parse(format!(
+                        "response head larger than {} KiB",
+                        MAX_HEAD / 1024
+                    )));
+                }
+            }
+            self.buf.reserve(READ_SIZE);
+            let received = self.buf.len();
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(0) => return Err(Error::Closed { received }),
+                Ok(_) => {}
+                Err(source) => return Err(Error::Read { source, received }),
+            }
+        }
+    }
+}
+
+/// How the request body is framed on the wire.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BodyOut {
+    /// No body, or a body whose length the head states.
+    Sized,
+    Chunked,
+}
+
+/// The request head in wire form, and how its body follows.
+fn encode_head(parts: &Parts, host: &HeaderValue, body: &ReqBody) -> (Vec<u8>, BodyOut) {
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut out = Vec::with_capacity(256 + parts.headers.len() * 32);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in parts.headers.iter() {
+        if name == header::CONTENT_LENGTH {
+            continue;
+        }
+        put_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !parts.headers.contains_key(header::HOST) {
+        put_header(&mut out, b"host", host.as_bytes());
+    }
+    let declared = parts.headers.get(header::CONTENT_LENGTH);
+    let framing = match body {
+        ReqBody::Full(Some(b)) => {
+            put_header(&mut out, b"content-length", b.len().to_string().as_bytes());
+            BodyOut::Sized
+        }
+        ReqBody::Full(None) => {
+            // `POST` with `Content-Length: 0` keeps saying so.
+            if let Some(v) = declared {
+                put_header(&mut out, b"content-length", v.as_bytes());
+            }
+            BodyOut::Sized
+        }
+        // hyper's server checked the client's framing: a declared length is exact.
+        ReqBody::Stream(_) | ReqBody::Prefixed(..) => match declared {
+            Some(v) => {
+                put_header(&mut out, b"content-length", v.as_bytes());
+                BodyOut::Sized
+            }
+            None => {
+                put_header(&mut out, b"transfer-encoding", b"chunked");
+                BodyOut::Chunked
+            }
+        },
+    };
+    out.extend_from_slice(b"\r\n");
+    (out, framing)
+}
+
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Parses a complete response head off the front of `buf`; `None` when more bytes are needed.
+/// Header values share the head's bytes rather than being copied. Returns the head and whether
+/// the connection may carry another request after this response.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<(http::response::Parts, bool)>, Error> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Error::Parse(format!(
+                "more than {MAX_HEADERS} response headers"
+            )))
+        }
+        Err(e) => return Err(Error::Parse(format!("response head: {e}"))),
+    };
+    let code = resp.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code)
+        .map_err(|_| Error::Parse(format!("status code {code} out of range")))?;
+    let http11 = resp.version == Some(1);
+    let base = buf.as_ptr() as usize;
+    let mut spans: smallvec::SmallVec<[(usize, usize, usize, usize); 16]> =
+        smallvec::SmallVec::new();
+    for h in resp.headers.iter() {
+        let n = h.name.as_ptr() as usize - base;
+        let v = h.value.as_ptr() as usize - base;
+        spans.push((n, n + h.name.len(), v, v + h.value.len()));
+    }
+    let bytes = buf.split_to(len).freeze();
+    let mut map = HeaderMap::with_capacity(spans.len());
+    let mut keep_alive = http11;
+    for (ns, ne, vs, ve) in spans {
+        let name = HeaderName::from_bytes(&bytes[ns..ne])
+            .map_err(|_| Error::Parse("invalid header name".into()))?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(vs..ve))
+            .map_err(|_| Error::Parse(format!("invalid value of response header {name}")))?;
+        if name == header::CONNECTION && has_token(&value, "close") {
+            keep_alive = false;
+        }
+        map.append(name, value);
+    }
+    let mut r = http::Response::new(());
+    *r.status_mut() = status;
+    *r.version_mut() = if http11 {
+        http::Version::HTTP_11
+    } else {
+        http::Version::HTTP_10
+    };
+    *r.headers_mut() = map;
+    Ok(Some((r.into_parts().0, keep_alive)))
+}
+
+fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// RFC 9112 §6.3, for a response to `method`.
+fn body_framing(
+    method: &Method,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> Result<Framing, Error> {
+    if method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || status.is_informational()
+    {
+        return Ok(Framing::Length(0));
+    }
+    let te = headers.get_all(header::TRANSFER_ENCODING);
+    if te.iter().next().is_some() {
+        // The last coding decides: `chunked` frames the body, anything else runs to the close.
+        let last = te
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .next_back();
+        return Ok(match last {
+            Some(t) if t.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunk::Size),
+            _ => Framing::Close,
+        });
+    }
+    let mut length: Option<u64> = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        let s = v
+            .to_str()
+            .map_err(|_| Error::Parse("invalid content-length".into()))?;
+        for part in s.split(',') {
+            let part = part.trim();
+            let n = (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| part.parse::<u64>().ok())
+                .flatten()
+                .ok_or_else(|| Error::Parse(format!("invalid content-length {s:?}")))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Error::Parse("conflicting content-length values".into()));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length.map_or(Framing::Close, Framing::Length))
+}
+
+// === impl Framing ===
+
+impl Framing {
+    /// Takes the next piece of body out of `buf`, or says more bytes are needed.
+    fn step(&mut self, buf: &mut BytesMut) -> Result<Step, BodyError> {
+        loop {
+            match self {
+                Framing::Length(0) => return Ok(Step::End),
+                Framing::Length(left) => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    let n = (*left).min(buf.len() as u64) as usize;
+                    *left -= n as u64;
+                    return Ok(Step::Data(buf.split_to(n).freeze()));
+                }
+                Framing::Close => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    return Ok(Step::Data(buf.split().freeze()));
+                }
+                Framing::Chunked(chunk) => match *chunk {
+                    Chunk::Size => {
+                        let Some(line) = take_line(buf)? else {
+                            return Ok(Step::More);
+                        };
+                        let size = chunk_size(&line)?;
+                        *chunk = if size == 0 {
+                            Chunk::Trailer
+                        } else {
+                            Chunk::Data(size)
+                        };
+                    }
+                    Chunk::Data(left) => {
+                        if buf.is_empty() {
+                            return Ok(Step::More);
+                        }
+                        let n = left.min(buf.len() as u64) as usize;
+                        *chunk = if left == n as u64 {
+                            Chunk::DataEnd
+                        } else {
+                            Chunk::Data(left - n as u64)
+                        };
+                        return Ok(Step::Data(buf.split_to(n).freeze()));
+                    }
+                    Chunk::DataEnd => {
+                        let Some(line) = take_line(buf)? else {
+                            return Ok(Step::More);
+                        };
+                        if !line.is_empty() {
+                            return Err(BodyError::Chunked("chunk data longer than its size"));
+                        }
+                        *chunk = Chunk::Size;
+                    }
+                    Chunk::Trailer => {
+                        let Some(line) = take_line(buf)? else {
+                            return Ok(Step::More);
+                        };
+                        if line.is_empty() {
+                            *self = Framing::Length(0);
+                            return Ok(Step::End);
+                        }
+                        // A trailer field: dropped.
+                    }
+                },
+            }
+        }
+    }
+
+    /// The upstream closed the connection: the end of a close-delimited body, else too early.
+    fn at_eof(&self) -> Result<(), BodyError> {
+        match self {
+            Framing::Close | Framing::Length(0) => Ok(()),
+            _ => Err(BodyError::Incomplete),
+        }
+    }
+}
+
+/// One line without its line ending (CRLF, or a bare LF as RFC 9112 §2.2 allows).
+fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, BodyError> {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(i) => {
+            let mut line = buf.split_to(i + 1);
+            line.truncate(i);
+            if line.last() == Some(&b'\r') {
+                line.truncate(i - 1);
+            }
+            Ok(Some(line.freeze()))
+        }
+        None if buf.len() > MAX_LINE => Err(BodyError::Chunked("line too long")),
+        None => Ok(None),
+    }
+}
+
+/// `1a;ext=1` → 26. Extensions are ignored.
+fn chunk_size(line: &[u8]) -> Result<u64, BodyError> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return Err(BodyError::Chunked("invalid chunk size"));
+    }
+    let rest = &line[digits..];
+    if !rest.is_empty() && !matches!(rest[0], b';' | b' ' | b'\t') {
+        return Err(BodyError::Chunked("invalid chunk size"));
+    }
+    let s = std::str::from_utf8(&line[..digits]).expect("hex digits are ASCII");
+    u64::from_str_radix(s, 16).map_err(|_| BodyError::Chunked("invalid chunk size"))
+}
+
+// === impl BodyStream ===
+
+impl BodyStream {
+    /// The next piece of the body; `None` at its end.
+    pub fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        loop {
+            match self.framing.step(&mut conn.buf) {
+                Ok(Step::Data(b)) => return Poll::Ready(Some(Ok(b))),
+                Ok(Step::End) => return Poll::Ready(None),
+                Ok(Step::More) => {}
+                Err(e) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            if conn.buf.capacity() - conn.buf.len() < READ_SIZE / 2 {
+                conn.buf.reserve(READ_SIZE);
+            }
+            if let Err(e) = std::task::ready!(conn.io.poll_read_ready(cx)) {
+                self.conn = None;
+                return Poll::Ready(Some(Err(e.into())));
+            }
+            match conn.io.try_read_buf(&mut conn.buf) {
+                Ok(0) => {
+                    let end = self.framing.at_eof();
+                    self.conn = None;
+                    return Poll::Ready(match end {
+                        Ok(()) => None,
+                        Err(e) => Some(Err(e)),
+                    });
+                }
+                Ok(_) => {}
+                // Readiness was stale: poll_read_ready registers for the next event.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+
+    /// The per-try timer goes back to the pool with the connection.
+    pub fn keep_timer(&mut self, timer: Timer) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.timer = Some(timer);
+        }
+    }
+
+    /// After the end of the body: the connection, if it can carry another request.
+    pub fn take_idle(&mut self) -> Option<Conn> {
+        let conn = self.conn.take()?;
+        let done = self.framing == Framing::Length(0);
+        (done && self.keep_alive && conn.buf.is_empty()).then_some(conn)
+    }
+
+    pub fn is_end_stream(&self) -> bool {
+        self.conn.is_none() || self.framing == Framing::Length(0)
+    }
+
+    pub fn size_hint(&self) -> http_body::SizeHint {
+        match self.framing {
+            Framing::Length(n) => http_body::SizeHint::with_exact(n),
+            _ => http_body::SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(framing: &mut Framing, wire: &[u8]) -> Result<(Vec<u8>, bool), BodyError> {
+        let mut buf = BytesMut::from(wire);
+        let mut out = Vec::new();
+        loop {
+            match framing.step(&mut buf)? {
+                Step::Data(b) => out.extend_from_slice(&b),
+                Step::More => return Ok((out, false)),
+                Step::End => return Ok((out, true)),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_with_extensions_trailers_and_bare_lf() {
+        let mut f = Framing::Chunked(Chunk::Size);
+        let (data, end) = chunks(
+            &mut f,
+            b"5;name=v\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(data, b"hello world");
+        assert!(end);
+
+        let mut f = Framing::Chunked(Chunk::Size);
+        let (data, end) = chunks(&mut f, b"3\nabc\n0\n\n").unwrap();
+        assert_eq!((data.as_slice(), end), (&b"abc"[..], true));
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_any_split() {
+        let wire = b"4\r\nwiki\r\n5\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\n\r\n";
+        for cut in 0..wire.len() {
+            let mut f = Framing::Chunked(Chunk::Size);
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            let mut end = false;
+            for part in [&wire[..cut], &wire[cut..]] {
+                buf.extend_from_slice(part);
+                loop {
+                    match f.step(&mut buf).unwrap() {
+                        Step::Data(b) => out.extend_from_slice(&b),
+                        Step::More => break,
+                        Step::End => {
+                            end = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            assert_eq!(out, b"wikipedia in\r\n\r\nchunks.", "cut at {cut}");
+            assert!(end, "cut at {cut}");
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_errors() {
+        for wire in [
+            &b"zz\r\n"[..],
+            b"\r\n",
+            b"5\r\nhelloXX\r\n",
+            b"11111111111111111\r\n",
+            b"5x\r\n",
+        ] {
+            let mut f = Framing::Chunked(Chunk::Size);
+            assert!(
+                chunks(&mut f, wire).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+        let mut f = Framing::Chunked(Chunk::Size);
+        let long = vec![b'1'; MAX_LINE + 1];
+        assert!(chunks(&mut f, &long).is_err());
+    }
+
+    #[test]
+    fn length_and_close_framing() {
+        let mut f = Framing::Length(5);
+        let (data, end) = chunks(&mut f, b"hel").unwrap();
+        assert_eq!((data.as_slice(), end), (&b"hel"[..], false));
+        let (data, end) = chunks(&mut f, b"loEXTRA").unwrap();
+        assert_eq!((data.as_slice(), end), (&b"lo"[..], true));
+        assert!(Framing::Length(2).at_eof().is_err());
+        assert!(Framing::Chunked(Chunk::Size).at_eof().is_err());
+        let mut f = Framing::Close;
+        let (data, end) = chunks(&mut f, b"abc").unwrap();
+        assert_eq!((data.as_slice(), end), (&b"abc"[..], false));
+        assert!(f.at_eof().is_ok());
+    }
+
+    fn head(wire: &str) -> Result<Option<(http::response::Parts, bool)>, Error> {
+        parse_head(&mut BytesMut::from(wire.as_bytes()))
+    }
+
+    #[test]
+    fn response_heads_parse_with_shared_values_and_keep_alive() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\nX-A: 1\r\nX-A: 2\r\n\r\nabc"[..],
+        );
+        let (h, keep) = parse_head(&mut buf).unwrap().unwrap();
+        assert_eq!(h.status, StatusCode::CREATED);
+        assert!(keep);
+        assert_eq!(h.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(&buf[..], b"abc", "the body stays in the buffer");
+
+        let (_, keep) = head("HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!keep);
+        let (h, keep) = head("HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
+        assert!(!keep);
+        assert_eq!(h.version, http::Version::HTTP_10);
+        assert!(head("HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
+    }
+
+    #[test]
+    fn malformed_heads_are_protocol_errors() {
+        for wire in [
+            "HTTP/1.1 2x0 OK\r\n\r\n",
+            "garbage\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
+            "HTTP/1.1 099 Low\r\n\r\n",
+        ] {
+            assert!(matches!(head(wire), Err(Error::Parse(_))), "{wire:?}");
+        }
+        let many: String = (0..MAX_HEADERS + 1)
+            .map(|i| format!("x-{i}: v\r\n"))
+            .collect();
+        let err = head(&format!("HTTP/1.1 200 OK\r\n{many}\r\n")).unwrap_err();
+        assert!(err.to_string().contains("more than 100"), "{err}");
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let h = |pairs: &[(&str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            m
+        };
+        let ok = StatusCode::OK;
+        let get = Method::GET;
+        let cl = h(&[("content-length", "10")]);
+        assert_eq!(body_framing(&get, ok, &cl).unwrap(), Framing::Length(10));
+        assert_eq!(
+            body_framing(&Method::HEAD, ok, &cl).unwrap(),
+            Framing::Length(0)
+        );
+        assert_eq!(
+            body_framing(&get, StatusCode::NOT_MODIFIED, &cl).unwrap(),
+            Framing::Length(0)
+        );
+        assert_eq!(
+            body_framing(&get, StatusCode::NO_CONTENT, &h(&[])).unwrap(),
+            Framing::Length(0)
+        );
+        let te = h(&[
+            ("transfer-encoding", "gzip, chunked"),
+            ("content-length", "5"),
+        ]);
+        assert_eq!(
+            body_framing(&get, ok, &te).unwrap(),
+            Framing::Chunked(Chunk::Size)
+        );
+        let te = h(&[("transfer-encoding", "chunked, gzip")]);
+        assert_eq!(body_framing(&get, ok, &te).unwrap(), Framing::Close);
+        assert_eq!(body_framing(&get, ok, &h(&[])).unwrap(), Framing::Close);
+        let same = h(&[("content-length", "4, 4"), ("content-length", "4")]);
+        assert_eq!(body_framing(&get, ok, &same).unwrap(), Framing::Length(4));
+        for bad in ["4, 5", "-1", "+4", "", "0x10", "99999999999999999999999"] {
+            assert!(
+                body_framing(&get, ok, &h(&[("content-length", bad)])).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn request_heads_carry_their_framing() {
+        let req = |method: &str, headers: &[(&str, &str)]| {
+            let mut b = http::Request::builder().method(method).uri("/p?q=1");
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        let host = HeaderValue::from_static("10.0.0.1:80");
+        let (wire, f) = encode_head(&req("GET", &[]), &host, &ReqBody::empty());
+        assert_eq!(wire, b"GET /p?q=1 HTTP/1.1\r\nhost: 10.0.0.1:80\r\n\r\n");
+        assert!(f == BodyOut::Sized);
+
+        let (wire, _) = encode_head(
+            &req("POST", &[("host", "app"), ("content-length", "99")]),
+            &host,
+            &ReqBody::Full(Some(Bytes::from_static(b"abc"))),
+        );
+        assert_eq!(
+            wire,
+            b"POST /p?q=1 HTTP/1.1\r\nhost: app\r\ncontent-length: 3\r\n\r\n"
+        );
+        let (wire, _) = encode_head(
+            &req("POST", &[("host", "app"), ("content-length", "0")]),
+            &host,
+            &ReqBody::empty(),
+        );
+        assert_eq!(
+            wire,
+            b"POST /p?q=1 HTTP/1.1\r\nhost: app\r\ncontent-length: 0\r\n\r\n"
+        );
+    }
+}
