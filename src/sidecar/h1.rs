@@ -40,6 +40,8 @@ pub struct Conn {
     io: TcpStream,
     /// Bytes read from the upstream and not yet used.
     buf: BytesMut,
+    /// The request head being written; kept to save an allocation per request.
+    wbuf: Vec<u8>,
     /// The per-try timer that travels with the connection (see `pool::Timer`).
     pub timer: Option<Timer>,
 }
@@ -144,6 +146,7 @@ impl Conn {
         Ok(Conn {
             io,
             buf: BytesMut::new(),
+            wbuf: Vec::new(),
             timer: None,
         })
     }
@@ -173,7 +176,8 @@ impl Conn {
         body: ReqBody,
         upgrade: bool,
     ) -> Result<Received, Failed> {
-        let (mut head, framing) = encode_head(parts, host, &body);
+        let mut head = std::mem::take(&mut self.wbuf);
+        let framing = encode_head(parts, host, &body, &mut head);
         let mut body = Some(body);
         let mut complete = true;
         match body.as_mut() {
@@ -181,7 +185,9 @@ impl Conn {
                 if let Some(b) = b.as_ref() {
                     head.extend_from_slice(b);
                 }
-                if let Err(error) = self.write_head(&head).await {
+                let written = self.write_head(&head).await;
+                self.keep_wbuf(head);
+                if let Err(error) = written {
                     return Err(Failed {
                         unsent: body.take(),
                         error,
@@ -189,7 +195,9 @@ impl Conn {
                 }
             }
             _ => {
-                if let Err(error) = self.write_head(&head).await {
+                let written = self.write_head(&head).await;
+                self.keep_wbuf(head);
+                if let Err(error) = written {
                     return Err(Failed {
                         unsent: body.take(),
                         error,
@@ -211,6 +219,13 @@ impl Conn {
                 error,
                 unsent: None,
             })
+    }
+
+    /// An idle connection keeps a head-sized write buffer, not a large body's.
+    fn keep_wbuf(&mut self, buf: Vec<u8>) {
+        if buf.capacity() <= 4096 {
+            self.wbuf = buf;
+        }
     }
 
     /// Writes the request head, telling whether any of it left when writing fails (a request
@@ -366,10 +381,11 @@ enum BodyOut {
     Chunked,
 }
 
-/// The request head in wire form, and how its body follows.
-fn encode_head(parts: &Parts, host: &HeaderValue, body: &ReqBody) -> (Vec<u8>, BodyOut) {
+/// Writes the request head in wire form into `out` (cleared first); says how its body follows.
+fn encode_head(parts: &Parts, host: &HeaderValue, body: &ReqBody, out: &mut Vec<u8>) -> BodyOut {
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut out = Vec::with_capacity(256 + parts.headers.len() * 32);
+    out.clear();
+    out.reserve(256 + parts.headers.len() * 32);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
@@ -378,38 +394,38 @@ fn encode_head(parts: &Parts, host: &HeaderValue, body: &ReqBody) -> (Vec<u8>, B
         if name == header::CONTENT_LENGTH {
             continue;
         }
-        put_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+        put_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if !parts.headers.contains_key(header::HOST) {
-        put_header(&mut out, b"host", host.as_bytes());
+        put_header(out, b"host", host.as_bytes());
     }
     let declared = parts.headers.get(header::CONTENT_LENGTH);
     let framing = match body {
         ReqBody::Full(Some(b)) => {
-            put_header(&mut out, b"content-length", b.len().to_string().as_bytes());
+            put_header(out, b"content-length", b.len().to_string().as_bytes());
             BodyOut::Sized
         }
         ReqBody::Full(None) => {
             // `POST` with `Content-Length: 0` keeps saying so.
             if let Some(v) = declared {
-                put_header(&mut out, b"content-length", v.as_bytes());
+                put_header(out, b"content-length", v.as_bytes());
             }
             BodyOut::Sized
         }
         // hyper's server checked the client's framing: a declared length is exact.
         ReqBody::Stream(_) | ReqBody::Prefixed(..) => match declared {
             Some(v) => {
-                put_header(&mut out, b"content-length", v.as_bytes());
+                put_header(out, b"content-length", v.as_bytes());
                 BodyOut::Sized
             }
             None => {
-                put_header(&mut out, b"transfer-encoding", b"chunked");
+                put_header(out, b"transfer-encoding", b"chunked");
                 BodyOut::Chunked
             }
         },
     };
     out.extend_from_slice(b"\r\n");
-    (out, framing)
+    framing
 }
 
 fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -448,7 +464,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(http::response::Parts, bool)
         spans.push((n, n + h.name.len(), v, v + h.value.len()));
     }
     let bytes = buf.split_to(len).freeze();
-    let mut map = HeaderMap::with_capacity(spans.len());
+    // Room for what the proxy adds (`Via`, `Proxy-Status`) without growing the map.
+    let mut map = HeaderMap::with_capacity(spans.len() + 2);
     let mut keep_alive = http11;
     for (ns, ne, vs, ve) in spans {
         let name = HeaderName::from_bytes(&bytes[ns..ne])
@@ -901,22 +918,25 @@ mod tests {
             b.body(()).unwrap().into_parts().0
         };
         let host = HeaderValue::from_static("10.0.0.1:80");
-        let (wire, f) = encode_head(&req("GET", &[]), &host, &ReqBody::empty());
+        let enc = |parts: &Parts, body: &ReqBody| {
+            let mut out = b"left over".to_vec();
+            let f = encode_head(parts, &host, body, &mut out);
+            (out, f)
+        };
+        let (wire, f) = enc(&req("GET", &[]), &ReqBody::empty());
         assert_eq!(wire, b"GET /p?q=1 HTTP/1.1\r\nhost: 10.0.0.1:80\r\n\r\n");
         assert!(f == BodyOut::Sized);
 
-        let (wire, _) = encode_head(
+        let (wire, _) = enc(
             &req("POST", &[("host", "app"), ("content-length", "99")]),
-            &host,
             &ReqBody::Full(Some(Bytes::from_static(b"abc"))),
         );
         assert_eq!(
             wire,
             b"POST /p?q=1 HTTP/1.1\r\nhost: app\r\ncontent-length: 3\r\n\r\n"
         );
-        let (wire, _) = encode_head(
+        let (wire, _) = enc(
             &req("POST", &[("host", "app"), ("content-length", "0")]),
-            &host,
             &ReqBody::empty(),
         );
         assert_eq!(
