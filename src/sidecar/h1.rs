@@ -515,8 +515,7 @@ fn body_framing(
             .filter_map(|v| v.to_str().ok())
             .flat_map(|s| s.split(','))
             .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .next_back();
+            .rfind(|t| !t.is_empty());
         return Ok(match last {
             Some(t) if t.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunk::Size),
             _ => Framing::Close,
