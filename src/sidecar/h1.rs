@@ -180,37 +180,40 @@ impl Conn {
         let framing = encode_head(parts, host, &body, &mut head);
         let mut body = Some(body);
         let mut complete = true;
-        match body.as_mut() {
-            Some(ReqBody::Full(b)) if b.as_ref().is_none_or(|b| b.len() <= COALESCE) => {
-                if let Some(b) = b.as_ref() {
-                    head.extend_from_slice(b);
-                }
-                let written = self.write_head(&head).await;
-                self.keep_wbuf(head);
-                if let Err(error) = written {
-                    return Err(Failed {
-                        unsent: body.take(),
-                        error,
-                    });
-                }
+        let coalesce = matches!(
+            body.as_ref(),
+            Some(ReqBody::Full(b)) if b.as_ref().is_none_or(|b| b.len() <= COALESCE)
+        );
+        if coalesce {
+            if let Some(ReqBody::Full(Some(b))) = body.as_ref() {
+                head.extend_from_slice(b);
             }
-            _ => {
-                let written = self.write_head(&head).await;
-                self.keep_wbuf(head);
-                if let Err(error) = written {
-                    return Err(Failed {
-                        unsent: body.take(),
-                        error,
-                    });
+        }
+        let written = self.write_head(&head).await;
+        self.keep_wbuf(head);
+        match written {
+            Ok(()) => {}
+            Err(error @ Error::Write { sent: false, .. }) => {
+                return Err(Failed {
+                    unsent: body.take(),
+                    error,
+                })
+            }
+            Err(error) => return self.answer_after(error, parts, upgrade).await,
+        }
+        if !coalesce {
+            let body = body.take().unwrap_or_else(ReqBody::empty);
+            match self.send_body(body, framing).await {
+                Ok(all) => complete = all,
+                Err(error @ Error::Write { .. }) => {
+                    return self.answer_after(error, parts, upgrade).await
                 }
-                let body = body.take().unwrap_or_else(ReqBody::empty);
-                complete = self
-                    .send_body(body, framing)
-                    .await
-                    .map_err(|error| Failed {
+                Err(error) => {
+                    return Err(Failed {
                         error,
                         unsent: None,
-                    })?;
+                    })
+                }
             }
         }
         self.read_response(&parts.method, upgrade, complete)
@@ -219,6 +222,30 @@ impl Conn {
                 error,
                 unsent: None,
             })
+    }
+
+    /// Writing failed after part of the request left. An upstream that refuses a request before
+    /// reading all of it (a 413 to a large upload) answers and closes, and the close makes our
+    /// next write fail: its answer is already in the socket, ahead of the reset, and is what the
+    /// client should get. Without one, the write error stands. The connection is dead either way,
+    /// so the read ends at once (and the attempt's timer bounds it regardless).
+    async fn answer_after(
+        self,
+        error: Error,
+        parts: &Parts,
+        upgrade: bool,
+    ) -> Result<Received, Failed> {
+        match self.read_response(&parts.method, upgrade, false).await {
+            Ok(received) => Ok(received),
+            Err(parse @ Error::Parse(_)) => Err(Failed {
+                error: parse,
+                unsent: None,
+            }),
+            Err(_) => Err(Failed {
+                error,
+                unsent: None,
+            }),
+        }
     }
 
     /// An idle connection keeps a head-sized write buffer, not a large body's.
@@ -442,6 +469,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(http::response::Parts, bool)
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let len = match resp.parse(buf) {
+        // However the bytes were split into reads, a head over the limit is refused.
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+            return Err(Error::Parse(format!(
+                "response head larger than {} KiB",
+                MAX_HEAD / 1024
+            )))
+        }
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
