@@ -1039,3 +1039,128 @@ async fn an_upgrade_passes_protocol_bytes_sent_with_the_101_then_echoes() {
     );
     assert_eq!(rig.up.conns().len(), 1);
 }
+
+// === review follow-ups ===
+
+#[tokio::test]
+async fn a_content_length_body_longer_than_one_read_frees_its_connection() {
+    // hyper stops polling a body once it says it has ended: the connection must be freed with
+    // the last bytes, not on a final poll.
+    let big = vec![b'z'; 300_000];
+    let mut reply =
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", big.len()).into_bytes();
+    reply.extend_from_slice(&big);
+    let up = Upstream::script(vec![vec![Step::Send(reply)], ok("next")]).await;
+    let rig = Rig::start(up, fast_policy()).await;
+    let r = rig.get("/big").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text().len(), big.len());
+    eventually("the connection is back in the pool", || {
+        rig.idle_connections() == 1
+    })
+    .await;
+    assert_eq!(rig.get("/next").await.text(), "next");
+    assert_eq!(rig.up.requests_per_conn(), [2]);
+}
+
+#[tokio::test]
+async fn a_100_continue_while_the_body_streams_lets_the_body_go_on() {
+    let sent_continue = Arc::new(Notify::new());
+    let told = sent_continue.clone();
+    let up = Upstream::start(Arc::new(move |mut peer: Peer| {
+        let told = told.clone();
+        Box::pin(async move {
+            if peer.read_request(false).await.is_none() {
+                return;
+            }
+            if peer
+                .io
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .is_err()
+            {
+                return;
+            }
+            told.notify_one();
+            // The rest of the chunked body, to its last chunk.
+            while !peer.buf.ends_with(b"0\r\n\r\n") {
+                if !peer.fill().await {
+                    return;
+                }
+            }
+            let _ = peer
+                .io
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone")
+                .await;
+        })
+    }))
+    .await;
+    let rig = Rig::start(up, small_buffer_policy()).await;
+    let (tx, resp) = streamed(rig.addr(), "/upload").await;
+    tx.send(Bytes::from(vec![b'a'; 2048])).await.unwrap();
+    within(PATIENCE, "the 100 Continue", sent_continue.notified()).await;
+    // Let the sidecar see the 100 while the body is still open.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tx.send(Bytes::from(vec![b'b'; 2048])).await.unwrap();
+    drop(tx);
+    let resp = within(PATIENCE, "the final response", resp)
+        .await
+        .unwrap()
+        .expect("a response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"done");
+    let raw = rig.up.conns()[0].raw.clone();
+    let body_bytes = after_head(&raw);
+    assert!(
+        body_bytes.windows(4).any(|w| w == b"bbbb"),
+        "the rest of the body never reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn transfer_encoding_wins_over_content_length_and_the_length_is_not_passed_on() {
+    let up = Upstream::script(vec![
+        vec![send(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        )],
+        ok("next"),
+    ])
+    .await;
+    let rig = Rig::start(up, fast_policy()).await;
+    let r = rig.get("/both").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "hello", "the body was framed by the stale length");
+    assert_ne!(
+        r.headers.get(header::CONTENT_LENGTH).map(|v| v.as_bytes()),
+        Some(&b"3"[..])
+    );
+    // Such a connection is not trusted again.
+    assert_eq!(rig.get("/next").await.text(), "next");
+    assert_eq!(rig.up.requests_per_conn(), [1, 1]);
+}
+
+#[tokio::test]
+async fn connect_is_refused_with_405_and_never_reaches_the_upstream() {
+    let up = Upstream::script(vec![ok("never")]).await;
+    let rig = Rig::start(up, fast_policy()).await;
+    let mut io = TcpStream::connect(rig.addr()).await.unwrap();
+    io.write_all(b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = within(PATIENCE, "the answer", io.read(&mut chunk))
+            .await
+            .unwrap();
+        assert!(n > 0, "closed without an answer");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 405"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(rig.up.conns().is_empty());
+}

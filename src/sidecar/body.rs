@@ -129,13 +129,17 @@ impl Body for RespBody {
                 guard,
                 upstream,
             } => match std::task::ready!(body.poll_data(cx)) {
-                Some(Ok(data)) => Poll::Ready(Some(Ok(Frame::data(data)))),
-                None => {
-                    // Read to the end: the connection is free for the next request.
-                    if let (Some(conn), Some(g)) = (body.take_idle(), guard.as_ref()) {
-                        g.endpoint().pool().release(conn);
+                Some(Ok(data)) => {
+                    // hyper stops polling a body that says it has ended (a Content-Length body
+                    // after its last bytes): the connection is freed with the last data, not
+                    // on a final poll that may never come.
+                    if body.is_end_stream() {
+                        finish(body, guard);
                     }
-                    guard.take();
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                None => {
+                    finish(body, guard);
                     Poll::Ready(None)
                 }
                 Some(Err(e)) => {
@@ -162,4 +166,13 @@ impl Body for RespBody {
             RespBody::Upstream { body, .. } => body.size_hint(),
         }
     }
+}
+
+/// The body was read to its end: the connection is free for the next request (when it can carry
+/// one) and the request no longer counts as in flight.
+fn finish(body: &mut BodyStream, guard: &mut Option<InflightGuard>) {
+    if let (Some(conn), Some(g)) = (body.take_idle(), guard.as_ref()) {
+        g.endpoint().pool().release(conn);
+    }
+    guard.take();
 }

@@ -13,7 +13,7 @@
 
 use std::{
     io,
-    task::{Context, Poll, Waker},
+    task::{Context, Poll},
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -42,6 +42,9 @@ pub struct Conn {
     buf: BytesMut,
     /// The request head being written; kept to save an allocation per request.
     wbuf: Vec<u8>,
+    /// Nonzero once interim (1xx) heads were consumed in the current exchange: a connection
+    /// that answered anything at all did not just close under us (not a keep-alive race).
+    consumed: usize,
     /// The per-try timer that travels with the connection (see `pool::Timer`).
     pub timer: Option<Timer>,
 }
@@ -147,22 +150,24 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             wbuf: Vec::new(),
+            consumed: 0,
             timer: None,
         })
     }
 
-    /// Can an idle connection take a request? Costs no system call unless the socket has become
-    /// readable, which an idle HTTP/1 connection only does when the upstream closed it (or sent
-    /// bytes nobody asked for: either way it is not used again).
-    pub fn is_idle_usable(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
+    /// Can an idle connection take a request? Costs no system call unless the reactor has seen
+    /// the socket turn readable, which an idle HTTP/1 connection only does when the upstream
+    /// closed it (or sent bytes nobody asked for: either way it is not used again). No waker
+    /// and no task budget are involved, so any thread may ask, any number of times.
+    pub fn is_idle_usable(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Ready to wait in a pool: a read buffer grown by a large head or body is let go.
+    pub fn make_idle(&mut self) {
+        if self.buf.capacity() > 2 * READ_SIZE {
+            self.buf = BytesMut::new();
         }
     }
 
@@ -176,6 +181,7 @@ impl Conn {
         body: ReqBody,
         upgrade: bool,
     ) -> Result<Received, Failed> {
+        self.consumed = 0;
         let mut head = std::mem::take(&mut self.wbuf);
         let framing = encode_head(parts, host, &body, &mut head);
         let mut body = Some(body);
@@ -315,13 +321,46 @@ impl Conn {
             }
             Ok::<(), Error>(())
         };
-        tokio::select! {
-            biased;
-            r = sending => r.map(|()| true),
-            // Bytes (or the close) before the body is done: an early response, or the upstream
-            // giving up. Either way reading tells which. A peek, not readiness: readiness can
-            // be stale, a peek waits for real bytes.
-            _ = rd.peek(&mut probe) => Ok(false),
+        let buf = &mut self.buf;
+        let consumed = &mut self.consumed;
+        let mut sending = std::pin::pin!(sending);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut sending => return r.map(|()| true),
+                // Bytes (or the close) before the body is done. A peek, not readiness:
+                // readiness can be stale, a peek waits for real bytes.
+                r = rd.peek(&mut probe) => {
+                    if !matches!(r, Ok(n) if n > 0) {
+                        return Ok(false);
+                    }
+                    buf.reserve(READ_SIZE);
+                    match rd.try_read_buf(buf) {
+                        Ok(0) => return Ok(false),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(_) => return Ok(false),
+                    }
+                    loop {
+                        match early_head(buf) {
+                            // `100 Continue` (asked for by the client's `Expect`) and other
+                            // interim answers: the body goes on.
+                            Early::Interim(len) => {
+                                let _ = buf.split_to(len);
+                                *consumed += len;
+                            }
+                            Early::Partial if buf.len() < MAX_HEAD => break,
+                            // A full-duplex upstream answering 2xx while it reads: the whole
+                            // body goes, then its response is read.
+                            Early::Final(status) if status.is_success() => {
+                                return sending.await.map(|()| true);
+                            }
+                            // Refused (413, 401, a redirect...) or garbage: no more body.
+                            _ => return Ok(false),
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -348,10 +387,19 @@ impl Conn {
             }
             if status.is_informational() {
                 // 100 Continue, 103 Early Hints: the final response follows.
+                self.consumed += 1;
                 continue;
             }
             let framing = body_framing(method, status, &head.headers)?;
-            let keep_alive = keep_alive && request_complete && !upgrade;
+            let mut keep_alive = keep_alive && request_complete && !upgrade;
+            let mut head = head;
+            if head.headers.contains_key(header::TRANSFER_ENCODING)
+                && head.headers.remove(header::CONTENT_LENGTH).is_some()
+            {
+                // RFC 9112 §6.3: Transfer-Encoding wins, the length must not travel on (the
+                // client would frame the body by it), and such a connection is not trusted again.
+                keep_alive = false;
+            }
             // The common case: the whole body is already here.
             if let Framing::Length(n) = framing {
                 if (self.buf.len() as u64) >= n {
@@ -390,13 +438,38 @@ impl Conn {
                 }
             }
             self.buf.reserve(READ_SIZE);
-            let received = self.buf.len();
+            let received = self.consumed + self.buf.len();
             match self.io.read_buf(&mut self.buf).await {
                 Ok(0) => return Err(Error::Closed { received }),
                 Ok(_) => {}
                 Err(source) => return Err(Error::Read { source, received }),
             }
         }
+    }
+}
+
+/// What an upstream sent while the request body was still going out.
+enum Early {
+    Partial,
+    /// An interim (1xx, not 101) head of this many bytes.
+    Interim(usize),
+    /// A final head (or 101, or bytes that are no head at all: status 0).
+    Final(StatusCode),
+}
+
+fn early_head(buf: &[u8]) -> Early {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Partial) => Early::Partial,
+        Ok(httparse::Status::Complete(len)) => match resp.code {
+            Some(code @ 100..=199) if code != 101 => Early::Interim(len),
+            code => Early::Final(
+                code.and_then(|c| StatusCode::from_u16(c).ok())
+                    .unwrap_or(StatusCode::BAD_GATEWAY),
+            ),
+        },
+        Err(_) => Early::Final(StatusCode::BAD_GATEWAY),
     }
 }
 

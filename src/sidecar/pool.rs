@@ -95,25 +95,34 @@ impl Pool {
     /// The most recently used idle connection that is still open and fresh enough.
     pub fn checkout(&self) -> Option<Conn> {
         let now = Instant::now();
+        // Closed after the lock is let go: closing is a system call.
+        let mut dead: Vec<Idle> = Vec::new();
         let mut state = self.inner.state.lock();
         let idle_timeout = state.config.idle_timeout;
         let idle = &mut state.idle;
-        // Oldest first: drop whatever is past the idle timeout.
+        // Oldest first: whatever is past the idle timeout.
         let stale = idle
             .iter()
             .take_while(|c| c.expired(now, idle_timeout))
             .count();
-        idle.drain(..stale);
+        if stale > 0 {
+            dead.extend(idle.drain(..stale));
+        }
         // Newest first; one the upstream closed is dropped on the way.
-        while let Some(mut c) = idle.pop() {
+        let mut found = None;
+        while let Some(c) = idle.pop() {
             if c.conn.is_idle_usable() {
-                return Some(Conn {
+                found = Some(Conn {
                     conn: c.conn,
                     reused: true,
                 });
+                break;
             }
+            dead.push(c);
         }
-        None
+        drop(state);
+        drop(dead);
+        found
     }
 
     /// Opens a new connection, within `connect_timeout`.
@@ -130,7 +139,8 @@ impl Pool {
     }
 
     /// Returns a connection whose response has been read to the end.
-    pub fn release(&self, conn: h1::Conn) {
+    pub fn release(&self, mut conn: h1::Conn) {
+        conn.make_idle();
         let since = Instant::now();
         let mut state = self.inner.state.lock();
         if state.idle.len() >= state.config.max_idle {
@@ -147,7 +157,7 @@ impl Pool {
         let idle_timeout = state.config.idle_timeout;
         state
             .idle
-            .retain_mut(|c| !c.expired(now, idle_timeout) && c.conn.is_idle_usable());
+            .retain(|c| !c.expired(now, idle_timeout) && c.conn.is_idle_usable());
     }
 }
 

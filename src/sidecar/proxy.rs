@@ -125,6 +125,12 @@ async fn forward(
     let policy = &up.policy;
     let retries = &policy.retries;
     let m = &up.metrics;
+    if req.method() == http::Method::CONNECT {
+        return Err(Reject::Client(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not supported: detour is a reverse proxy".into(),
+        ));
+    }
     let mut req = req;
     let upgrade = headers::is_upgrade(req.headers());
     let mut on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
