@@ -92,9 +92,9 @@ impl Pool {
         self.inner.state.lock().idle.len()
     }
 
-    /// The most recently used idle connection that is still open and fresh enough.
-    pub fn checkout(&self) -> Option<Conn> {
-        let now = Instant::now();
+    /// The most recently used idle connection that is still open and fresh enough. `now` is the
+    /// caller's clock reading (one read per request is enough).
+    pub fn checkout(&self, now: Instant) -> Option<Conn> {
         // Closed after the lock is let go: closing is a system call.
         let mut dead: Vec<Idle> = Vec::new();
         let mut state = self.inner.state.lock();
@@ -111,7 +111,7 @@ impl Pool {
         // Newest first; one the upstream closed is dropped on the way.
         let mut found = None;
         while let Some(c) = idle.pop() {
-            if c.conn.is_idle_usable() {
+            if !c.expired(now, idle_timeout) && c.conn.is_idle_usable() {
                 found = Some(Conn {
                     conn: c.conn,
                     reused: true,
@@ -138,10 +138,11 @@ impl Pool {
             })?
     }
 
-    /// Returns a connection whose response has been read to the end.
-    pub fn release(&self, mut conn: h1::Conn) {
+    /// Returns a connection whose response has been read to the end. `since`: when it became
+    /// idle, or a moment before (the attempt's start saves a clock read; an earlier `since` only
+    /// retires the connection a little sooner).
+    pub fn release(&self, mut conn: h1::Conn, since: Instant) {
         conn.make_idle();
-        let since = Instant::now();
         let mut state = self.inner.state.lock();
         if state.idle.len() >= state.config.max_idle {
             state.idle.remove(0);
@@ -211,20 +212,23 @@ mod tests {
             }
             h1::Incoming::Upgraded { .. } => panic!("no upgrade asked"),
         };
-        pool.release(idle.expect("a keep-alive connection"));
+        pool.release(idle.expect("a keep-alive connection"), Instant::now());
     }
 
     #[tokio::test]
     async fn a_finished_connection_is_reused_and_max_idle_bounds_the_pool() {
         let pod = SimPod::start("p").await.unwrap();
         let pool = pool(&pod, Duration::from_secs(60));
-        assert!(pool.checkout().is_none(), "nothing pooled yet");
+        assert!(
+            pool.checkout(Instant::now()).is_none(),
+            "nothing pooled yet"
+        );
         let a = pool.connect().await.unwrap();
         let b = pool.connect().await.unwrap();
         exchange(&pool, a).await;
         exchange(&pool, b).await;
         assert_eq!(pool.idle_len(), 2);
-        let first = pool.checkout().expect("a pooled connection");
+        let first = pool.checkout(Instant::now()).expect("a pooled connection");
         assert!(first.reused);
         exchange(&pool, first.conn).await;
         // Three requests, two connections: the pool never opened a third.
@@ -244,7 +248,7 @@ mod tests {
         exchange(&short, conn).await;
         // Generous: only "later than 50 ms" matters.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(short.checkout().is_none(), "past poolIdle");
+        assert!(short.checkout(Instant::now()).is_none(), "past poolIdle");
         assert_eq!(short.idle_len(), 0);
 
         let long = pool(&pod, Duration::from_secs(60));
@@ -262,7 +266,7 @@ mod tests {
             long.purge();
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert!(long.checkout().is_none());
+        assert!(long.checkout(Instant::now()).is_none());
 
         // Checkout alone notices a closed connection too, and hands out none.
         let conn = long.connect().await.unwrap();
@@ -271,8 +275,8 @@ mod tests {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             // A connection handed out while the close is still in flight goes back.
-            match long.checkout() {
-                Some(c) => long.release(c.conn),
+            match long.checkout(Instant::now()) {
+                Some(c) => long.release(c.conn, Instant::now()),
                 None => break,
             }
             assert!(

@@ -286,7 +286,7 @@ async fn forward(
                             } = resp_body
                             {
                                 conn.timer = Some(timer);
-                                ep.pool().release(conn);
+                                ep.pool().release(conn, now);
                             }
                             tracing::debug!(upstream = %up.name, endpoint = %ep.addr, %status, "retrying a gateway error");
                             continue;
@@ -302,7 +302,9 @@ async fn forward(
                 if failed_before && status.as_u16() < 500 {
                     m.rescued.inc();
                 }
-                return Ok(client_response(head, resp_body, ep, timer, guard, gateway));
+                return Ok(client_response(
+                    head, resp_body, ep, now, timer, guard, gateway,
+                ));
             }
             Attempt::ClientAborted(msg) => {
                 return Err(Reject::Client(
@@ -391,7 +393,7 @@ async fn attempt(
     let guard = ep.start_request();
     // A pooled connection needs no timer; only connecting does.
     let pooled = match mode {
-        Mode::Pooled => ep.pool().checkout(),
+        Mode::Pooled => ep.pool().checkout(started),
         _ => None,
     };
     let connected = match pooled {
@@ -436,19 +438,32 @@ async fn attempt(
             body: Some(body),
         };
     }
+    // The connection's timer is moved only when it would fire late. One that fires early (set
+    // by an earlier, shorter request) is moved then: one timer-wheel update per connection per
+    // per-try timeout, not one per request.
     let mut timer = match conn.timer.take() {
         Some(mut t) => {
-            t.as_mut().reset(until);
+            if t.deadline() > until {
+                t.as_mut().reset(until);
+            }
             t
         }
         None => Box::pin(tokio::time::sleep_until(until)),
     };
     let host = ep.host_header();
+    let mut send = std::pin::pin!(conn.send(parts, host, body, mode == Mode::Upgrade));
     // As `timeout_at`: the response first, then the timer.
-    let sent = tokio::select! {
-        biased;
-        r = conn.send(parts, host, body, mode == Mode::Upgrade) => Ok(r),
-        _ = timer.as_mut() => Err(()),
+    let sent = loop {
+        tokio::select! {
+            biased;
+            r = &mut send => break Ok(r),
+            _ = timer.as_mut() => {
+                if Instant::now() >= until {
+                    break Err(());
+                }
+                timer.as_mut().reset(until);
+            }
+        }
     };
     match sent {
         Ok(Ok(received)) => Attempt::Response {
@@ -585,6 +600,7 @@ fn client_response(
     mut parts: http::response::Parts,
     body: h1::Incoming,
     ep: &Endpoint,
+    started: Instant,
     timer: Timer,
     guard: InflightGuard,
     passed_gateway_error: bool,
@@ -601,7 +617,7 @@ fn client_response(
         h1::Incoming::Done { data, idle } => {
             if let Some(mut conn) = idle {
                 conn.timer = Some(timer);
-                ep.pool().release(conn);
+                ep.pool().release(conn, started);
             }
             drop(guard);
             RespBody::Full(data)
