@@ -1141,7 +1141,7 @@ async fn transfer_encoding_wins_over_content_length_and_the_length_is_not_passed
 }
 
 #[tokio::test]
-async fn connect_is_refused_with_405_and_never_reaches_the_upstream() {
+async fn connect_is_refused_with_501_and_never_reaches_the_upstream() {
     let up = Upstream::script(vec![ok("never")]).await;
     let rig = Rig::start(up, fast_policy()).await;
     let mut io = TcpStream::connect(rig.addr()).await.unwrap();
@@ -1158,7 +1158,7 @@ async fn connect_is_refused_with_405_and_never_reaches_the_upstream() {
         got.extend_from_slice(&chunk[..n]);
     }
     assert!(
-        got.starts_with(b"HTTP/1.1 405"),
+        got.starts_with(b"HTTP/1.1 501"),
         "{:?}",
         String::from_utf8_lossy(&got)
     );

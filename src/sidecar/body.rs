@@ -172,9 +172,7 @@ impl Body for RespBody {
 /// one) and the request no longer counts as in flight.
 fn finish(body: &mut BodyStream, guard: &mut Option<InflightGuard>) {
     if let (Some(conn), Some(g)) = (body.take_idle(), guard.as_ref()) {
-        g.endpoint()
-            .pool()
-            .release(conn, tokio::time::Instant::now());
+        g.endpoint().pool().release(conn);
     }
     guard.take();
 }

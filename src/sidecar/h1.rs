@@ -8,8 +8,10 @@
 //!
 //! Scope is what a reverse proxy needs from an upstream (RFC 9112): responses framed by
 //! `Content-Length`, `chunked` or the connection's close; interim 1xx responses skipped; `101
-//! Switching Protocols` handed over as a raw connection. Trailers are read and dropped. No
-//! pipelining and no HTTP/1.0 keep-alive: such connections are used once.
+//! Switching Protocols` handed over as a raw connection. Trailers are read and dropped (response
+//! trailers, and those of a streamed request body). No pipelining and no HTTP/1.0 keep-alive:
+//! such connections are used once. A response head may be up to 64 KiB (Envoy's default limit
+//! is 60 KiB, NGINX's `proxy_buffer_size` 4-8 KiB; hyper's client allowed about 400 KiB).
 
 use std::{
     io,
@@ -23,14 +25,15 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use super::{body::ReqBody, pool::Timer};
 
-/// A response head larger than this is refused (hyper's client allows about 400 KiB; real
-/// upstreams send a few hundred bytes).
+/// A response head larger than this is refused (real upstreams send a few hundred bytes).
 pub const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// How much room a read asks for: a typical response fits in one.
 const READ_SIZE: usize = 8 * 1024;
 /// A replayable body up to this size goes out in the same write as the head.
 const COALESCE: usize = 16 * 1024;
+/// How much of an early 2xx answer is held while the request body still goes out.
+const EARLY_ANSWER_LIMIT: usize = 1 << 20;
 /// A chunk-size line or trailer field longer than this is a protocol error.
 const MAX_LINE: usize = 4096;
 
@@ -324,6 +327,10 @@ impl Conn {
         let buf = &mut self.buf;
         let consumed = &mut self.consumed;
         let mut sending = std::pin::pin!(sending);
+        // A final 2xx came while the body was going out (a full-duplex upstream answering as it
+        // reads): the body goes on, and what the upstream sends meanwhile is read into the
+        // buffer, so an upstream that streams its answer never blocks on us and stops reading.
+        let mut answered = false;
         loop {
             tokio::select! {
                 biased;
@@ -341,6 +348,13 @@ impl Conn {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                         Err(_) => return Ok(false),
                     }
+                    if answered {
+                        if buf.len() > EARLY_ANSWER_LIMIT {
+                            // Too much to hold: the body is cut short, the answer goes on.
+                            return Ok(false);
+                        }
+                        continue;
+                    }
                     loop {
                         match early_head(buf) {
                             // `100 Continue` (asked for by the client's `Expect`) and other
@@ -350,10 +364,9 @@ impl Conn {
                                 *consumed += len;
                             }
                             Early::Partial if buf.len() < MAX_HEAD => break,
-                            // A full-duplex upstream answering 2xx while it reads: the whole
-                            // body goes, then its response is read.
                             Early::Final(status) if status.is_success() => {
-                                return sending.await.map(|()| true);
+                                answered = true;
+                                break;
                             }
                             // Refused (413, 401, a redirect...) or garbage: no more body.
                             _ => return Ok(false),

@@ -138,16 +138,16 @@ impl Pool {
             })?
     }
 
-    /// Returns a connection whose response has been read to the end. `since`: when it became
-    /// idle, or a moment before (the attempt's start saves a clock read; an earlier `since` only
-    /// retires the connection a little sooner).
-    pub fn release(&self, mut conn: h1::Conn, since: Instant) {
+    /// Returns a connection whose response has been read to the end.
+    pub fn release(&self, mut conn: h1::Conn) {
         conn.make_idle();
+        let since = Instant::now();
         let mut state = self.inner.state.lock();
-        if state.idle.len() >= state.config.max_idle {
-            state.idle.remove(0);
-        }
+        let evicted = (state.idle.len() >= state.config.max_idle).then(|| state.idle.remove(0));
         state.idle.push(Idle { conn, since });
+        drop(state);
+        // Closed after the lock is let go: closing is a system call.
+        drop(evicted);
     }
 
     /// Closes connections idle for `poolIdle` and those the upstream closed, so idle sockets
@@ -156,9 +156,13 @@ impl Pool {
         let now = Instant::now();
         let mut state = self.inner.state.lock();
         let idle_timeout = state.config.idle_timeout;
-        state
-            .idle
-            .retain(|c| !c.expired(now, idle_timeout) && c.conn.is_idle_usable());
+        let (keep, dead): (Vec<Idle>, Vec<Idle>) = std::mem::take(&mut state.idle)
+            .into_iter()
+            .partition(|c| !c.expired(now, idle_timeout) && c.conn.is_idle_usable());
+        state.idle = keep;
+        drop(state);
+        // Closed after the lock is let go: closing is a system call.
+        drop(dead);
     }
 }
 
@@ -212,7 +216,7 @@ mod tests {
             }
             h1::Incoming::Upgraded { .. } => panic!("no upgrade asked"),
         };
-        pool.release(idle.expect("a keep-alive connection"), Instant::now());
+        pool.release(idle.expect("a keep-alive connection"));
     }
 
     #[tokio::test]
@@ -276,7 +280,7 @@ mod tests {
         loop {
             // A connection handed out while the close is still in flight goes back.
             match long.checkout(Instant::now()) {
-                Some(c) => long.release(c.conn, Instant::now()),
+                Some(c) => long.release(c.conn),
                 None => break,
             }
             assert!(

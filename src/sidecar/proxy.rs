@@ -126,8 +126,9 @@ async fn forward(
     let retries = &policy.retries;
     let m = &up.metrics;
     if req.method() == http::Method::CONNECT {
+        // 501, not 405: a 405 must list the allowed methods, and every other method is.
         return Err(Reject::Client(
-            StatusCode::METHOD_NOT_ALLOWED,
+            StatusCode::NOT_IMPLEMENTED,
             "CONNECT is not supported: detour is a reverse proxy".into(),
         ));
     }
@@ -286,7 +287,7 @@ async fn forward(
                             } = resp_body
                             {
                                 conn.timer = Some(timer);
-                                ep.pool().release(conn, now);
+                                ep.pool().release(conn);
                             }
                             tracing::debug!(upstream = %up.name, endpoint = %ep.addr, %status, "retrying a gateway error");
                             continue;
@@ -302,9 +303,7 @@ async fn forward(
                 if failed_before && status.as_u16() < 500 {
                     m.rescued.inc();
                 }
-                return Ok(client_response(
-                    head, resp_body, ep, now, timer, guard, gateway,
-                ));
+                return Ok(client_response(head, resp_body, ep, timer, guard, gateway));
             }
             Attempt::ClientAborted(msg) => {
                 return Err(Reject::Client(
@@ -600,7 +599,6 @@ fn client_response(
     mut parts: http::response::Parts,
     body: h1::Incoming,
     ep: &Endpoint,
-    started: Instant,
     timer: Timer,
     guard: InflightGuard,
     passed_gateway_error: bool,
@@ -617,7 +615,7 @@ fn client_response(
         h1::Incoming::Done { data, idle } => {
             if let Some(mut conn) = idle {
                 conn.timer = Some(timer);
-                ep.pool().release(conn, started);
+                ep.pool().release(conn);
             }
             drop(guard);
             RespBody::Full(data)
