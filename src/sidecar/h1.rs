@@ -45,8 +45,8 @@ pub struct Conn {
     buf: BytesMut,
     /// The request head being written; kept to save an allocation per request.
     wbuf: Vec<u8>,
-    /// Nonzero once interim (1xx) heads were consumed in the current exchange: a connection
-    /// that answered anything at all did not just close under us (not a keep-alive race).
+    /// Bytes of interim (1xx) heads consumed in the current exchange: a connection that
+    /// answered anything at all did not just close under us (not a keep-alive race).
     consumed: usize,
     /// The per-try timer that travels with the connection (see `pool::Timer`).
     pub timer: Option<Timer>,
@@ -187,14 +187,10 @@ impl Conn {
         self.consumed = 0;
         let mut head = std::mem::take(&mut self.wbuf);
         let framing = encode_head(parts, host, &body, &mut head);
-        let mut body = Some(body);
-        let mut complete = true;
-        let coalesce = matches!(
-            body.as_ref(),
-            Some(ReqBody::Full(b)) if b.as_ref().is_none_or(|b| b.len() <= COALESCE)
-        );
+        let coalesce =
+            matches!(&body, ReqBody::Full(b) if b.as_ref().is_none_or(|b| b.len() <= COALESCE));
         if coalesce {
-            if let Some(ReqBody::Full(Some(b))) = body.as_ref() {
+            if let ReqBody::Full(Some(b)) = &body {
                 head.extend_from_slice(b);
             }
         }
@@ -204,16 +200,17 @@ impl Conn {
             Ok(()) => {}
             Err(error @ Error::Write { sent: false, .. }) => {
                 return Err(Failed {
-                    unsent: body.take(),
+                    unsent: Some(body),
                     error,
                 })
             }
             Err(error) => return self.answer_after(error, parts, upgrade).await,
         }
-        if !coalesce {
-            let body = body.take().unwrap_or_else(ReqBody::empty);
+        let complete = if coalesce {
+            true
+        } else {
             match self.send_body(body, framing).await {
-                Ok(all) => complete = all,
+                Ok(all) => all,
                 Err(error @ Error::Write { .. }) => {
                     return self.answer_after(error, parts, upgrade).await
                 }
@@ -224,7 +221,7 @@ impl Conn {
                     })
                 }
             }
-        }
+        };
         self.read_response(&parts.method, upgrade, complete)
             .await
             .map_err(|error| Failed {
@@ -384,7 +381,7 @@ impl Conn {
         request_complete: bool,
     ) -> Result<Received, Error> {
         loop {
-            let (head, keep_alive) = self.read_head().await?;
+            let (mut head, keep_alive, head_len) = self.read_head().await?;
             let status = head.status;
             if status == StatusCode::SWITCHING_PROTOCOLS {
                 if !upgrade {
@@ -400,12 +397,11 @@ impl Conn {
             }
             if status.is_informational() {
                 // 100 Continue, 103 Early Hints: the final response follows.
-                self.consumed += 1;
+                self.consumed += head_len;
                 continue;
             }
             let framing = body_framing(method, status, &head.headers)?;
             let mut keep_alive = keep_alive && request_complete && !upgrade;
-            let mut head = head;
             if head.headers.contains_key(header::TRANSFER_ENCODING)
                 && head.headers.remove(header::CONTENT_LENGTH).is_some()
             {
@@ -435,19 +431,18 @@ impl Conn {
         }
     }
 
-    /// Reads until a complete response head is in the buffer and parses it.
-    async fn read_head(&mut self) -> Result<(http::response::Parts, bool), Error> {
+    /// Reads until a complete response head is in the buffer and parses it; also says how many
+    /// bytes the head took.
+    async fn read_head(&mut self) -> Result<(http::response::Parts, bool, usize), Error> {
         use tokio::io::AsyncReadExt;
         loop {
             if !self.buf.is_empty() {
-                if let Some(parsed) = parse_head(&mut self.buf)? {
-                    return Ok(parsed);
+                let before = self.buf.len();
+                if let Some((head, keep_alive)) = parse_head(&mut self.buf)? {
+                    return Ok((head, keep_alive, before - self.buf.len()));
                 }
                 if self.buf.len() >= MAX_HEAD {
-                    return Err(Error::Parse(format!(
-                        "response head larger than {} KiB",
-                        MAX_HEAD / 1024
-                    )));
+                    return Err(head_too_large());
                 }
             }
             self.buf.reserve(READ_SIZE);
@@ -556,12 +551,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(http::response::Parts, bool)
     let mut resp = httparse::Response::new(&mut headers);
     let len = match resp.parse(buf) {
         // However the bytes were split into reads, a head over the limit is refused.
-        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
-            return Err(Error::Parse(format!(
-                "response head larger than {} KiB",
-                MAX_HEAD / 1024
-            )))
-        }
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => return Err(head_too_large()),
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
@@ -606,6 +596,10 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(http::response::Parts, bool)
     };
     *r.headers_mut() = map;
     Ok(Some((r.into_parts().0, keep_alive)))
+}
+
+fn head_too_large() -> Error {
+    Error::Parse(format!("response head larger than {} KiB", MAX_HEAD / 1024))
 }
 
 fn has_token(value: &HeaderValue, token: &str) -> bool {
