@@ -15,6 +15,7 @@
 
 use std::{
     io,
+    mem::MaybeUninit,
     task::{Context, Poll},
 };
 
@@ -466,9 +467,15 @@ enum Early {
 }
 
 fn early_head(buf: &[u8]) -> Early {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(buf) {
+    // Left uninitialised (as hyper does): filling 100 empty headers cost more than parsing a
+    // small head.
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    ) {
         Ok(httparse::Status::Partial) => Early::Partial,
         Ok(httparse::Status::Complete(len)) => match resp.code {
             Some(code @ 100..=199) if code != 101 => Early::Interim(len),
@@ -547,9 +554,13 @@ fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// Header values share the head's bytes rather than being copied. Returns the head and whether
 /// the connection may carry another request after this response.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<(http::response::Parts, bool)>, Error> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf) {
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    ) {
         // However the bytes were split into reads, a head over the limit is refused.
         Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => return Err(head_too_large()),
         Ok(httparse::Status::Complete(len)) => len,
