@@ -604,6 +604,7 @@ async fn serve_conn(
     let mut last_started = 0;
     let mut idle_for = Duration::ZERO;
     let mut armed = false;
+    let mut idle_armed = false;
     // Ends when the connection does, or when it has been idle for `CLIENT_IDLE`: nothing is in
     // flight then, and dropping the connection closes it.
     std::future::poll_fn(|cx| {
@@ -619,7 +620,13 @@ async fn serve_conn(
                 conn.as_mut().graceful_shutdown();
             }
         }
-        if idle_check.as_mut().poll(cx).is_ready() {
+        // The timer is polled to register this task's waker, and again only once it has fired
+        // (an atomic load): re-registering on every wake-up of a busy connection cost ~3 % of
+        // the proxy's CPU in S1.
+        if (!idle_armed || idle_check.is_elapsed()) && {
+            idle_armed = true;
+            idle_check.as_mut().poll(cx).is_ready()
+        } {
             let started = seen.started.load(Ordering::Relaxed);
             if started != last_started || seen.busy.load(Ordering::Relaxed) > 0 {
                 idle_for = Duration::ZERO;
