@@ -324,3 +324,73 @@ async fn disjoint_workloads_share_a_listen_address_and_each_pod_binds_its_own() 
     }
     assert_eq!(web.requests(), 0);
 }
+
+/// Per-endpoint series name the pod that failed, and go when a reload drops that endpoint; the
+/// per-upstream totals stay.
+#[tokio::test]
+async fn per_endpoint_series_name_the_failing_pod_and_go_when_it_leaves_the_config() {
+    let mut p = fast_policy();
+    p.outlier_detection.consecutive_gateway_errors = 1;
+    let h = Harness::start(2, p).await;
+    h.pods[0].set_fault(Fault::Always502).await.unwrap();
+    for n in 0..100 {
+        assert_eq!(h.get(&format!("/{n}")).await.status, StatusCode::OK);
+        if h.pods[0].requests() > 0 {
+            break;
+        }
+    }
+    assert!(h.pods[0].requests() > 0, "pod-0 never got a request");
+    let bad = h.pods[0].addr().to_string();
+    let before = h.metrics();
+    let on_bad = [("endpoint", bad.as_str()), ("pod", "pod-0")];
+    let failures = |mt: &Metrics, labels: &[(&str, &str)]| {
+        m(mt, "detour_endpoint_attempt_failures_total", labels)
+    };
+    assert!(
+        failures(
+            &before,
+            &[on_bad[0], on_bad[1], ("cause", "upstream_status")]
+        ) >= 1.0,
+        "no per-endpoint failure for pod-0"
+    );
+    assert_eq!(
+        m(
+            &before,
+            "detour_endpoint_ejections_total",
+            &[
+                on_bad[0],
+                on_bad[1],
+                ("reason", "consecutive_gateway_errors")
+            ]
+        ),
+        1.0
+    );
+    assert!(
+        !before.has(
+            "detour_endpoint_attempt_failures_total",
+            &[("pod", "pod-1")]
+        ),
+        "the healthy pod has a failure series"
+    );
+
+    // A reload that keeps only pod-1 (under its own name).
+    let mut cfg = config_for(&[h.pods[1].addr()], h.policy.clone());
+    cfg.upstreams[0].endpoints[0].pod = Some("pod-1".into());
+    h.sidecar.apply(cfg).await.expect("valid config applies");
+    let after = h.metrics();
+    for name in [
+        "detour_endpoint_attempt_failures_total",
+        "detour_endpoint_ejections_total",
+    ] {
+        assert!(!after.has(name, &[("pod", "pod-0")]), "{name} kept pod-0");
+    }
+    assert!(
+        m(
+            &after,
+            "detour_attempt_failures_total",
+            &[("cause", "upstream_status")]
+        ) >= 1.0,
+        "the per-upstream total went with the endpoint"
+    );
+    assert_eq!(h.get("/after").await.status, StatusCode::OK);
+}

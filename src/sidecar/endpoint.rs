@@ -44,6 +44,9 @@ pub struct Endpoint {
     ejection: Mutex<EjectionHistory>,
     /// Peak-EWMA latency in nanoseconds and when it was last updated.
     ewma: Mutex<(f64, Instant)>,
+    /// Left the config (its per-endpoint metric series are gone; requests still in flight on
+    /// it must not bring them back).
+    retired: AtomicBool,
 }
 
 #[derive(Default)]
@@ -167,6 +170,7 @@ impl Endpoint {
             // A new endpoint starts at 1 ms, not 0: an untested (maybe hung) pod must not look
             // infinitely fast to peak-EWMA.
             ewma: Mutex::new((1e6, now)),
+            retired: AtomicBool::new(false),
         }
     }
 
@@ -192,6 +196,15 @@ impl Endpoint {
         for p in self.pools.iter() {
             p.set_config(cfg);
         }
+    }
+
+    /// Marks the endpoint as gone from the config.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
     pub fn set_state(&self, state: EndpointState) {

@@ -4,9 +4,12 @@
 //! resolved once when the upstream is installed, so the request path does no label lookups except
 //! for the response status, and every series of an upstream is removed when it goes away.
 
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Arc, OnceLock,
+use std::{
+    collections::HashSet,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, OnceLock,
+    },
 };
 
 use parking_lot::RwLock;
@@ -16,7 +19,7 @@ use prometheus::{
 };
 
 use super::{
-    endpoint::{EjectReason, ALL_EJECT_REASONS},
+    endpoint::{EjectReason, Endpoint, ALL_EJECT_REASONS},
     errors::{Cause, ALL_CAUSES},
 };
 
@@ -75,6 +78,8 @@ pub struct Metrics {
     endpoints: IntGaugeVec,
     ejections: IntCounterVec,
     ejections_capped: IntCounterVec,
+    endpoint_failures: IntCounterVec,
+    endpoint_ejections: IntCounterVec,
     health_checks: IntCounterVec,
     panic: IntCounterVec,
     keepalive_races: IntCounterVec,
@@ -110,6 +115,8 @@ pub struct UpstreamMetrics {
     pub keepalive_races: IntCounter,
     pub incomplete_bodies: IntCounter,
     endpoint_gauges: Vec<IntGauge>,
+    /// Endpoints (address, pod) that have per-endpoint series, to remove them when they go.
+    endpoint_series: parking_lot::Mutex<HashSet<(String, String)>>,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -177,6 +184,8 @@ impl Metrics {
             endpoints,
             ejections: counter_vec(&r, "detour_ejections_total", "Endpoints ejected by outlier detection, by reason.", &["upstream", "reason"]),
             ejections_capped: counter_vec(&r, "detour_ejections_skipped_total", "Ejections not done because maxEjectionPercent was reached.", &["upstream"]),
+            endpoint_failures: counter_vec(&r, "detour_endpoint_attempt_failures_total", "Failed attempts per endpoint (pod) by cause; a series appears at the endpoint's first failure and goes when the endpoint leaves the config.", &["upstream", "endpoint", "pod", "cause"]),
+            endpoint_ejections: counter_vec(&r, "detour_endpoint_ejections_total", "Ejections per endpoint (pod) by reason; a series appears at the endpoint's first ejection and goes when the endpoint leaves the config.", &["upstream", "endpoint", "pod", "reason"]),
             health_checks: counter_vec(&r, "detour_health_checks_total", "Active health checks by result.", &["upstream", "result"]),
             panic: counter_vec(&r, "detour_panic_mode_total", "Requests balanced over all endpoints because too few were eligible (panic mode).", &["upstream"]),
             keepalive_races: counter_vec(&r, "detour_keepalive_races_total", "Requests that failed on a reused idle connection the upstream had closed.", &["upstream"]),
@@ -269,6 +278,7 @@ impl UpstreamMetrics {
                 .iter()
                 .map(|s| m.endpoints.with_label_values(&[u, s]))
                 .collect(),
+            endpoint_series: parking_lot::Mutex::new(HashSet::new()),
             metrics: metrics.clone(),
         }
     }
@@ -326,6 +336,61 @@ impl UpstreamMetrics {
             .position(|r| *r == reason)
             .expect("known");
         self.ejections[i].inc();
+    }
+
+    /// An attempt on `ep` failed: `detour_endpoint_attempt_failures_total`. Failures only, so
+    /// the label lookup stays off the path of successful requests.
+    pub fn endpoint_failure(&self, ep: &Endpoint, cause: Cause) {
+        if let Some((addr, pod)) = self.endpoint_labels(ep) {
+            self.metrics
+                .endpoint_failures
+                .with_label_values(&[self.name.as_str(), &addr, &pod, cause.as_str()])
+                .inc();
+        }
+    }
+
+    /// `ep` was ejected: `detour_endpoint_ejections_total`.
+    pub fn endpoint_ejection(&self, ep: &Endpoint, reason: EjectReason) {
+        if let Some((addr, pod)) = self.endpoint_labels(ep) {
+            self.metrics
+                .endpoint_ejections
+                .with_label_values(&[self.name.as_str(), &addr, &pod, reason.as_str()])
+                .inc();
+        }
+    }
+
+    /// The labels of `ep`'s series, noted for removal; `None` once the endpoint or this
+    /// upstream left the config (a request still in flight must not bring its series back).
+    fn endpoint_labels(&self, ep: &Endpoint) -> Option<(String, String)> {
+        if self.removed.load(Ordering::Relaxed) || ep.is_retired() {
+            return None;
+        }
+        let labels = (ep.addr.to_string(), ep.pod.clone().unwrap_or_default());
+        self.endpoint_series.lock().insert(labels.clone());
+        Some(labels)
+    }
+
+    /// Removes the per-endpoint series of an endpoint that left the config.
+    pub fn remove_endpoint(&self, ep: &Endpoint) {
+        let key = (ep.addr.to_string(), ep.pod.clone().unwrap_or_default());
+        if self.endpoint_series.lock().remove(&key) {
+            self.remove_endpoint_series(&key);
+        }
+    }
+
+    fn remove_endpoint_series(&self, (addr, pod): &(String, String)) {
+        let m = &self.metrics;
+        let u = self.name.as_str();
+        for c in ALL_CAUSES {
+            let _ = m
+                .endpoint_failures
+                .remove_label_values(&[u, addr, pod, c.as_str()]);
+        }
+        for r in ALL_EJECT_REASONS {
+            let _ = m
+                .endpoint_ejections
+                .remove_label_values(&[u, addr, pod, r.as_str()]);
+        }
     }
 
     /// Sets `detour_endpoints` (healthy, unhealthy, ejected, terminating).
@@ -388,6 +453,10 @@ impl UpstreamMetrics {
         }
         let _ = m.health_checks.remove_label_values(&[u, "success"]);
         let _ = m.health_checks.remove_label_values(&[u, "failure"]);
+        let seen: Vec<_> = self.endpoint_series.lock().drain().collect();
+        for key in &seen {
+            self.remove_endpoint_series(key);
+        }
     }
 }
 
@@ -438,6 +507,46 @@ mod tests {
         ));
         u.remove();
         assert!(!m.encode().contains("shop/web"), "{}", m.encode());
+    }
+
+    #[test]
+    fn endpoint_series_appear_on_failure_and_go_with_the_endpoint_or_the_upstream() {
+        use crate::config::EndpointState;
+        let ep = |port: u16, pod: &str| {
+            Endpoint::new(
+                ([127, 0, 0, 1], port).into(),
+                Some(pod.to_string()),
+                EndpointState::Ready,
+                Default::default(),
+                0,
+            )
+        };
+        let (a, b) = (ep(1001, "web-a"), ep(1002, "web-b"));
+        let m = Metrics::new();
+        let u = UpstreamMetrics::new(&m, "shop/web");
+        // Nothing per endpoint until it fails.
+        assert!(!m.encode().contains("detour_endpoint_"), "{}", m.encode());
+        u.endpoint_failure(&a, Cause::ConnectionRefused);
+        u.endpoint_failure(&a, Cause::ConnectionRefused);
+        u.endpoint_ejection(&a, EjectReason::ConnectRefused);
+        u.endpoint_failure(&b, Cause::HttpResponseTimeout);
+        let text = m.encode();
+        assert!(text.contains(
+            r#"detour_endpoint_attempt_failures_total{cause="connection_refused",endpoint="127.0.0.1:1001",pod="web-a",upstream="shop/web"} 2"#
+        ), "{text}");
+        assert!(text.contains(
+            r#"detour_endpoint_ejections_total{endpoint="127.0.0.1:1001",pod="web-a",reason="connect_refused",upstream="shop/web"} 1"#
+        ), "{text}");
+        // `a` leaves the config: its series go, and a late failure on it does not bring them back.
+        a.retire();
+        u.remove_endpoint(&a);
+        u.endpoint_failure(&a, Cause::ConnectionRefused);
+        let text = m.encode();
+        assert!(!text.contains("web-a"), "{text}");
+        assert!(text.contains(r#"pod="web-b""#), "{text}");
+        // The upstream goes: every per-endpoint series with it.
+        u.remove();
+        assert!(!m.encode().contains("detour_endpoint_"), "{}", m.encode());
     }
 
     #[test]

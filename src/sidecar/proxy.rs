@@ -266,6 +266,7 @@ async fn forward(
                 let gateway = matches!(status.as_u16(), 502..=504);
                 if gateway {
                     m.attempt_failure(Cause::UpstreamStatus);
+                    m.endpoint_failure(ep, Cause::UpstreamStatus);
                     up.record_failure(ep, Failure::Gateway, Instant::now());
                     let can = may_retry(
                         up,
@@ -316,6 +317,7 @@ async fn forward(
                 body: returned,
             } => {
                 m.attempt_failure(err.cause);
+                m.endpoint_failure(ep, err.cause);
                 if returned.is_some() {
                     body = returned;
                 }

@@ -353,6 +353,8 @@ impl Shared {
             })
             .collect();
         let mut keep = Vec::new();
+        // (before, after) of each upstream that stays, to retire the endpoints it dropped.
+        let mut replaced: Vec<(Arc<UpstreamRt>, Arc<UpstreamRt>)> = Vec::new();
         let names_after: Vec<&str> = selected.iter().map(|(_, u)| u.name.as_str()).collect();
         for (_, u) in &selected {
             let key = listen_key(u);
@@ -367,6 +369,9 @@ impl Shared {
                 metrics,
                 self.n_workers,
             ));
+            if let Some(p) = prev {
+                replaced.push((p.clone(), next.clone()));
+            }
             if let Some(l) = state.listeners.get_mut(&key) {
                 let before = l.slot.load_full();
                 if before.name != u.name && !names_after.contains(&before.name.as_str()) {
@@ -443,6 +448,9 @@ impl Shared {
             config,
             upstreams,
         }));
+        for (before, after) in &replaced {
+            after.retire_dropped(before);
+        }
         Ok(())
     }
 
@@ -622,12 +630,12 @@ async fn serve_conn(
         }
         // The timer is polled to register this task's waker, and again only once it has fired
         // (an atomic load): re-registering on every wake-up of a busy connection cost ~3 % of
-        // the proxy's CPU in S1. It is polled at the start of the task's poll, before any I/O,
-        // so tokio's cooperative budget (which would make it return Pending unregistered) is
-        // still full.
+        // the proxy's CPU in S1. Polled outside tokio's cooperative budget: with the budget
+        // used up, a poll returns Pending without registering, and the timer would never be
+        // polled again.
         if (!idle_armed || idle_check.is_elapsed()) && {
             idle_armed = true;
-            idle_check.as_mut().poll(cx).is_ready()
+            poll_unbudgeted(idle_check.as_mut(), cx).is_ready()
         } {
             let started = seen.started.load(Ordering::Relaxed);
             if started != last_started || seen.busy.load(Ordering::Relaxed) > 0 {
@@ -643,7 +651,7 @@ async fn serve_conn(
             idle_check
                 .as_mut()
                 .reset(tokio::time::Instant::now() + CLIENT_IDLE_CHECK);
-            let _ = idle_check.as_mut().poll(cx);
+            let _ = poll_unbudgeted(idle_check.as_mut(), cx);
         }
         conn.as_mut().poll(cx).map(|_| ())
     })
@@ -651,6 +659,16 @@ async fn serve_conn(
     if shared.conns.open.fetch_sub(1, Ordering::SeqCst) == 1 {
         shared.conns.idle.notify_waiters();
     }
+}
+
+/// Polls a timer outside tokio's cooperative budget, so the poll always registers the waker.
+fn poll_unbudgeted(
+    timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<()> {
+    use std::future::Future;
+    let mut f = tokio::task::unconstrained(timer);
+    std::pin::Pin::new(&mut f).poll(cx)
 }
 
 /// A client connection on which no request started and none was in flight for this long is

@@ -83,6 +83,17 @@ impl UpstreamRt {
         }
     }
 
+    /// After this upstream replaced `prev`: the endpoints of `prev` that were not carried over
+    /// are retired and their per-endpoint series removed.
+    pub fn retire_dropped(&self, prev: &UpstreamRt) {
+        for old in &prev.endpoints {
+            if !self.endpoints.iter().any(|e| Arc::ptr_eq(e, old)) {
+                old.retire();
+                self.metrics.remove_endpoint(old);
+            }
+        }
+    }
+
     /// Records a failure of live traffic and ejects the endpoint when outlier detection says so
     /// and `maxEjectionPercent` allows it.
     pub fn record_failure(&self, ep: &Endpoint, failure: Failure, now: Instant) {
@@ -108,6 +119,7 @@ impl UpstreamRt {
         }
         let d = ep.eject(od, now);
         self.metrics.ejection(reason);
+        self.metrics.endpoint_ejection(ep, reason);
         tracing::warn!(
             upstream = %self.name,
             endpoint = %ep.addr,
@@ -123,6 +135,8 @@ impl UpstreamRt {
     pub fn body_failed(&self, ep: &Endpoint) {
         self.metrics.incomplete_bodies.inc();
         self.metrics.attempt_failure(Cause::HttpResponseIncomplete);
+        self.metrics
+            .endpoint_failure(ep, Cause::HttpResponseIncomplete);
         self.record_failure(ep, Failure::Gateway, Instant::now());
     }
 
