@@ -341,20 +341,17 @@ impl UpstreamMetrics {
     /// An attempt on `ep` failed: `detour_endpoint_attempt_failures_total`. Failures only, so
     /// the label lookup stays off the path of successful requests.
     pub fn endpoint_failure(&self, ep: &Endpoint, cause: Cause) {
-        if let Some((addr, pod)) = self.endpoint_labels(ep) {
-            self.metrics
-                .endpoint_failures
-                .with_label_values(&[self.name.as_str(), &addr, &pod, cause.as_str()])
-                .inc();
-        }
+        self.endpoint_inc(&self.metrics.endpoint_failures, ep, cause.as_str());
     }
 
     /// `ep` was ejected: `detour_endpoint_ejections_total`.
     pub fn endpoint_ejection(&self, ep: &Endpoint, reason: EjectReason) {
+        self.endpoint_inc(&self.metrics.endpoint_ejections, ep, reason.as_str());
+    }
+
+    fn endpoint_inc(&self, vec: &IntCounterVec, ep: &Endpoint, why: &str) {
         if let Some((addr, pod)) = self.endpoint_labels(ep) {
-            self.metrics
-                .endpoint_ejections
-                .with_label_values(&[self.name.as_str(), &addr, &pod, reason.as_str()])
+            vec.with_label_values(&[self.name.as_str(), &addr, &pod, why])
                 .inc();
         }
     }
