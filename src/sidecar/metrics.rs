@@ -349,28 +349,26 @@ impl UpstreamMetrics {
         self.endpoint_inc(&self.metrics.endpoint_ejections, ep, reason.as_str());
     }
 
+    /// Counts under the lock that removal takes, so a reload retiring the endpoint at the same
+    /// moment either sees the series (and removes it) or stops this from creating it.
     fn endpoint_inc(&self, vec: &IntCounterVec, ep: &Endpoint, why: &str) {
-        if let Some((addr, pod)) = self.endpoint_labels(ep) {
-            vec.with_label_values(&[self.name.as_str(), &addr, &pod, why])
-                .inc();
-        }
-    }
-
-    /// The labels of `ep`'s series, noted for removal; `None` once the endpoint or this
-    /// upstream left the config (a request still in flight must not bring its series back).
-    fn endpoint_labels(&self, ep: &Endpoint) -> Option<(String, String)> {
+        let mut seen = self.endpoint_series.lock();
+        // Once the endpoint or this upstream left the config, a request still in flight must
+        // not bring the series back.
         if self.removed.load(Ordering::Relaxed) || ep.is_retired() {
-            return None;
+            return;
         }
-        let labels = (ep.addr.to_string(), ep.pod.clone().unwrap_or_default());
-        self.endpoint_series.lock().insert(labels.clone());
-        Some(labels)
+        let key = (ep.addr.to_string(), ep.pod.clone().unwrap_or_default());
+        vec.with_label_values(&[self.name.as_str(), &key.0, &key.1, why])
+            .inc();
+        seen.insert(key);
     }
 
-    /// Removes the per-endpoint series of an endpoint that left the config.
+    /// Removes the per-endpoint series of an endpoint that left the config (retired first).
     pub fn remove_endpoint(&self, ep: &Endpoint) {
         let key = (ep.addr.to_string(), ep.pod.clone().unwrap_or_default());
-        if self.endpoint_series.lock().remove(&key) {
+        let mut seen = self.endpoint_series.lock();
+        if seen.remove(&key) {
             self.remove_endpoint_series(&key);
         }
     }
@@ -450,9 +448,9 @@ impl UpstreamMetrics {
         }
         let _ = m.health_checks.remove_label_values(&[u, "success"]);
         let _ = m.health_checks.remove_label_values(&[u, "failure"]);
-        let seen: Vec<_> = self.endpoint_series.lock().drain().collect();
-        for key in &seen {
-            self.remove_endpoint_series(key);
+        let mut seen = self.endpoint_series.lock();
+        for key in seen.drain() {
+            self.remove_endpoint_series(&key);
         }
     }
 }

@@ -327,7 +327,7 @@ impl Shared {
         }
 
         // Bind every new listener first: if one fails, nothing changes.
-        let mut fresh: HashMap<String, Vec<std::net::TcpListener>> = HashMap::new();
+        let mut fresh: HashMap<String, (SocketAddr, Vec<std::net::TcpListener>)> = HashMap::new();
         for (i, u) in &selected {
             let key = listen_key(u);
             if state.listeners.contains_key(&key) || fresh.contains_key(&key) {
@@ -340,7 +340,9 @@ impl Shared {
                     source,
                 },
             )?;
-            fresh.insert(key, sockets);
+            // Read here, not after the swap below: past this point nothing may fail.
+            let addr = sockets[0].local_addr().map_err(Error::Io)?;
+            fresh.insert(key, (addr, sockets));
         }
 
         // Endpoint state follows the upstream's name, wherever it listens now.
@@ -381,8 +383,7 @@ impl Shared {
                 self.restart_checkers(l, &next);
                 l.slot.store(next);
             } else {
-                let sockets = fresh.remove(&key).expect("bound above");
-                let addr = sockets[0].local_addr().map_err(Error::Io)?;
+                let (addr, sockets) = fresh.remove(&key).expect("bound above");
                 let up = next;
                 let slot = Arc::new(ArcSwap::new(up.clone()));
                 let (stop, stop_rx) = watch::channel(false);
