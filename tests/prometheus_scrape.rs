@@ -72,6 +72,9 @@ async fn real_prometheus_scrapes_the_admin_port() {
         );
         assert_eq!(body, "hello from upstream");
     }
+    // One upstream 502 (passed through): a per-endpoint failure series for promtool to check.
+    let (status, _) = http_get(listener, "/fail").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
 
     // 1. The exposition format is what Prometheus's own linter accepts.
     let (status, metrics) = http_get(admin, "/metrics").await;
@@ -79,6 +82,12 @@ async fn real_prometheus_scrapes_the_admin_port() {
     assert!(
         metrics.contains("detour_requests_total{"),
         "/metrics has no detour_requests_total series:\n{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            r#"detour_endpoint_attempt_failures_total{{cause="upstream_status",endpoint="{upstream}",pod="scrape-0",upstream="{UPSTREAM}"}}"#
+        )),
+        "/metrics has no per-endpoint failure series:\n{metrics}"
     );
     let metrics_file = tmp.path().join("metrics.txt");
     fs::write(&metrics_file, &metrics).expect("write metrics");
@@ -368,10 +377,14 @@ async fn start_upstream() -> SocketAddr {
                 continue;
             };
             tokio::spawn(async move {
-                let svc = service_fn(|_req: Request<Incoming>| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(
-                        b"hello from upstream",
-                    ))))
+                // `/fail...` answers 502, so the scrape also holds per-endpoint failure series.
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let mut r =
+                        Response::new(Full::new(Bytes::from_static(b"hello from upstream")));
+                    if req.uri().path().starts_with("/fail") {
+                        *r.status_mut() = StatusCode::BAD_GATEWAY;
+                    }
+                    Ok::<_, std::convert::Infallible>(r)
                 });
                 let _ = server_http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
