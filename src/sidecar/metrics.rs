@@ -302,8 +302,11 @@ impl UpstreamMetrics {
         .inc();
     }
 
-    pub fn attempt_failure(&self, cause: Cause) {
+    /// An attempt on `ep` failed: the upstream's total and `ep`'s own series (created here at
+    /// its first failure of this cause: failures only, so successful requests do no label lookup).
+    pub fn attempt_failure(&self, ep: &Endpoint, cause: Cause) {
         self.attempt_failures[cause_index(cause)].inc();
+        self.endpoint_inc(&self.metrics.endpoint_failures, ep, cause.as_str());
     }
 
     pub fn retry(&self, cause: Cause) {
@@ -330,22 +333,13 @@ impl UpstreamMetrics {
         }
     }
 
-    pub fn ejection(&self, reason: EjectReason) {
+    /// `ep` was ejected: the upstream's total and `ep`'s own series.
+    pub fn ejection(&self, ep: &Endpoint, reason: EjectReason) {
         let i = ALL_EJECT_REASONS
             .iter()
             .position(|r| *r == reason)
             .expect("known");
         self.ejections[i].inc();
-    }
-
-    /// An attempt on `ep` failed: `detour_endpoint_attempt_failures_total`. Failures only, so
-    /// the label lookup stays off the path of successful requests.
-    pub fn endpoint_failure(&self, ep: &Endpoint, cause: Cause) {
-        self.endpoint_inc(&self.metrics.endpoint_failures, ep, cause.as_str());
-    }
-
-    /// `ep` was ejected: `detour_endpoint_ejections_total`.
-    pub fn endpoint_ejection(&self, ep: &Endpoint, reason: EjectReason) {
         self.endpoint_inc(&self.metrics.endpoint_ejections, ep, reason.as_str());
     }
 
@@ -358,7 +352,7 @@ impl UpstreamMetrics {
         if self.removed.load(Ordering::Relaxed) || ep.is_retired() {
             return;
         }
-        let key = (ep.addr.to_string(), ep.pod.clone().unwrap_or_default());
+        let key = series_key(ep);
         vec.with_label_values(&[self.name.as_str(), &key.0, &key.1, why])
             .inc();
         seen.insert(key);
@@ -366,7 +360,7 @@ impl UpstreamMetrics {
 
     /// Removes the per-endpoint series of an endpoint that left the config (retired first).
     pub fn remove_endpoint(&self, ep: &Endpoint) {
-        let key = (ep.addr.to_string(), ep.pod.clone().unwrap_or_default());
+        let key = series_key(ep);
         let mut seen = self.endpoint_series.lock();
         if seen.remove(&key) {
             self.remove_endpoint_series(&key);
@@ -468,6 +462,11 @@ const PROXY_CAUSES: [Cause; 8] = [
     Cause::DestinationUnavailable,
 ];
 
+/// The `endpoint` and `pod` labels of an endpoint's series.
+fn series_key(ep: &Endpoint) -> (String, String) {
+    (ep.addr.to_string(), ep.pod.clone().unwrap_or_default())
+}
+
 fn cause_index(c: Cause) -> usize {
     ALL_CAUSES
         .iter()
@@ -521,10 +520,10 @@ mod tests {
         let u = UpstreamMetrics::new(&m, "shop/web");
         // Nothing per endpoint until it fails.
         assert!(!m.encode().contains("detour_endpoint_"), "{}", m.encode());
-        u.endpoint_failure(&a, Cause::ConnectionRefused);
-        u.endpoint_failure(&a, Cause::ConnectionRefused);
-        u.endpoint_ejection(&a, EjectReason::ConnectRefused);
-        u.endpoint_failure(&b, Cause::HttpResponseTimeout);
+        u.attempt_failure(&a, Cause::ConnectionRefused);
+        u.attempt_failure(&a, Cause::ConnectionRefused);
+        u.ejection(&a, EjectReason::ConnectRefused);
+        u.attempt_failure(&b, Cause::HttpResponseTimeout);
         let text = m.encode();
         assert!(text.contains(
             r#"detour_endpoint_attempt_failures_total{cause="connection_refused",endpoint="127.0.0.1:1001",pod="web-a",upstream="shop/web"} 2"#
@@ -535,7 +534,7 @@ mod tests {
         // `a` leaves the config: its series go, and a late failure on it does not bring them back.
         a.retire();
         u.remove_endpoint(&a);
-        u.endpoint_failure(&a, Cause::ConnectionRefused);
+        u.attempt_failure(&a, Cause::ConnectionRefused);
         let text = m.encode();
         assert!(!text.contains("web-a"), "{text}");
         assert!(text.contains(r#"pod="web-b""#), "{text}");

@@ -265,8 +265,7 @@ async fn forward(
                 };
                 let gateway = matches!(status.as_u16(), 502..=504);
                 if gateway {
-                    m.attempt_failure(Cause::UpstreamStatus);
-                    m.endpoint_failure(ep, Cause::UpstreamStatus);
+                    m.attempt_failure(ep, Cause::UpstreamStatus);
                     up.record_failure(ep, Failure::Gateway, Instant::now());
                     let can = may_retry(
                         up,
@@ -283,12 +282,10 @@ async fn forward(
                             failed_before = true;
                             // A short 502 read whole leaves its connection usable.
                             if let h1::Incoming::Done {
-                                idle: Some(mut conn),
-                                ..
+                                idle: Some(conn), ..
                             } = resp_body
                             {
-                                conn.timer = Some(timer);
-                                ep.pool().release(conn);
+                                release(ep, conn, timer);
                             }
                             tracing::debug!(upstream = %up.name, endpoint = %ep.addr, %status, "retrying a gateway error");
                             continue;
@@ -316,8 +313,7 @@ async fn forward(
                 err,
                 body: returned,
             } => {
-                m.attempt_failure(err.cause);
-                m.endpoint_failure(ep, err.cause);
+                m.attempt_failure(ep, err.cause);
                 if returned.is_some() {
                     body = returned;
                 }
@@ -615,9 +611,8 @@ fn client_response(
     }
     let body = match body {
         h1::Incoming::Done { data, idle } => {
-            if let Some(mut conn) = idle {
-                conn.timer = Some(timer);
-                ep.pool().release(conn);
+            if let Some(conn) = idle {
+                release(ep, conn, timer);
             }
             drop(guard);
             RespBody::Full(data)
@@ -633,6 +628,12 @@ fn client_response(
         h1::Incoming::Upgraded { .. } => unreachable!("an upgraded connection is tunnelled"),
     };
     Response::from_parts(parts, body)
+}
+
+/// A connection whose response was read whole goes back to its pool, its per-try timer with it.
+fn release(ep: &Endpoint, mut conn: h1::Conn, timer: Timer) {
+    conn.timer = Some(timer);
+    ep.pool().release(conn);
 }
 
 /// A `101 Switching Protocols`: both sides are joined byte for byte until either closes. The

@@ -118,8 +118,7 @@ impl UpstreamRt {
             return;
         }
         let d = ep.eject(od, now);
-        self.metrics.ejection(reason);
-        self.metrics.endpoint_ejection(ep, reason);
+        self.metrics.ejection(ep, reason);
         tracing::warn!(
             upstream = %self.name,
             endpoint = %ep.addr,
@@ -134,9 +133,8 @@ impl UpstreamRt {
     /// but a failure all the same (counted, and held against the endpoint).
     pub fn body_failed(&self, ep: &Endpoint) {
         self.metrics.incomplete_bodies.inc();
-        self.metrics.attempt_failure(Cause::HttpResponseIncomplete);
         self.metrics
-            .endpoint_failure(ep, Cause::HttpResponseIncomplete);
+            .attempt_failure(ep, Cause::HttpResponseIncomplete);
         self.record_failure(ep, Failure::Gateway, Instant::now());
     }
 
