@@ -3,7 +3,7 @@
 //! in its namespace, serialized per namespace, and writes only what differs from the cache.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     hash::{DefaultHasher, Hash, Hasher},
     sync::Arc,
     time::{Duration, Instant},
@@ -31,6 +31,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::{
+    access,
     metrics::Metrics,
     render::{desired_status, render_namespace, PolicyInput, RenderError},
     sidecar_reports::SidecarReports,
@@ -104,6 +105,8 @@ pub struct Shared {
     applied: Mutex<HashMap<String, String>>,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<ObjectRef<Policy>, u32>>,
+    /// Namespaces whose sidecar Role and RoleBinding this process applied.
+    access: Mutex<HashSet<String>>,
 }
 
 // === impl Shared ===
@@ -121,6 +124,7 @@ impl Shared {
             written: Mutex::default(),
             applied: Mutex::default(),
             failures: Mutex::default(),
+            access: Mutex::default(),
         }
     }
 
@@ -152,10 +156,17 @@ impl Shared {
         w.remove(&format!("finalizer/{ns}/{name}"));
     }
 
+    /// Records that the sidecars' Role and RoleBinding of `ns` are in place, as this process
+    /// does once it has checked or written them (and tests do for an operator that already did).
+    pub fn remember_access(&self, ns: &str) {
+        self.access.lock().insert(ns.to_string());
+    }
+
     /// The rendered ConfigMap of `ns` was deleted: forget writing it, so it is written again.
     pub fn forget_config(&self, ns: &str) {
         self.written.lock().remove(&format!("configmap/{ns}"));
         self.applied.lock().remove(ns);
+        self.access.lock().remove(ns);
     }
 
     fn remember(&self, key: String, value: u64, rv: Option<String>) {
@@ -453,27 +464,37 @@ async fn apply_config_map(
         .as_ref()
         .and_then(|c| c.metadata.resource_version.as_deref());
     let Some(config) = config else {
-        // No policies left in the namespace.
-        // Remembered without a version: skipped until the cache drops the deleted object.
-        if cached.is_none() || ctx.shared.already_written(&key, 0, rv) {
-            return Ok(());
-        }
-        match api.delete(CONFIG_MAP, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(source) => {
-                return Err(Error::Kube {
-                    action: "delete",
-                    target: format!("configmap {ns}/{CONFIG_MAP}"),
-                    source,
-                })
+        // No policies left in the namespace. Remembered without a version: skipped until the
+        // cache drops the deleted object.
+        let delete = cached.is_some() && !ctx.shared.already_written(&key, 0, rv);
+        if delete {
+            match api.delete(CONFIG_MAP, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(source) => {
+                    return Err(Error::Kube {
+                        action: "delete",
+                        target: format!("configmap {ns}/{CONFIG_MAP}"),
+                        source,
+                    })
+                }
             }
+            ctx.shared.remember(key, 0, None);
+            ctx.shared.metrics.rendered("deleted");
+            info!(namespace = %ns, "deleted {CONFIG_MAP}: no policies left");
         }
-        ctx.shared.remember(key, 0, None);
-        ctx.shared.metrics.rendered("deleted");
-        info!(namespace = %ns, "deleted {CONFIG_MAP}: no policies left");
+        // The sidecars' access goes with the config.
+        if delete || ctx.shared.access.lock().contains(ns) {
+            access::remove(&ctx.client, ns).await?;
+            ctx.shared.access.lock().remove(ns);
+        }
         return Ok(());
     };
+    // The sidecars' read access first, so that they can read what is written next.
+    if !ctx.shared.access.lock().contains(ns) {
+        access::apply(&ctx.client, ns).await?;
+        ctx.shared.remember_access(ns);
+    }
     let yaml = config.to_yaml();
     let up_to_date = cached.as_ref().is_some_and(|c| {
         c.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) == Some(&yaml)
