@@ -333,15 +333,24 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
     let policies = finalized_policies(ns, ctx).await?;
     let services = ctx.services.state_filter(|s| in_ns(&s.metadata));
     let slices = ctx.slices.state_filter(|s| in_ns(&s.metadata));
+    let running = running_config(ns, ctx);
     let inputs: Vec<PolicyInput<'_>> = policies
         .iter()
-        .map(|p| PolicyInput {
-            name: p.meta().name.as_deref().unwrap_or_default(),
-            created: p.meta().creation_timestamp.as_ref(),
-            spec: match &p.0 {
-                Ok(p) => Ok(&p.spec),
-                Err(e) => Err(format!("the object cannot be read: {}", e.error)),
-            },
+        .map(|p| {
+            let name = p.meta().name.as_deref().unwrap_or_default();
+            PolicyInput {
+                name,
+                created: p.meta().creation_timestamp.as_ref(),
+                spec: match &p.0 {
+                    Ok(p) => Ok(&p.spec),
+                    Err(e) => Err(format!("the object cannot be read: {}", e.error)),
+                },
+                last_accepted: running.as_ref().and_then(|c| {
+                    c.upstreams
+                        .iter()
+                        .find(|u| u.name == format!("{ns}/{name}"))
+                }),
+            }
         })
         .collect();
     let svc_refs: Vec<&Service> = services.iter().map(|s| &**s).collect();
@@ -449,6 +458,15 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// The config the sidecars of `ns` run now: the rendered ConfigMap in the cache.
+fn running_config(ns: &str, ctx: &Context) -> Option<crate::config::Config> {
+    let cm = ctx
+        .config_maps
+        .get(&ObjectRef::new(CONFIG_MAP).within(ns))?;
+    let text = cm.data.as_ref()?.get(CONFIG_KEY)?;
+    crate::config::Config::from_str_validated(text).ok()
 }
 
 async fn apply_config_map(
