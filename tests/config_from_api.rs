@@ -195,7 +195,7 @@ impl World {
     async fn all_see(&self, want: &[(String, EndpointState)], limit: Duration) -> Duration {
         let start = Instant::now();
         loop {
-            let seen: Vec<_> = self.clients.iter().map(|c| endpoints_of(c)).collect();
+            let seen: Vec<_> = self.clients.iter().map(endpoints_of).collect();
             if seen.iter().all(|s| s.as_deref() == Some(want)) {
                 return start.elapsed();
             }
@@ -761,7 +761,6 @@ async fn the_sidecar_serves_only_after_a_valid_config_and_keeps_it_through_every
     // Deleted: kept, flagged.
     assert!(server.delete(CONFIG_MAPS, NS, "detour-config"));
     eventually(T, "the deletion to be flagged", || {
-        let (_, _) = (0, 0);
         sc.metrics_text()
             .contains("detour_config_stale 1")
             .then_some(())
