@@ -26,6 +26,7 @@ pub struct Metrics {
     sidecar_scrapes: IntCounterVec,
     policies: IntGaugeVec,
     leader: IntGauge,
+    injections: IntCounterVec,
     /// Latest condition statuses per policy (`ns/name`), so the gauge is a count, not a sum of
     /// deltas that could drift.
     by_policy: Mutex<HashMap<String, [&'static str; 3]>>,
@@ -91,8 +92,17 @@ impl Metrics {
             "1 while this replica holds the leader lease.",
         )
         .expect("valid metric");
+        let injections = IntCounterVec::new(
+            Opts::new(
+                "detour_operator_injections_total",
+                "Pods seen by the admission webhook, by result: injected, skipped (opted out, already injected, excluded namespace), error (allowed unchanged with a warning), invalid (a malformed review).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(injections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reconciles.clone()),
             Box::new(reconcile_duration.clone()),
             Box::new(renders.clone()),
             Box::new(status_patches.clone()),
@@ -105,6 +115,9 @@ impl Metrics {
         // Present at 0 from the start, so a rate over them works before the first failure.
         for r in ["ok", "error"] {
             sidecar_scrapes.with_label_values(&[r]).reset();
+        }
+        for r in ["injected", "skipped", "error", "invalid"] {
+            injections.with_label_values(&[r]).reset();
         }
         for c in CONDITIONS {
             for s in STATUSES {
@@ -120,6 +133,7 @@ impl Metrics {
             sidecar_scrapes,
             policies,
             leader,
+            injections,
             by_policy: Mutex::default(),
         }
     }
@@ -140,6 +154,10 @@ impl Metrics {
     /// One sidecar scrape: `ok` or `error`.
     pub fn sidecar_scraped(&self, result: &str) {
         self.sidecar_scrapes.with_label_values(&[result]).inc();
+    }
+
+    pub fn injection(&self, result: &str) {
+        self.injections.with_label_values(&[result]).inc();
     }
 
     pub fn set_leader(&self, leader: bool) {

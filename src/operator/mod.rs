@@ -6,10 +6,12 @@
 
 pub mod access;
 mod admin;
+pub mod certs;
 mod metrics;
 pub mod reconcile;
 pub mod render;
 pub mod sidecar_reports;
+pub mod webhook;
 
 use std::{
     collections::HashMap,
