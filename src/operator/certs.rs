@@ -620,7 +620,7 @@ mod tests {
         );
         let other = Bundle::fresh(&o).unwrap();
         assert!(
-            store.load(&b.cert_pem, &other.key_pem).is_err(),
+            store.load(&other.cert_pem, &b.key_pem).is_err(),
             "a key of another cert"
         );
         assert!(store.valid());
