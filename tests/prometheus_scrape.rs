@@ -85,7 +85,7 @@ async fn real_prometheus_scrapes_the_admin_port() {
     );
     assert!(
         metrics.contains(&format!(
-            r#"detour_endpoint_attempt_failures_total{{cause="upstream_status",endpoint="{upstream}",pod="scrape-0",upstream="{UPSTREAM}"}}"#
+            r#"detour_endpoint_attempt_failures_total{{cause="upstream_status",upstream="{UPSTREAM}",upstream_address="{upstream}",upstream_pod="scrape-0"}}"#
         )),
         "/metrics has no per-endpoint failure series:\n{metrics}"
     );
