@@ -6,5 +6,6 @@ pub mod api;
 pub mod config;
 pub mod demo;
 pub mod operator;
+pub mod report;
 pub mod sidecar;
 pub mod telemetry;

@@ -18,7 +18,8 @@ use detour::{
     config::Config,
     demo::pod::{Fault, SimPod},
     operator::{Operator, Options},
-    sidecar::{self, LiveState, Sidecar, SidecarHandle},
+    report::{EndpointsReport, LiveState},
+    sidecar::{self, Sidecar, SidecarHandle},
 };
 use serde_json::{json, Value};
 use support::*;
@@ -30,7 +31,7 @@ const PODS: &str = "v1/pods";
 fn options() -> Options {
     Options {
         debounce: Duration::from_millis(20),
-        health_interval: Duration::from_millis(100),
+        report_interval: Duration::from_millis(100),
         ..Options::default()
     }
 }
@@ -264,7 +265,7 @@ async fn removed_endpoints_and_sidecars_stop_counting() {
     // Over the wire, too.
     let (code, body) = http_get(a.admin_addr(), "/endpoints").await;
     assert_eq!(code, 200);
-    let report: sidecar::EndpointsReport = serde_json::from_str(&body).unwrap();
+    let report: EndpointsReport = serde_json::from_str(&body).unwrap();
     assert!(report.upstreams["shop/pay"]
         .iter()
         .any(|e| e.address == bad.addr().to_string() && e.state == LiveState::Ejected));

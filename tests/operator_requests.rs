@@ -7,8 +7,8 @@ use detour::{
     api::UpstreamPolicy,
     config::{Config, EndpointState},
     operator::{
-        health::UpstreamHealth,
         reconcile::{self, Context, Shared},
+        sidecar_reports::UpstreamReport,
         Metrics,
     },
 };
@@ -79,7 +79,7 @@ fn fixture(policies: &[Value], config_maps: &[Value]) -> Fixture {
         config_maps: store::<ConfigMap>(config_maps),
         synced: tokio::sync::watch::channel(true).1,
         shared: Arc::new(Shared::new(client, Arc::new(Metrics::new()), None)),
-        health: Default::default(),
+        reports: Default::default(),
     });
     Fixture { ctx, handle }
 }
@@ -325,10 +325,10 @@ async fn converged(status_edit: impl FnOnce(&mut Value)) -> Fixture {
     fixture(&[p], &[cm])
 }
 
-fn sidecar_health(sidecars: u32, ejected: &[&str]) -> BTreeMap<String, UpstreamHealth> {
+fn sidecar_figures(sidecars: u32, ejected: &[&str]) -> BTreeMap<String, UpstreamReport> {
     BTreeMap::from([(
         "shop/pay".to_string(),
-        UpstreamHealth {
+        UpstreamReport {
             sidecars,
             ejected: ejected.iter().map(|a| a.parse().unwrap()).collect(),
         },
@@ -339,8 +339,8 @@ fn sidecar_health(sidecars: u32, ejected: &[&str]) -> BTreeMap<String, UpstreamH
 async fn sidecar_reports_reach_the_status_in_one_write() {
     let Fixture { ctx, mut handle } = converged(|_| {}).await;
     // 10.0.0.9 left the Service; a sidecar that has not reloaded yet still reports it ejected.
-    ctx.health
-        .set(sidecar_health(2, &["10.0.0.2:8080", "10.0.0.9:8080"]));
+    ctx.reports
+        .set(sidecar_figures(2, &["10.0.0.2:8080", "10.0.0.9:8080"]));
     let task = tokio::spawn({
         let ctx = ctx.clone();
         async move { run(&ctx).await }
@@ -376,7 +376,7 @@ async fn unchanged_sidecar_reports_and_no_report_yet_make_no_requests() {
     };
     // Same figures as the status shows: nothing to write.
     let Fixture { ctx, handle } = converged(shown).await;
-    ctx.health.set(sidecar_health(3, &["10.0.0.1:8080"]));
+    ctx.reports.set(sidecar_figures(3, &["10.0.0.1:8080"]));
     let action = tokio::time::timeout(Duration::from_secs(1), run(&ctx))
         .await
         .expect("reconcile made a request")
@@ -386,7 +386,7 @@ async fn unchanged_sidecar_reports_and_no_report_yet_make_no_requests() {
 
     // Just started, no scrape round done: the status keeps its figures instead of flapping to 0.
     let Fixture { ctx, handle } = converged(shown).await;
-    assert!(ctx.health.latest().is_none());
+    assert!(ctx.reports.latest().is_none());
     let action = tokio::time::timeout(Duration::from_secs(1), run(&ctx))
         .await
         .expect("reconcile made a request")

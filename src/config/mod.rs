@@ -153,6 +153,12 @@ impl fmt::Display for FieldErrors {
 
 impl std::error::Error for FieldErrors {}
 
+/// Name of the ConfigMap the operator renders in each namespace with policies, and that
+/// sidecars in `--config-source kubernetes` mode watch.
+pub const CONFIG_MAP: &str = "detour-config";
+/// Key of the config document in that ConfigMap.
+pub const CONFIG_KEY: &str = "config.yaml";
+
 // === impl Config ===
 
 impl Config {

@@ -21,28 +21,28 @@ use super::metrics::Metrics;
 /// Readiness inputs: the operator is ready when it leads (or needs no lease) and every cache
 /// it reconciles from has synced.
 #[derive(Debug, Default)]
-pub struct Health {
+pub struct Readiness {
     pub leader: AtomicBool,
     pub synced: AtomicBool,
 }
 
-impl Health {
+impl Readiness {
     pub fn ready(&self) -> bool {
         self.leader.load(Ordering::Acquire) && self.synced.load(Ordering::Acquire)
     }
 }
 
 /// Serves until the task is aborted.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) {
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, readiness: Arc<Readiness>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let metrics = metrics.clone();
-        let health = health.clone();
+        let readiness = readiness.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let res = respond(&req, &metrics, &health);
+                let res = respond(&req, &metrics, &readiness);
                 async move { Ok::<_, Infallible>(res) }
             });
             let _ = http1::Builder::new()
@@ -52,7 +52,11 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Hea
     }
 }
 
-fn respond(req: &Request<Incoming>, metrics: &Metrics, health: &Health) -> Response<Full<Bytes>> {
+fn respond(
+    req: &Request<Incoming>,
+    metrics: &Metrics,
+    readiness: &Readiness,
+) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String, ctype: &'static str| {
         Response::builder()
             .status(status)
@@ -70,9 +74,9 @@ fn respond(req: &Request<Incoming>, metrics: &Metrics, health: &Health) -> Respo
     match req.uri().path() {
         "/metrics" => text(StatusCode::OK, metrics.text(), "text/plain; version=0.0.4"),
         "/live" => text(StatusCode::OK, "live\n".into(), "text/plain"),
-        "/ready" if health.ready() => text(StatusCode::OK, "ready\n".into(), "text/plain"),
+        "/ready" if readiness.ready() => text(StatusCode::OK, "ready\n".into(), "text/plain"),
         "/ready" => {
-            let why = if !health.leader.load(Ordering::Acquire) {
+            let why = if !readiness.leader.load(Ordering::Acquire) {
                 "not ready: not the leader\n"
             } else {
                 "not ready: caches not synced\n"

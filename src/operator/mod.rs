@@ -5,10 +5,10 @@
 //! finalizer, events), this file the wiring (watches, leader election, admin server).
 
 mod admin;
-pub mod health;
 mod metrics;
 pub mod reconcile;
 pub mod render;
+pub mod sidecar_reports;
 
 use std::{
     collections::HashMap,
@@ -36,15 +36,15 @@ use tracing::{debug, info, warn};
 
 use crate::api::{UpstreamPolicy, SIDECAR_LABEL};
 
-pub use self::admin::Health;
+pub use self::admin::Readiness;
 pub use self::metrics::Metrics;
 use self::reconcile::{Context, Shared, MANAGED_BY};
 use self::render::SERVICE_NAME_LABEL;
 
 type Policy = DeserializeGuard<UpstreamPolicy>;
 
-/// Lower bound of `--health-interval`.
-const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(50);
+/// Lower bound of `--report-interval`.
+const MIN_REPORT_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Flags of `detour operator`.
 #[derive(Debug, Clone, clap::Args)]
@@ -72,8 +72,13 @@ pub struct Args {
     pub debounce: crate::config::Duration,
     /// How often every sidecar pod (label detour.dev/sidecar, port detour-admin) is asked for
     /// its endpoints' live state, reported as status.endpoints.ejected and status.sidecars.
-    #[arg(long, env = "DETOUR_HEALTH_INTERVAL", default_value = "10s")]
-    pub health_interval: crate::config::Duration,
+    #[arg(
+        long,
+        env = "DETOUR_REPORT_INTERVAL",
+        default_value = "10s",
+        alias = "health-interval"
+    )]
+    pub report_interval: crate::config::Duration,
 }
 
 /// Why the operator stopped.
@@ -121,7 +126,7 @@ pub struct Options {
     pub leader_election: Option<LeaseOptions>,
     pub debounce: Duration,
     /// Time between two scrapes of the sidecars.
-    pub health_interval: Duration,
+    pub report_interval: Duration,
 }
 
 impl Default for Options {
@@ -131,7 +136,7 @@ impl Default for Options {
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             leader_election: None,
             debounce: Duration::from_millis(100),
-            health_interval: Duration::from_secs(10),
+            report_interval: Duration::from_secs(10),
         }
     }
 }
@@ -154,7 +159,7 @@ impl From<Args> for Options {
             }),
             debounce: a.debounce.get(),
             // A zero interval would scrape in a busy loop.
-            health_interval: a.health_interval.get().max(MIN_HEALTH_INTERVAL),
+            report_interval: a.report_interval.get().max(MIN_REPORT_INTERVAL),
         }
     }
 }
@@ -170,7 +175,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
 pub struct Operator {
     admin_addr: SocketAddr,
     metrics: Arc<Metrics>,
-    health: Arc<Health>,
+    readiness: Arc<Readiness>,
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), Error>>,
     admin_task: JoinHandle<()>,
@@ -191,16 +196,16 @@ impl Operator {
             source,
         })?;
         let metrics = Arc::new(Metrics::new());
-        let health = Arc::new(Health::default());
-        let admin_task = tokio::spawn(admin::serve(listener, metrics.clone(), health.clone()));
+        let readiness = Arc::new(Readiness::default());
+        let admin_task = tokio::spawn(admin::serve(listener, metrics.clone(), readiness.clone()));
         let instance = opts.leader_election.as_ref().map(|l| l.identity.clone());
         let shared = Arc::new(Shared::new(client.clone(), metrics.clone(), instance));
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(lead(client, opts, shared, health.clone(), stopped));
+        let task = tokio::spawn(lead(client, opts, shared, readiness.clone(), stopped));
         Ok(Operator {
             admin_addr,
             metrics,
-            health,
+            readiness,
             stop,
             task,
             admin_task,
@@ -217,7 +222,7 @@ impl Operator {
 
     /// Leading (or no lease needed) and every cache synced.
     pub fn is_ready(&self) -> bool {
-        self.health.ready()
+        self.readiness.ready()
     }
 
     /// Stops the controllers and releases the Lease.
@@ -248,14 +253,14 @@ async fn lead(
     client: Client,
     opts: Options,
     shared: Arc<Shared>,
-    health: Arc<Health>,
+    readiness: Arc<Readiness>,
     mut stopped: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let Some(lease) = opts.leader_election.clone() else {
-        health.leader.store(true, Ordering::Release);
+        readiness.leader.store(true, Ordering::Release);
         shared.metrics.set_leader(true);
         tokio::select! {
-            _ = run_scopes(&client, &opts, &shared, &health) => {}
+            _ = run_scopes(&client, &opts, &shared, &readiness) => {}
             _ = stopped.wait_for(|s| *s) => {}
         }
         return Ok(());
@@ -280,18 +285,18 @@ async fn lead(
             r = leading.wait_for(|l| *l) => if r.is_err() { break },
         }
         info!(identity = %lease.identity, "leading: starting controllers");
-        health.leader.store(true, Ordering::Release);
+        readiness.leader.store(true, Ordering::Release);
         shared.metrics.set_leader(true);
         let stop = tokio::select! {
-            _ = run_scopes(&client, &opts, &shared, &health) => false,
+            _ = run_scopes(&client, &opts, &shared, &readiness) => false,
             _ = leading.wait_for(|l| !*l) => {
                 warn!("lost the lease: stopping controllers");
                 false
             }
             _ = stopped.wait_for(|s| *s) => true,
         };
-        health.leader.store(false, Ordering::Release);
-        health.synced.store(false, Ordering::Release);
+        readiness.leader.store(false, Ordering::Release);
+        readiness.synced.store(false, Ordering::Release);
         shared.metrics.set_leader(false);
         if stop {
             break;
@@ -312,7 +317,12 @@ async fn lead(
 
 /// One controller per watch scope: all namespaces, or each listed one (a reflector store holds
 /// one list, so scopes do not share stores).
-async fn run_scopes(client: &Client, opts: &Options, shared: &Arc<Shared>, health: &Arc<Health>) {
+async fn run_scopes(
+    client: &Client,
+    opts: &Options,
+    shared: &Arc<Shared>,
+    readiness: &Arc<Readiness>,
+) {
     let scopes: Vec<Option<String>> = if opts.namespaces.is_empty() {
         vec![None]
     } else {
@@ -325,10 +335,10 @@ async fn run_scopes(client: &Client, opts: &Options, shared: &Arc<Shared>, healt
         runs.push(run);
         syncs.push(synced);
     }
-    let health = health.clone();
+    let readiness = readiness.clone();
     let synced = async move {
         future::join_all(syncs).await;
-        health.synced.store(true, Ordering::Release);
+        readiness.synced.store(true, Ordering::Release);
         info!("caches synced");
         future::pending::<()>().await;
     };
@@ -376,7 +386,7 @@ fn scope(
         config_maps: config_maps.clone(),
         synced,
         shared: shared.clone(),
-        health: Arc::new(health::HealthReports::default()),
+        reports: Arc::new(sidecar_reports::SidecarReports::default()),
     });
 
     // Our own status writes and finalizer patches come back as watch events; only spec,
@@ -421,23 +431,23 @@ fn scope(
             }
         });
     // The sidecars' reports change a policy's status without any object changing.
-    let (health_trigger, health_triggered) = futures::channel::mpsc::unbounded();
+    let (report_trigger, report_triggered) = futures::channel::mpsc::unbounded();
     let controller = Controller::for_stream(policy_stream, policies.clone())
         .with_config(controller::Config::default().debounce(opts.debounce))
-        .reconcile_on(health_triggered);
+        .reconcile_on(report_triggered);
     // Only sidecar pods, slimmed to what eligibility reads: memory stays small in big clusters.
     let pod_stream = watcher(api::<Pod>(&client, &ns), wc.clone().labels(SIDECAR_LABEL))
         .default_backoff()
-        .modify(health::slim)
+        .modify(sidecar_reports::slim)
         .reflect(pod_writer);
-    let poller = health::poll(
+    let poller = sidecar_reports::poll(
         pod_stream,
-        health::Poller {
+        sidecar_reports::Poller {
             pods,
             policies: policies.clone(),
-            reports: ctx.health.clone(),
-            trigger: health_trigger,
-            interval: opts.health_interval,
+            reports: ctx.reports.clone(),
+            trigger: report_trigger,
+            interval: opts.report_interval,
             metrics: shared.metrics.clone(),
             synced: ctx.synced.clone(),
         },
@@ -633,20 +643,20 @@ mod tests {
             "250ms",
             "--admin",
             "127.0.0.1:0",
-            "--health-interval",
+            "--report-interval",
             "2s",
         ]);
         let o = Options::from(cli.args);
         assert_eq!(o.namespaces, vec!["shop", "pay"]);
         assert!(o.leader_election.is_none());
         assert_eq!(o.debounce, Duration::from_millis(250));
-        assert_eq!(o.health_interval, Duration::from_secs(2));
-        let o = Options::from(Cli::parse_from(["detour", "--health-interval", "0s"]).args);
-        assert_eq!(o.health_interval, MIN_HEALTH_INTERVAL);
+        assert_eq!(o.report_interval, Duration::from_secs(2));
+        let o = Options::from(Cli::parse_from(["detour", "--report-interval", "0s"]).args);
+        assert_eq!(o.report_interval, MIN_REPORT_INTERVAL);
 
         let o = Options::from(Cli::parse_from(["detour", "--identity", "pod-1"]).args);
         assert!(o.namespaces.is_empty(), "all namespaces by default");
-        assert_eq!(o.health_interval, Duration::from_secs(10));
+        assert_eq!(o.report_interval, Duration::from_secs(10));
         let lease = o.leader_election.expect("leader election by default");
         assert_eq!(
             (

@@ -31,9 +31,9 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::{
-    health::HealthReports,
     metrics::Metrics,
     render::{desired_status, render_namespace, PolicyInput, RenderError},
+    sidecar_reports::SidecarReports,
 };
 use crate::api::{condition, UpstreamPolicy, UpstreamPolicyStatus};
 
@@ -41,10 +41,7 @@ use crate::api::{condition, UpstreamPolicy, UpstreamPolicyStatus};
 pub const MANAGER: &str = "detour-operator";
 /// Finalizer that lets a deleted policy leave the namespace's config before it disappears.
 pub const FINALIZER: &str = "detour.dev/config";
-/// Name of the rendered ConfigMap in each namespace with policies.
-pub const CONFIG_MAP: &str = "detour-config";
-/// Key of the config document in the ConfigMap.
-pub const CONFIG_KEY: &str = "config.yaml";
+pub use crate::config::{CONFIG_KEY, CONFIG_MAP};
 /// Label on rendered ConfigMaps (the operator watches only these).
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "detour-operator");
 /// Annotation with the config hash, for humans and sidecars.
@@ -89,8 +86,8 @@ pub struct Context {
     /// Becomes true once all four caches hold a full list.
     pub synced: tokio::sync::watch::Receiver<bool>,
     pub shared: Arc<Shared>,
-    /// What the sidecars of this scope last reported (`health::poll` fills it).
-    pub health: Arc<HealthReports>,
+    /// What the sidecars of this scope last reported (`sidecar_reports::poll` fills it).
+    pub reports: Arc<SidecarReports>,
 }
 
 /// State shared by every scope and kept across leadership changes.
@@ -358,7 +355,7 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
             .and_then(|c| c.annotations().get(HASH_ANNOTATION).cloned()),
     };
     let mut first_error = applied.err();
-    let sidecars = ctx.health.latest();
+    let sidecars = ctx.reports.latest();
     let rendered_upstreams: HashMap<&str, &crate::config::Upstream> = rendered
         .config
         .upstreams
@@ -390,13 +387,13 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
                 let (n, ejected) = reports
                     .get(&upstream)
                     .map_or((0, 0), |h| (h.sidecars, h.ejected_among(addresses)));
-                outcome.sidecar_health(n, ejected);
+                outcome.sidecar_figures(n, ejected);
             }
             // No scrape round yet (just started or took over): keep what the status says.
             None => {
                 if let Some(prev) = &previous {
                     let ejected = prev.endpoints.ejected.min(outcome.endpoints.total);
-                    outcome.sidecar_health(prev.sidecars, ejected);
+                    outcome.sidecar_figures(prev.sidecars, ejected);
                 }
             }
         }

@@ -48,7 +48,7 @@ pub struct Outcome {
     pub resolved_refs: Cond,
     pub ready: Cond,
     pub endpoints: EndpointCounts,
-    /// Sidecars reporting this policy's upstream (see [`Outcome::sidecar_health`]).
+    /// Sidecars reporting this policy's upstream (see [`Outcome::sidecar_figures`]).
     pub sidecars: u32,
     /// Part of the rendered config.
     pub rendered: bool,
@@ -509,7 +509,7 @@ impl Outcome {
 
     /// What the sidecars report (collected by the operator, not rendered): how many run this
     /// upstream and how many of its endpoints they ejected. Only a rendered policy has sidecars.
-    pub fn sidecar_health(&mut self, sidecars: u32, ejected: u32) {
+    pub fn sidecar_figures(&mut self, sidecars: u32, ejected: u32) {
         if self.rendered {
             self.sidecars = sidecars;
             self.endpoints.ejected = ejected;

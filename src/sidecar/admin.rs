@@ -1,37 +1,15 @@
 //! The admin server on its own port: `/metrics`, `/live`, `/ready`, `/config`, `/endpoints`.
 
-use std::{collections::BTreeMap, convert::Infallible, sync::atomic::Ordering, sync::Arc};
+use std::{convert::Infallible, sync::atomic::Ordering, sync::Arc};
 
 use http::{header, Method, Request, Response, StatusCode};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::{net::TcpListener, time::Instant};
 
-use super::{body::RespBody, endpoint::LiveState, runtime::Shared};
-
-/// `GET /endpoints`: each upstream's endpoints and their live state, without the config. The
-/// operator scrapes this from every sidecar to report ejections in the policies' status, so it
-/// stays small (no policy, no counters) and is read with the same type.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EndpointsReport {
-    /// Hash of the running config (as `/config` and `detour_config_info` show it).
-    #[serde(default)]
-    pub hash: String,
-    /// Upstream name → its endpoints.
-    #[serde(default)]
-    pub upstreams: BTreeMap<String, Vec<ReportedEndpoint>>,
-}
-
-/// One endpoint in [`EndpointsReport`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ReportedEndpoint {
-    /// `ip:port` (`[v6]:port`).
-    pub address: String,
-    pub state: LiveState,
-}
+use super::{body::RespBody, runtime::Shared};
+use crate::report::{EndpointsReport, ReportedEndpoint};
 
 pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
@@ -70,14 +48,14 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<RespBody> {
         }
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" => {
-            if shared.ready.load(Ordering::Relaxed) {
-                text(StatusCode::OK, "ready\n")
+            let ready = shared.ready.load(Ordering::Relaxed);
+            let detail = shared.source.lock().detail(ready, &shared.view.load().hash);
+            let status = if ready {
+                StatusCode::OK
             } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no valid config loaded yet\n",
-                )
-            }
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            text(status, detail)
         }
         "/config" => {
             let view = shared.view.load();
@@ -155,6 +133,7 @@ fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<RespBody>
 mod tests {
     use std::{net::SocketAddr, time::Duration};
 
+    use crate::report::LiveState;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;

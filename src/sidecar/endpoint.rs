@@ -15,11 +15,12 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::time::Instant;
 
 use super::pool::{Pool, PoolConfig};
 use crate::config::{EndpointState, HealthCheck, OutlierDetection};
+use crate::report::LiveState;
 
 pub struct Endpoint {
     pub addr: SocketAddr,
@@ -63,24 +64,6 @@ pub enum Health {
     Unknown,
     Healthy,
     Unhealthy,
-}
-
-/// One word for an endpoint's state, as `detour_endpoints{state}` and `GET /endpoints` report
-/// it. An endpoint in several states shows the first of terminating, ejected, unhealthy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LiveState {
-    /// Eligible: not terminating, not ejected, not failing active checks.
-    Healthy,
-    /// Failing active health checks.
-    Unhealthy,
-    /// Ejected by outlier detection (passive, on live traffic).
-    Ejected,
-    /// Kubernetes says the pod is terminating.
-    Terminating,
-    /// A state a newer sidecar reports that this build does not know (read side only).
-    #[serde(other)]
-    Unknown,
 }
 
 /// A failure seen on live traffic, for outlier detection.

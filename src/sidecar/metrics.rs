@@ -207,6 +207,11 @@ impl Metrics {
         *cur = hash.to_string();
     }
 
+    /// Where collectors owned elsewhere (the config source's) register.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn encode(&self) -> String {
         let mut buf = Vec::new();
         TextEncoder::new()

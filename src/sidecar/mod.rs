@@ -2,8 +2,9 @@
 //!
 //! A request flows listener (`runtime`) → `proxy::handle` → `balancer::pick` → `pool` →
 //! upstream, and failures flow back through `errors` (one response, one cause label) and
-//! `upstream::record_failure` (outlier detection). Config changes flow file → `run`'s poller →
-//! `SidecarHandle::apply`, which swaps each listener's upstream atomically.
+//! `upstream::record_failure` (outlier detection). Config changes flow from a `source` (a file, or
+//! the `detour-config` ConfigMap watched through the API) → `SidecarHandle::apply`, which swaps
+//! each listener's upstream atomically.
 
 mod admin;
 mod balancer;
@@ -13,35 +14,43 @@ mod endpoint;
 mod errors;
 mod h1;
 mod headers;
-mod health;
+mod health_check;
 mod labels;
 mod metrics;
 mod pool;
 mod proxy;
 mod runtime;
+mod source;
 mod upstream;
 mod workers;
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf};
 
-pub use self::admin::{EndpointsReport, ReportedEndpoint};
-pub use self::endpoint::{EndpointSnapshot, Health, LiveState};
+pub use self::endpoint::{EndpointSnapshot, Health};
 pub use self::errors::Cause;
 pub use self::labels::{matches as selector_matches, parse_downward_labels};
 pub use self::runtime::{Options, Sidecar, SidecarHandle, UpstreamView};
-use crate::config::{Config, ConfigError, FieldErrors};
+pub use self::source::{ConfigSource, Update};
+use crate::config::{ConfigError, FieldErrors, CONFIG_MAP};
 
 /// Flags of `detour sidecar`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// The config document (YAML or JSON). Watched: a valid change is applied live, an invalid
-    /// one is logged and counted and the running config stays.
+    /// Where the config comes from: `file` (--config, watched) or `kubernetes` (the ConfigMap
+    /// --config-map of the pod's namespace, watched through the API: changes arrive in well
+    /// under a second, where a mounted ConfigMap takes the kubelet's 1-2 minute sync).
+    #[arg(long, env = "DETOUR_CONFIG_SOURCE", value_enum, default_value_t = SourceKind::File)]
+    pub config_source: SourceKind,
+    /// The config document (YAML or JSON), for `--config-source file`. Watched: a valid change
+    /// is applied live, an invalid one is logged and counted and the running config stays.
     #[arg(long, short, env = "DETOUR_CONFIG")]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+    /// The pod's namespace, for `--config-source kubernetes` (downward API `metadata.namespace`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// The ConfigMap to watch in `--config-source kubernetes` mode (key `config.yaml`).
+    #[arg(long, env = "DETOUR_CONFIG_MAP", default_value = CONFIG_MAP)]
+    pub config_map: String,
     /// Admin server address: /metrics, /live, /ready, /config, /endpoints. In Kubernetes, bind
     /// 0.0.0.0 and name the container port detour-admin so the operator can read /endpoints.
     #[arg(long, env = "DETOUR_ADMIN", default_value = "127.0.0.1:9901")]
@@ -49,7 +58,7 @@ pub struct Args {
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "DETOUR_DRAIN_TIMEOUT", default_value = "30s")]
     pub drain_timeout: crate::config::Duration,
-    /// How often the config file is checked for changes.
+    /// How often the config file is checked for changes (`--config-source file`).
     #[arg(long, env = "DETOUR_RELOAD_INTERVAL", default_value = "1s")]
     pub reload_interval: crate::config::Duration,
     /// The pod's labels (downward API file, `key="value"` lines): only upstreams whose
@@ -60,6 +69,13 @@ pub struct Args {
     /// connection pools). Default: one per CPU.
     #[arg(long, env = "DETOUR_THREADS")]
     pub threads: Option<usize>,
+}
+
+/// `--config-source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceKind {
+    File,
+    Kubernetes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +97,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Usage(String),
+    #[error("connecting to the Kubernetes API: {0}")]
+    Kube(#[source] kube::Error),
     #[error("waiting for signals: {0}")]
     Signal(#[source] std::io::Error),
     #[error(transparent)]
@@ -98,6 +118,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         )?)),
         None => None,
     };
+    let source = config_source(&args).await?;
     let workers = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -109,66 +130,52 @@ pub async fn run(args: Args) -> Result<(), Error> {
         pod_labels,
         workers,
     };
-    // Start even without a valid file (the operator's ConfigMap may not exist yet): admin up,
+    // Start even without a valid config (the operator's ConfigMap may not exist yet): admin up,
     // /ready 503 until a valid config arrives.
     let sidecar = Sidecar::start_empty(opts).await?;
-    tracing::info!(admin = %sidecar.admin_addr(), config = %args.config.display(), "sidecar started");
-    let mut last = None;
-    reload_if_changed(&sidecar, &args.config, &mut last).await;
+    tracing::info!(admin = %sidecar.admin_addr(), source = %source.describe(), "sidecar started");
+    let following = sidecar.follow(source);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(Error::Signal)?;
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(Error::Signal)?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(Error::Signal)?;
-    let mut tick = tokio::time::interval(args.reload_interval.get().max(Duration::from_millis(50)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => reload_if_changed(&sidecar, &args.config, &mut last).await,
-            _ = hup.recv() => {
-                last = None;
-                reload_if_changed(&sidecar, &args.config, &mut last).await;
-            }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        }
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
+    following.abort();
     tracing::info!(drain_timeout = %args.drain_timeout, "shutting down: draining in-flight requests");
     sidecar.shutdown(args.drain_timeout.get()).await;
     Ok(())
 }
 
-/// Re-reads the file when its bytes changed. Comparing content (not mtime) also catches the
-/// symlink swap Kubernetes uses to update mounted ConfigMaps.
-async fn reload_if_changed(sidecar: &SidecarHandle, path: &Path, last: &mut Option<Vec<u8>>) {
-    let bytes = match tokio::fs::read(path).await {
-        Ok(b) => b,
-        Err(e) => {
-            if last.is_none() && !sidecar.is_ready() {
-                tracing::warn!(path = %path.display(), error = %e, "config file not readable yet");
-            }
-            return;
+/// The source `args` name, with a clear error for a missing flag.
+async fn config_source(args: &Args) -> Result<ConfigSource, Error> {
+    match args.config_source {
+        SourceKind::File => {
+            let path = args.config.clone().ok_or_else(|| {
+                Error::Usage(
+                    "--config (or DETOUR_CONFIG) is required with --config-source file".into(),
+                )
+            })?;
+            Ok(ConfigSource::File {
+                path,
+                interval: args.reload_interval.get(),
+            })
         }
-    };
-    if last.as_deref() == Some(&bytes[..]) {
-        return;
-    }
-    *last = Some(bytes.clone());
-    let parsed = std::str::from_utf8(&bytes)
-        .map_err(|e| ConfigError::Parse {
-            path: "document".into(),
-            message: format!("not UTF-8: {e}"),
-        })
-        .and_then(Config::from_str_validated);
-    match parsed {
-        Ok(cfg) => match sidecar.apply(cfg).await {
-            Ok(()) => tracing::info!(path = %path.display(), "config loaded"),
-            // The port may free up (an old process still draining): try the same bytes again.
-            Err(Error::Bind { .. }) => *last = None,
-            Err(_) => {}
-        },
-        Err(e) => sidecar.record_rejected(&e),
+        SourceKind::Kubernetes => {
+            let namespace = args.namespace.clone().ok_or_else(|| {
+                Error::Usage(
+                    "--namespace (or POD_NAMESPACE, from the downward API) is required with --config-source kubernetes".into(),
+                )
+            })?;
+            let client = kube::Client::try_default().await.map_err(Error::Kube)?;
+            Ok(ConfigSource::Kubernetes {
+                client,
+                namespace,
+                name: args.config_map.clone(),
+            })
+        }
     }
 }

@@ -27,9 +27,10 @@ use super::{
     admin,
     body::RespBody,
     endpoint::{Endpoint, EndpointSnapshot},
-    health, labels,
+    health_check, labels,
     metrics::{Metrics, UpstreamMetrics},
     proxy,
+    source::{self, ConfigSource, SourceStatus},
     upstream::UpstreamRt,
     workers::{self, Workers},
     Error,
@@ -82,6 +83,8 @@ pub(super) struct Shared {
     conns: ConnTracker,
     workers: parking_lot::Mutex<Option<Workers>>,
     n_workers: usize,
+    /// Where configs come from and what is wrong with it (`/ready`'s detail).
+    pub source: parking_lot::Mutex<SourceStatus>,
 }
 
 struct State {
@@ -149,7 +152,9 @@ impl Sidecar {
             n => Some(Workers::start(n).map_err(Error::Io)?),
         };
         let empty = Config::empty();
+        let source = parking_lot::Mutex::new(SourceStatus::new(metrics.registry()));
         let shared = Arc::new(Shared {
+            source,
             n_workers: opts.workers,
             workers: parking_lot::Mutex::new(workers),
             metrics,
@@ -215,18 +220,16 @@ impl SidecarHandle {
     /// Applies a new config. An invalid one (or one whose listener cannot be bound) is refused
     /// with every problem named, and the running config keeps serving.
     pub async fn apply(&self, config: Config) -> Result<(), Error> {
-        let res = self.shared.apply(config).await;
-        match &res {
-            Ok(()) => {
-                self.shared.metrics.reloads_success.inc();
-                self.shared.ready.store(true, Ordering::Relaxed);
-            }
-            Err(e) => {
-                self.shared.metrics.reloads_failure.inc();
-                tracing::error!(error = %e, "config rejected; the running config stays in place");
-            }
-        }
-        res
+        self.shared.apply_counted(config).await
+    }
+
+    /// Follows `source` in a task: every valid document it reports is applied as [`apply`]
+    /// does; whatever goes wrong with the source leaves the running config in place (see
+    /// `sidecar::source`). Abort the task to stop following.
+    ///
+    /// [`apply`]: Self::apply
+    pub fn follow(&self, source: ConfigSource) -> JoinHandle<()> {
+        tokio::spawn(source::follow(self.shared.clone(), source))
     }
 
     /// Counts a config that failed before it could be applied (unreadable or unparsable file).
@@ -291,6 +294,24 @@ impl Shared {
                 endpoints: slot.load().snapshot(now),
             })
             .collect()
+    }
+
+    /// [`apply`](Self::apply), counted in `detour_config_reloads_total`; the first success makes
+    /// the sidecar ready.
+    pub(super) async fn apply_counted(self: &Arc<Self>, config: Config) -> Result<(), Error> {
+        let res = self.apply(config).await;
+        match &res {
+            Ok(()) => {
+                self.metrics.reloads_success.inc();
+                self.source.lock().applied();
+                self.ready.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.metrics.reloads_failure.inc();
+                tracing::error!(error = %e, "config rejected; the running config stays in place");
+            }
+        }
+        res
     }
 
     async fn apply(self: &Arc<Self>, config: Config) -> Result<(), Error> {
@@ -481,7 +502,7 @@ impl Shared {
                 continue;
             }
             if let Some(t) =
-                health::spawn(up.name.clone(), ep.clone(), hc.clone(), up.metrics.clone())
+                health_check::spawn(up.name.clone(), ep.clone(), hc.clone(), up.metrics.clone())
             {
                 l.checkers.insert(ep.addr, (ep.clone(), t));
             }

@@ -8,12 +8,13 @@ use tokio::time::Instant;
 
 use super::{
     budget::Budget,
-    endpoint::{Endpoint, EndpointSnapshot, Failure, LiveState},
+    endpoint::{Endpoint, EndpointSnapshot, Failure},
     errors::Cause,
     metrics::UpstreamMetrics,
     pool::PoolConfig,
 };
 use crate::config::{Policy, Upstream};
+use crate::report::LiveState;
 
 pub struct UpstreamRt {
     pub name: String,

@@ -1,7 +1,7 @@
 //! Live endpoint health from the sidecars. Ejection is decided in each sidecar (passive outlier
-//! detection), so the operator asks them: every `--health-interval` it reads `GET /endpoints` from
+//! detection), so the operator asks them: every `--report-interval` it reads `GET /endpoints` from
 //! each pod labelled `detour.dev/sidecar` on its `detour-admin` port, folds the answers into one
-//! [`UpstreamHealth`] per upstream (`<namespace>/<policy>`), and re-reconciles the policies whose
+//! [`UpstreamReport`] per upstream (`<namespace>/<policy>`), and re-reconciles the policies whose
 //! aggregate changed, so `status.endpoints.ejected` and `status.sidecars` follow.
 //!
 //! [`scrape_target`] and [`aggregate`] are pure and carry the rules; [`poll`] is the loop.
@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 use super::metrics::Metrics;
 use crate::{
     api::{UpstreamPolicy, SIDECAR_ADMIN_PORT},
-    sidecar::{EndpointsReport, LiveState},
+    report::{EndpointsReport, LiveState},
 };
 
 type Policy = DeserializeGuard<UpstreamPolicy>;
@@ -55,7 +55,7 @@ pub struct Target {
 
 /// What the sidecars say about one upstream.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct UpstreamHealth {
+pub struct UpstreamReport {
     /// Sidecars that answered and run this upstream.
     pub sidecars: u32,
     /// Endpoint addresses ejected by at least one of them.
@@ -81,22 +81,22 @@ pub enum ScrapeError {
 
 /// The latest aggregate, written by the poller and read by every reconcile of its scope.
 #[derive(Debug, Default)]
-pub struct HealthReports {
-    latest: RwLock<Option<Arc<BTreeMap<String, UpstreamHealth>>>>,
+pub struct SidecarReports {
+    latest: RwLock<Option<Arc<BTreeMap<String, UpstreamReport>>>>,
 }
 
-// === impl HealthReports ===
+// === impl SidecarReports ===
 
-impl HealthReports {
+impl SidecarReports {
     /// `None` until the first round is done: reconciles then keep what the status says rather
     /// than report zero sidecars for a moment after every start.
-    pub fn latest(&self) -> Option<Arc<BTreeMap<String, UpstreamHealth>>> {
+    pub fn latest(&self) -> Option<Arc<BTreeMap<String, UpstreamReport>>> {
         self.latest.read().clone()
     }
 
     /// Stores a round's aggregate and returns the upstreams whose health changed (compared with
     /// nothing at all on the first round).
-    pub fn set(&self, next: BTreeMap<String, UpstreamHealth>) -> BTreeSet<String> {
+    pub fn set(&self, next: BTreeMap<String, UpstreamReport>) -> BTreeSet<String> {
         let mut latest = self.latest.write();
         let empty = BTreeMap::new();
         let prev = latest.as_deref().unwrap_or(&empty);
@@ -111,9 +111,9 @@ impl HealthReports {
     }
 }
 
-// === impl UpstreamHealth ===
+// === impl UpstreamReport ===
 
-impl UpstreamHealth {
+impl UpstreamReport {
     /// Distinct addresses among `addresses` (the policy's current endpoints) that some sidecar
     /// ejected. An address the policy no longer has is not counted, even if a sidecar that has
     /// not reloaded yet still reports it.
@@ -169,8 +169,8 @@ pub fn scrape_target(pod: &Pod) -> Option<Target> {
 /// ignored rather than credited to another namespace's policy.
 pub fn aggregate<'a>(
     reports: impl IntoIterator<Item = (&'a str, &'a EndpointsReport)>,
-) -> BTreeMap<String, UpstreamHealth> {
-    let mut out: BTreeMap<String, UpstreamHealth> = BTreeMap::new();
+) -> BTreeMap<String, UpstreamReport> {
+    let mut out: BTreeMap<String, UpstreamReport> = BTreeMap::new();
     for (namespace, report) in reports {
         for (upstream, endpoints) in &report.upstreams {
             if upstream.split_once('/').map(|(ns, _)| ns) != Some(namespace) {
@@ -268,7 +268,7 @@ impl<T> Drop for AbortOnDrop<T> {
 pub struct Poller {
     pub pods: Store<Pod>,
     pub policies: Store<Policy>,
-    pub reports: Arc<HealthReports>,
+    pub reports: Arc<SidecarReports>,
     /// Policies to reconcile (`Controller::reconcile_on`).
     pub trigger: mpsc::UnboundedSender<ObjectRef<Policy>>,
     pub interval: Duration,
@@ -411,7 +411,7 @@ async fn round(p: &Poller, failing: &mut HashSet<String>, first: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sidecar::ReportedEndpoint;
+    use crate::report::ReportedEndpoint;
     use serde_json::json;
 
     fn pod(v: serde_json::Value) -> Pod {
@@ -570,7 +570,7 @@ mod tests {
         );
         assert_eq!(
             agg["shop/db"],
-            UpstreamHealth {
+            UpstreamReport {
                 sidecars: 1,
                 ejected: BTreeSet::new()
             }
@@ -599,7 +599,7 @@ mod tests {
 
     #[test]
     fn only_addresses_the_policy_still_has_count_as_ejected() {
-        let h = UpstreamHealth {
+        let h = UpstreamReport {
             sidecars: 2,
             ejected: BTreeSet::from([
                 "10.0.0.1:80".parse().unwrap(),
@@ -636,8 +636,8 @@ mod tests {
         ];
         let r = render_namespace("shop", &inputs, &[], &[]).unwrap();
         let (mut ok, mut broken) = (r.outcomes["ok"].clone(), r.outcomes["broken"].clone());
-        ok.sidecar_health(3, 1);
-        broken.sidecar_health(3, 1);
+        ok.sidecar_figures(3, 1);
+        broken.sidecar_figures(3, 1);
         assert_eq!((ok.sidecars, ok.endpoints.ejected), (3, 1));
         assert_eq!((broken.sidecars, broken.endpoints.ejected), (0, 0));
         let t = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
@@ -649,9 +649,9 @@ mod tests {
 
     #[test]
     fn reports_tell_which_upstreams_changed() {
-        let r = HealthReports::default();
+        let r = SidecarReports::default();
         assert!(r.latest().is_none(), "nothing known before the first round");
-        let one = |n: u32, ej: &[&str]| UpstreamHealth {
+        let one = |n: u32, ej: &[&str]| UpstreamReport {
             sidecars: n,
             ejected: ej.iter().map(|a| a.parse().unwrap()).collect(),
         };

@@ -1,0 +1,445 @@
+//! Where the sidecar's config comes from, and how each update reaches the running sidecar.
+//!
+//! One seam: a [`ConfigSource`] only *reports* what it holds ([`Update`]); [`follow`] validates
+//! and applies it through the same `apply` a file reload uses (endpoints that stay keep their
+//! health, ejections and pooled connections). A new source (say, a push stream from the
+//! operator) is one more arm of `ConfigSource::run`; the data plane does not change.
+//!
+//! Fail-static: whatever goes wrong with the source (the API server unreachable, the ConfigMap
+//! deleted, an invalid document), the last good config keeps serving; the problem shows in a log
+//! line at each transition, in `detour_config_source_connected`, `detour_config_stale`,
+//! `detour_config_applied_timestamp_seconds` and in `/ready`'s detail, and clears by itself.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{
+    runtime::{utils::Backoff, watcher, WatchStreamExt},
+    Api, Client,
+};
+use prometheus::{Gauge, IntGauge, IntGaugeVec, Opts, Registry};
+use tokio::sync::mpsc;
+
+use super::{runtime::Shared, Error};
+use crate::config::{Config, CONFIG_KEY};
+
+/// Where the sidecar's config comes from.
+pub enum ConfigSource {
+    /// A file, re-read every `interval` and on SIGHUP; a change is noticed by content, which
+    /// also catches the symlink swap of a mounted ConfigMap.
+    File { path: PathBuf, interval: Duration },
+    /// The ConfigMap `name` of `namespace`, watched through the API with a field selector on its
+    /// name (all that a Role with `resourceNames` can grant a list/watch).
+    Kubernetes {
+        client: Client,
+        namespace: String,
+        name: String,
+    },
+}
+
+/// What a source reports. Sources report changes only (the same document twice is sent once).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Update {
+    /// A document to validate and apply.
+    Document(String),
+    /// The source holds something that is not a document (bytes not UTF-8, no `config.yaml`).
+    Unusable(String),
+    /// The source holds nothing (file unreadable, ConfigMap absent or deleted).
+    Missing(String),
+    /// The source cannot be reached; it keeps trying by itself.
+    Disconnected(String),
+    /// The source is reachable (again).
+    Connected,
+}
+
+impl ConfigSource {
+    /// `file` or `kubernetes`: the `source` label of `detour_config_source_connected`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConfigSource::File { .. } => "file",
+            ConfigSource::Kubernetes { .. } => "kubernetes",
+        }
+    }
+
+    /// Where, for logs and `/ready`: `file /etc/detour/config.yaml`, `configmap ns/detour-config`.
+    pub fn describe(&self) -> String {
+        match self {
+            ConfigSource::File { path, .. } => format!("file {}", path.display()),
+            ConfigSource::Kubernetes {
+                namespace, name, ..
+            } => format!("configmap {namespace}/{name}"),
+        }
+    }
+
+    /// Reports updates until `tx` closes.
+    async fn run(self, tx: mpsc::Sender<Update>) {
+        match self {
+            ConfigSource::File { path, interval } => watch_file(path, interval, tx).await,
+            ConfigSource::Kubernetes {
+                client,
+                namespace,
+                name,
+            } => watch_config_map(client, namespace, name, tx).await,
+        }
+    }
+}
+
+// === sources ===
+
+async fn watch_file(path: PathBuf, interval: Duration, tx: mpsc::Sender<Update>) {
+    let mut hup =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(|e| {
+            tracing::warn!(error = %e, "SIGHUP not available; the config file is still polled");
+        });
+    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(50)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<Update> = None;
+    loop {
+        match &mut hup {
+            Ok(hup) => tokio::select! {
+                _ = tick.tick() => {}
+                _ = hup.recv() => {}
+            },
+            Err(()) => {
+                tick.tick().await;
+            }
+        }
+        let update = match tokio::fs::read(&path).await {
+            Ok(bytes) => match String::from_utf8(bytes) {
+                Ok(text) => Update::Document(text),
+                Err(e) => Update::Unusable(format!("{} is not UTF-8: {e}", path.display())),
+            },
+            Err(e) => Update::Missing(format!("{} cannot be read: {e}", path.display())),
+        };
+        if last.as_ref() != Some(&update) {
+            last = Some(update.clone());
+            if tx.send(update).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn watch_config_map(
+    client: Client,
+    namespace: String,
+    name: String,
+    tx: mpsc::Sender<Update>,
+) {
+    let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut events = watcher(api, config).backoff(Retry::default()).boxed();
+    let mut connected: Option<bool> = None;
+    let mut last: Option<Update> = None;
+    let mut seen_in_list = false;
+    let what = format!("configmap {namespace}/{name}");
+    while let Some(event) = events.next().await {
+        let update = match event {
+            // The watch outlived the history the server keeps: the watcher lists again. The
+            // server answered, so this is not a lost connection.
+            Err(watcher::Error::WatchError(s)) if s.code == 410 => continue,
+            Err(e) => {
+                if connected != Some(false) {
+                    connected = Some(false);
+                    if tx.send(Update::Disconnected(e.to_string())).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
+            Ok(event) => {
+                if connected != Some(true) {
+                    connected = Some(true);
+                    if tx.send(Update::Connected).await.is_err() {
+                        return;
+                    }
+                }
+                match event {
+                    watcher::Event::Init => {
+                        seen_in_list = false;
+                        continue;
+                    }
+                    watcher::Event::InitApply(cm) | watcher::Event::Apply(cm) => {
+                        seen_in_list = true;
+                        document_of(&what, cm)
+                    }
+                    watcher::Event::InitDone if !seen_in_list => {
+                        Update::Missing(format!("{what} does not exist"))
+                    }
+                    watcher::Event::InitDone => continue,
+                    watcher::Event::Delete(_) => Update::Missing(format!("{what} was deleted")),
+                }
+            }
+        };
+        if last.as_ref() != Some(&update) {
+            last = Some(update.clone());
+            if tx.send(update).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn document_of(what: &str, cm: ConfigMap) -> Update {
+    match cm.data.and_then(|mut d| d.remove(CONFIG_KEY)) {
+        Some(text) => Update::Document(text),
+        None => Update::Unusable(format!("{what} has no key {CONFIG_KEY}")),
+    }
+}
+
+/// Reconnect backoff of the API watch: 250 ms doubling to 5 s, ±20 % jitter so that the
+/// sidecars of a cluster do not all come back in the same instant. Reset after each event.
+struct Retry {
+    next: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            next: Duration::from_millis(250),
+        }
+    }
+}
+
+impl Iterator for Retry {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let now = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(5));
+        Some(now.mul_f64(rand::random_range(0.8..1.2)))
+    }
+}
+
+impl Backoff for Retry {
+    fn reset(&mut self) {
+        *self = Retry::default();
+    }
+}
+
+// === the sidecar's side ===
+
+/// What the sidecar knows of its config source: `/ready`'s detail and the source metrics.
+pub(super) struct SourceStatus {
+    /// `file`, `kubernetes`, or `api` when configs are only applied by the embedding program.
+    kind: &'static str,
+    origin: String,
+    connected: bool,
+    /// Why the running config may not be what the source holds now.
+    problem: Option<String>,
+    applied_at: Option<SystemTime>,
+    metrics: SourceMetrics,
+}
+
+struct SourceMetrics {
+    connected: IntGaugeVec,
+    stale: IntGauge,
+    applied: Gauge,
+}
+
+impl SourceStatus {
+    pub(super) fn new(registry: &Registry) -> Self {
+        let connected = IntGaugeVec::new(
+            Opts::new(
+                "detour_config_source_connected",
+                "1 while the config source answers (the API server for --config-source kubernetes; always 1 for a file), else 0. The last good config keeps serving meanwhile.",
+            ),
+            &["source"],
+        )
+        .expect("metric");
+        let stale = IntGauge::new(
+            "detour_config_stale",
+            "1 while the running config may not be what the source holds (source unreachable, config deleted or invalid): the last good config is serving.",
+        )
+        .expect("metric");
+        let applied = Gauge::new(
+            "detour_config_applied_timestamp_seconds",
+            "Unix time the running config was applied (its age is time() minus this); 0 before the first.",
+        )
+        .expect("metric");
+        for c in [
+            Box::new(connected.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(stale.clone()),
+            Box::new(applied.clone()),
+        ] {
+            registry.register(c).expect("register");
+        }
+        SourceStatus {
+            kind: "api",
+            origin: "the embedding program".into(),
+            connected: true,
+            problem: None,
+            applied_at: None,
+            metrics: SourceMetrics {
+                connected,
+                stale,
+                applied,
+            },
+        }
+    }
+
+    fn set_source(&mut self, kind: &'static str, origin: String) {
+        self.kind = kind;
+        self.origin = origin;
+        // A file is always "connected"; the API is once it answered.
+        self.set_connected(kind != "kubernetes");
+    }
+
+    fn set_connected(&mut self, up: bool) {
+        self.connected = up;
+        self.metrics
+            .connected
+            .with_label_values(&[self.kind])
+            .set(i64::from(up));
+    }
+
+    fn set_problem(&mut self, problem: Option<String>) {
+        self.metrics.stale.set(i64::from(problem.is_some()));
+        self.problem = problem;
+    }
+
+    pub(super) fn applied(&mut self) {
+        let now = SystemTime::now();
+        self.applied_at = Some(now);
+        self.metrics.applied.set(
+            now.duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
+    }
+
+    /// `/ready`'s body: what runs, from where, since when, and what is wrong with the source.
+    pub(super) fn detail(&self, ready: bool, hash: &str) -> String {
+        let mut out = if ready {
+            let age = self
+                .applied_at
+                .and_then(|t| t.elapsed().ok())
+                .map_or_else(|| "?".into(), |d| format!("{}s", d.as_secs()));
+            format!(
+                "ready: config {hash} from {}, applied {age} ago\n",
+                self.origin
+            )
+        } else {
+            format!("not ready: no valid config yet from {}\n", self.origin)
+        };
+        if !self.connected {
+            out.push_str("source: not connected (retrying)\n");
+        }
+        if let Some(p) = &self.problem {
+            out.push_str(&format!("problem: {p}\n"));
+            if ready {
+                out.push_str("serving the last good config\n");
+            }
+        }
+        out
+    }
+}
+
+/// Applies what `source` reports to the sidecar until the source ends or the task is aborted.
+pub(super) async fn follow(shared: Arc<Shared>, source: ConfigSource) {
+    shared
+        .source
+        .lock()
+        .set_source(source.kind(), source.describe());
+    let (tx, mut rx) = mpsc::channel(8);
+    let task = tokio::spawn(source.run(tx));
+    let _stop = AbortOnDrop(task);
+    // A document refused only because its listener's port is still taken (an old process
+    // draining) is tried again.
+    let mut retry: Option<String> = None;
+    let mut last_applied: Option<String> = None;
+    loop {
+        let update = tokio::select! {
+            u = rx.recv() => match u {
+                Some(u) => u,
+                None => return,
+            },
+            _ = tokio::time::sleep(Duration::from_secs(1)), if retry.is_some() => {
+                Update::Document(retry.take().expect("checked"))
+            }
+        };
+        match update {
+            Update::Document(text) => {
+                retry = None;
+                if last_applied.as_deref() == Some(text.as_str()) {
+                    // The same document again (a ConfigMap restored after a deletion): nothing
+                    // to apply, but the source is fine again.
+                    resolve(&shared);
+                    continue;
+                }
+                match Config::from_str_validated(&text) {
+                    Err(e) => {
+                        shared.metrics.reloads_failure.inc();
+                        refuse(&shared, &e, "holds an invalid config");
+                    }
+                    Ok(cfg) => match shared.apply_counted(cfg).await {
+                        Ok(()) => {
+                            last_applied = Some(text);
+                            resolve(&shared);
+                            let origin = shared.source.lock().origin.clone();
+                            tracing::info!(source = %origin, hash = %shared.view.load().hash, "config applied");
+                        }
+                        Err(e @ Error::Bind { .. }) => {
+                            refuse(&shared, &e, "cannot be applied yet");
+                            retry = Some(text);
+                        }
+                        Err(e) => refuse(&shared, &e, "holds an invalid config"),
+                    },
+                }
+            }
+            Update::Unusable(why) => {
+                shared.metrics.reloads_failure.inc();
+                problem(&shared, why);
+            }
+            Update::Missing(why) => problem(&shared, why),
+            Update::Disconnected(error) => {
+                let mut s = shared.source.lock();
+                s.set_connected(false);
+                tracing::warn!(source = %s.origin, %error, hash = %shared.view.load().hash,
+                    "config source unreachable: serving the last good config, retrying");
+            }
+            Update::Connected => {
+                let mut s = shared.source.lock();
+                if !s.connected {
+                    s.set_connected(true);
+                    tracing::info!(source = %s.origin, "config source reachable again");
+                }
+            }
+        }
+    }
+}
+
+fn refuse(shared: &Shared, err: &dyn std::error::Error, what: &str) {
+    let origin = shared.source.lock().origin.clone();
+    problem(shared, format!("{origin} {what}: {err}"));
+}
+
+fn problem(shared: &Shared, why: String) {
+    let mut s = shared.source.lock();
+    if s.problem.as_deref() != Some(why.as_str()) {
+        tracing::warn!(source = %s.origin, problem = %why, hash = %shared.view.load().hash,
+            "the running config stays in place");
+    }
+    s.set_problem(Some(why));
+}
+
+fn resolve(shared: &Shared) {
+    let mut s = shared.source.lock();
+    if let Some(p) = s.problem.take() {
+        tracing::info!(source = %s.origin, was = %p, "config source is fine again");
+    }
+    s.set_problem(None);
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
