@@ -7,6 +7,7 @@ use detour::{
     api::UpstreamPolicy,
     config::{Config, EndpointState},
     operator::{
+        access,
         reconcile::{self, Context, Shared},
         sidecar_reports::UpstreamReport,
         Metrics,
@@ -55,7 +56,15 @@ struct Fixture {
     handle: Mock,
 }
 
+/// An operator that already made sure of the sidecars' Role and RoleBinding in `shop`.
 fn fixture(policies: &[Value], config_maps: &[Value]) -> Fixture {
+    let f = cold_fixture(policies, config_maps);
+    f.ctx.shared.remember_access("shop");
+    f
+}
+
+/// A freshly started operator: it reads (and writes when needed) the sidecars' access first.
+fn cold_fixture(policies: &[Value], config_maps: &[Value]) -> Fixture {
     let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, "default");
     let ctx = Arc::new(Context {
@@ -144,6 +153,38 @@ async fn expect(
     body
 }
 
+const ROLE_PATH: &str = "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/detour-sidecar";
+const BINDING_PATH: &str =
+    "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings/detour-sidecar";
+
+/// The sidecars' Role and RoleBinding: read, and written only when `absent` (404).
+async fn expect_access(handle: &mut Mock, present: bool) {
+    let not_found = json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404});
+    for (path, desired) in [
+        (ROLE_PATH, access::role("shop")),
+        (BINDING_PATH, access::role_binding("shop")),
+    ] {
+        let (code, reply) = if present {
+            (200, desired.clone())
+        } else {
+            (404, not_found.clone())
+        };
+        expect(handle, Method::GET, path, None, code, reply).await;
+        if !present {
+            let body = expect(
+                handle,
+                Method::PATCH,
+                &format!("{path}?&force=true&fieldManager=detour-operator"),
+                APPLY,
+                200,
+                desired.clone(),
+            )
+            .await;
+            assert_eq!(body, desired);
+        }
+    }
+}
+
 const POLICY_PATH: &str = "/apis/detour.dev/v1alpha1/namespaces/shop/upstreampolicies/pay";
 const CM_PATH: &str = "/api/v1/namespaces/shop/configmaps/detour-config";
 const APPLY: Option<&str> = Some("application/apply-patch+yaml");
@@ -157,7 +198,7 @@ async fn run(ctx: &Arc<Context>) -> Result<Action, reconcile::Error> {
 /// A new policy: finalizer, then the ConfigMap, then its status, then an Event. Returns the
 /// written ConfigMap data and status for the next test.
 async fn first_reconcile() -> (Value, Value) {
-    let Fixture { ctx, mut handle } = fixture(&[policy(json!({}), None)], &[]);
+    let Fixture { ctx, mut handle } = cold_fixture(&[policy(json!({}), None)], &[]);
     let task = tokio::spawn({
         let ctx = ctx.clone();
         async move { run(&ctx).await }
@@ -183,6 +224,8 @@ async fn first_reconcile() -> (Value, Value) {
             {"op": "add", "path": "/metadata/finalizers", "value": ["detour.dev/config"]},
         ])
     );
+
+    expect_access(&mut handle, false).await;
 
     let cm_reply = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "detour-config", "namespace": "shop", "resourceVersion": "12"}});
     let cm = expect(
@@ -316,6 +359,25 @@ async fn up_to_date_namespace_makes_no_requests() {
     drop(handle);
 }
 
+#[tokio::test]
+async fn a_restarted_operator_only_reads_the_sidecar_access_of_an_up_to_date_namespace() {
+    let (mut cm, status) = first_reconcile().await;
+    cm["metadata"]["resourceVersion"] = json!("12");
+    let p = policy(json!({"finalizers": ["detour.dev/config"]}), Some(status));
+    let Fixture { ctx, mut handle } = cold_fixture(&[p], &[cm]);
+    let task = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { run(&ctx).await }
+    });
+    expect_access(&mut handle, true).await;
+    let action = tokio::time::timeout(Duration::from_secs(1), task)
+        .await
+        .expect("no request after the two reads")
+        .unwrap()
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+}
+
 /// The namespace as `first_reconcile` left it: ConfigMap and status in the cache.
 async fn converged(status_edit: impl FnOnce(&mut Value)) -> Fixture {
     let (mut cm, mut status) = first_reconcile().await;
@@ -417,6 +479,18 @@ async fn deleting_the_last_policy_deletes_the_config_then_releases_the_finalizer
     )
     .await;
     assert_eq!(body, json!({}), "plain delete, no options");
+    // The sidecars' access goes with the config.
+    for path in [BINDING_PATH, ROLE_PATH] {
+        expect(
+            &mut handle,
+            Method::DELETE,
+            &format!("{path}?"),
+            Some("application/json"),
+            200,
+            json!({"apiVersion": "v1", "kind": "Status", "status": "Success"}),
+        )
+        .await;
+    }
     let patch = expect(
         &mut handle,
         Method::PATCH,

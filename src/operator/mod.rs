@@ -4,6 +4,7 @@
 //! Layout: [`render`] is the pure desired state, [`reconcile`] the client side (apply, status,
 //! finalizer, events), this file the wiring (watches, leader election, admin server).
 
+pub mod access;
 mod admin;
 mod metrics;
 pub mod reconcile;

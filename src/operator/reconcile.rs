@@ -3,7 +3,7 @@
 //! in its namespace, serialized per namespace, and writes only what differs from the cache.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     hash::{DefaultHasher, Hash, Hasher},
     sync::Arc,
     time::{Duration, Instant},
@@ -31,6 +31,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::{
+    access,
     metrics::Metrics,
     render::{desired_status, render_namespace, PolicyInput, RenderError},
     sidecar_reports::SidecarReports,
@@ -104,6 +105,8 @@ pub struct Shared {
     applied: Mutex<HashMap<String, String>>,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<ObjectRef<Policy>, u32>>,
+    /// Namespaces whose sidecar Role and RoleBinding this process applied.
+    access: Mutex<HashSet<String>>,
 }
 
 // === impl Shared ===
@@ -121,6 +124,7 @@ impl Shared {
             written: Mutex::default(),
             applied: Mutex::default(),
             failures: Mutex::default(),
+            access: Mutex::default(),
         }
     }
 
@@ -152,10 +156,17 @@ impl Shared {
         w.remove(&format!("finalizer/{ns}/{name}"));
     }
 
+    /// Records that the sidecars' Role and RoleBinding of `ns` are in place, as this process
+    /// does once it has checked or written them (and tests do for an operator that already did).
+    pub fn remember_access(&self, ns: &str) {
+        self.access.lock().insert(ns.to_string());
+    }
+
     /// The rendered ConfigMap of `ns` was deleted: forget writing it, so it is written again.
     pub fn forget_config(&self, ns: &str) {
         self.written.lock().remove(&format!("configmap/{ns}"));
         self.applied.lock().remove(ns);
+        self.access.lock().remove(ns);
     }
 
     fn remember(&self, key: String, value: u64, rv: Option<String>) {
@@ -322,15 +333,24 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
     let policies = finalized_policies(ns, ctx).await?;
     let services = ctx.services.state_filter(|s| in_ns(&s.metadata));
     let slices = ctx.slices.state_filter(|s| in_ns(&s.metadata));
+    let running = running_config(ns, ctx);
     let inputs: Vec<PolicyInput<'_>> = policies
         .iter()
-        .map(|p| PolicyInput {
-            name: p.meta().name.as_deref().unwrap_or_default(),
-            created: p.meta().creation_timestamp.as_ref(),
-            spec: match &p.0 {
-                Ok(p) => Ok(&p.spec),
-                Err(e) => Err(format!("the object cannot be read: {}", e.error)),
-            },
+        .map(|p| {
+            let name = p.meta().name.as_deref().unwrap_or_default();
+            PolicyInput {
+                name,
+                created: p.meta().creation_timestamp.as_ref(),
+                spec: match &p.0 {
+                    Ok(p) => Ok(&p.spec),
+                    Err(e) => Err(format!("the object cannot be read: {}", e.error)),
+                },
+                last_accepted: running.as_ref().and_then(|c| {
+                    c.upstreams
+                        .iter()
+                        .find(|u| u.name == format!("{ns}/{name}"))
+                }),
+            }
         })
         .collect();
     let svc_refs: Vec<&Service> = services.iter().map(|s| &**s).collect();
@@ -440,6 +460,15 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
     first_error.map_or(Ok(()), Err)
 }
 
+/// The config the sidecars of `ns` run now: the rendered ConfigMap in the cache.
+fn running_config(ns: &str, ctx: &Context) -> Option<crate::config::Config> {
+    let cm = ctx
+        .config_maps
+        .get(&ObjectRef::new(CONFIG_MAP).within(ns))?;
+    let text = cm.data.as_ref()?.get(CONFIG_KEY)?;
+    crate::config::Config::from_str_validated(text).ok()
+}
+
 async fn apply_config_map(
     ns: &str,
     ctx: &Context,
@@ -453,27 +482,37 @@ async fn apply_config_map(
         .as_ref()
         .and_then(|c| c.metadata.resource_version.as_deref());
     let Some(config) = config else {
-        // No policies left in the namespace.
-        // Remembered without a version: skipped until the cache drops the deleted object.
-        if cached.is_none() || ctx.shared.already_written(&key, 0, rv) {
-            return Ok(());
-        }
-        match api.delete(CONFIG_MAP, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(source) => {
-                return Err(Error::Kube {
-                    action: "delete",
-                    target: format!("configmap {ns}/{CONFIG_MAP}"),
-                    source,
-                })
+        // No policies left in the namespace. Remembered without a version: skipped until the
+        // cache drops the deleted object.
+        let delete = cached.is_some() && !ctx.shared.already_written(&key, 0, rv);
+        if delete {
+            match api.delete(CONFIG_MAP, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(source) => {
+                    return Err(Error::Kube {
+                        action: "delete",
+                        target: format!("configmap {ns}/{CONFIG_MAP}"),
+                        source,
+                    })
+                }
             }
+            ctx.shared.remember(key, 0, None);
+            ctx.shared.metrics.rendered("deleted");
+            info!(namespace = %ns, "deleted {CONFIG_MAP}: no policies left");
         }
-        ctx.shared.remember(key, 0, None);
-        ctx.shared.metrics.rendered("deleted");
-        info!(namespace = %ns, "deleted {CONFIG_MAP}: no policies left");
+        // The sidecars' access goes with the config.
+        if delete || ctx.shared.access.lock().contains(ns) {
+            access::remove(&ctx.client, ns).await?;
+            ctx.shared.access.lock().remove(ns);
+        }
         return Ok(());
     };
+    // The sidecars' read access first, so that they can read what is written next.
+    if !ctx.shared.access.lock().contains(ns) {
+        access::apply(&ctx.client, ns).await?;
+        ctx.shared.remember_access(ns);
+    }
     let yaml = config.to_yaml();
     let up_to_date = cached.as_ref().is_some_and(|c| {
         c.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) == Some(&yaml)

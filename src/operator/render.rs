@@ -31,6 +31,9 @@ pub struct PolicyInput<'a> {
     pub created: Option<&'a Time>,
     /// `Err` holds why the object could not be read or validated.
     pub spec: Result<&'a UpstreamPolicySpec, String>,
+    /// The policy's upstream in the config the sidecars run now (the rendered ConfigMap): kept
+    /// while the policy is invalid, so a bad edit never takes a working upstream away.
+    pub last_accepted: Option<&'a Upstream>,
 }
 
 /// One condition before it gets timestamps.
@@ -118,7 +121,14 @@ pub fn render_namespace(
             }
         };
         if let Some(msg) = problem {
-            outcomes.insert(p.name.to_string(), not_accepted(reason::INVALID, msg));
+            let mut outcome = not_accepted(reason::INVALID, msg);
+            if p.last_accepted.is_some() {
+                outcome
+                    .accepted
+                    .message
+                    .push_str("; sidecars keep running the last accepted version of this policy");
+            }
+            outcomes.insert(p.name.to_string(), outcome);
         }
     }
 
@@ -233,6 +243,14 @@ pub fn render_namespace(
             },
         );
     }
+    upstreams.extend(keep_last_accepted(
+        &order,
+        &valid,
+        &lost_to,
+        &services,
+        &slices_by_service,
+        &mut outcomes,
+    ));
     upstreams.sort_by(|a, b| a.name.cmp(&b.name));
     let config = Config {
         upstreams,
@@ -293,6 +311,53 @@ struct Flags {
     ready: bool,
     serving: bool,
     terminating: bool,
+}
+
+/// The running upstreams of policies that are invalid now: kept as they were accepted, with
+/// endpoints refreshed when the policy still names a Service port that resolves. One whose
+/// listener a rendered policy for overlapping workloads has taken since is dropped.
+fn keep_last_accepted(
+    order: &[&PolicyInput<'_>],
+    valid: &[(&str, &UpstreamPolicySpec)],
+    lost_to: &BTreeMap<&str, &str>,
+    services: &BTreeMap<&str, &Service>,
+    slices: &BTreeMap<&str, Vec<&EndpointSlice>>,
+    outcomes: &mut BTreeMap<String, Outcome>,
+) -> Vec<Upstream> {
+    let mut kept = Vec::new();
+    for p in order {
+        let Some(prev) = p.last_accepted else {
+            continue;
+        };
+        if valid.iter().any(|(n, _)| n == &p.name) {
+            continue;
+        }
+        let taken = valid.iter().any(|(n, s)| {
+            !lost_to.contains_key(n)
+                && format!("127.0.0.1:{}", s.listener.port) == prev.listen
+                && !selector::disjoint(
+                    s.workload_selector.as_ref(),
+                    prev.workload_selector.as_ref(),
+                )
+        });
+        if taken {
+            continue;
+        }
+        let mut up = prev.clone();
+        if let Ok(Ok(eps)) = p.spec.as_ref().map(|s| resolve(s, services, slices)) {
+            up.endpoints = eps
+                .into_iter()
+                .filter(|(_, f)| usable(*f))
+                .map(|(e, _)| e)
+                .collect();
+        }
+        if let Some(o) = outcomes.get_mut(p.name) {
+            o.endpoints.total = u32::try_from(up.endpoints.len()).unwrap_or(u32::MAX);
+            o.rendered = true;
+        }
+        kept.push(up);
+    }
+    kept
 }
 
 fn resolve(
@@ -635,6 +700,7 @@ mod tests {
             name,
             created: Some(created),
             spec: Ok(spec),
+            last_accepted: None,
         }
     }
 
@@ -1023,6 +1089,7 @@ mod tests {
                     name: "garbled",
                     created: Some(&t0),
                     spec: Err("spec.listener.port: invalid type: string".into()),
+                    last_accepted: None,
                 },
                 input("good", &ts(5), &good),
             ],
@@ -1047,6 +1114,66 @@ mod tests {
         // The invalid one did not claim the port.
         assert_eq!(r.outcomes["good"].accepted.reason, reason::ACCEPTED);
         assert_eq!(r.config.upstreams.len(), 1);
+    }
+
+    #[test]
+    fn an_invalid_edit_keeps_the_last_accepted_upstream_with_fresh_endpoints() {
+        let t0 = ts(1);
+        let svc = service("pay", &[(None, 80)]);
+        let sl = slice(
+            "pay",
+            "IPv4",
+            (None, 8080),
+            &[("10.0.0.9", Some(true), None, None)],
+        );
+        let accepted = spec("pay", IntOrString::Int(80), 18080);
+        let first = render_namespace("ns", &[input("p", &t0, &accepted)], &[&svc], &[&sl]).unwrap();
+        let mut last = first.config.upstreams[0].clone();
+        last.endpoints.clear(); // what ran before the pods changed
+        let mut edited = accepted.clone();
+        edited.policy.retries.per_try_timeout = crate::config::Duration::from_secs(60);
+        let r = render_namespace(
+            "ns",
+            &[PolicyInput {
+                last_accepted: Some(&last),
+                ..input("p", &t0, &edited)
+            }],
+            &[&svc],
+            &[&sl],
+        )
+        .unwrap();
+        let o = &r.outcomes["p"];
+        assert_eq!(
+            (o.accepted.status, o.accepted.reason),
+            ("False", reason::INVALID)
+        );
+        assert!(
+            o.accepted.message.contains("last accepted version"),
+            "{o:?}"
+        );
+        assert_eq!(r.config.upstreams.len(), 1, "the upstream stays");
+        let u = &r.config.upstreams[0];
+        assert_eq!(u.policy, accepted.policy, "with the accepted values");
+        let eps: Vec<&str> = u.endpoints.iter().map(|e| e.address.as_str()).collect();
+        assert_eq!(eps, ["10.0.0.9:8080"], "and today's endpoints");
+
+        // A valid newer policy for the same workloads took the port since: the old one goes.
+        let other = spec("pay", IntOrString::Int(80), 18080);
+        let r = render_namespace(
+            "ns",
+            &[
+                PolicyInput {
+                    last_accepted: Some(&last),
+                    ..input("p", &t0, &edited)
+                },
+                input("q", &ts(5), &other),
+            ],
+            &[&svc],
+            &[&sl],
+        )
+        .unwrap();
+        let names: Vec<&str> = r.config.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["ns/q"]);
     }
 
     #[test]

@@ -627,11 +627,13 @@ mod tests {
                 name: "ok",
                 created: None,
                 spec: Ok(&spec),
+                last_accepted: None,
             },
             PolicyInput {
                 name: "broken",
                 created: None,
                 spec: Err("cannot be read".into()),
+                last_accepted: None,
             },
         ];
         let r = render_namespace("shop", &inputs, &[], &[]).unwrap();

@@ -133,12 +133,33 @@ async fn watch_config_map(
 ) {
     let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut events = watcher(api, config).backoff(Retry::default()).boxed();
+    let mut events = watcher(api.clone(), config)
+        .backoff(Retry::default())
+        .boxed();
     let mut connected: Option<bool> = None;
     let mut last: Option<Update> = None;
     let mut seen_in_list = false;
     let what = format!("configmap {namespace}/{name}");
-    while let Some(event) = events.next().await {
+    // A watch that resumed yields nothing until something changes: while disconnected, a
+    // cheap read tells when the API server answers again.
+    let mut probe = tokio::time::interval(Duration::from_secs(1));
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let event = tokio::select! {
+            e = events.next() => match e {
+                Some(e) => e,
+                None => return,
+            },
+            _ = probe.tick(), if connected == Some(false) => {
+                if api.get_metadata_opt(&name).await.is_ok() {
+                    connected = Some(true);
+                    if tx.send(Update::Connected).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
+        };
         let update = match event {
             // The watch outlived the history the server keeps: the watcher lists again. The
             // server answered, so this is not a lost connection.
@@ -381,8 +402,6 @@ pub(super) async fn follow(shared: Arc<Shared>, source: ConfigSource) {
                         Ok(()) => {
                             last_applied = Some(text);
                             resolve(&shared);
-                            let origin = shared.source.lock().origin.clone();
-                            tracing::info!(source = %origin, hash = %shared.view.load().hash, "config applied");
                         }
                         Err(e @ Error::Bind { .. }) => {
                             refuse(&shared, &e, "cannot be applied yet");

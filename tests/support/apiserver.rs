@@ -5,8 +5,14 @@
 //! update, delete (finalizers hold an object with `deletionTimestamp` until they are removed),
 //! server-side apply treated as create-or-merge, JSON merge / strategic merge (as merge) / JSON
 //! patch, the `/status` subresource, resourceVersion preconditions, uid, generation (bumped when
-//! anything but metadata and status changes) and label selectors. No-op writes change nothing and
+//! anything but metadata and status changes), label selectors and `metadata.name` /
+//! `metadata.namespace` field selectors (lists and watches). No-op writes change nothing and
 //! emit no event, as on a real server. Every request is logged so tests can count writes.
+//!
+//! A client for a pod's service account (`service_account_client`) is authorised as RBAC does
+//! it, from the Roles and RoleBindings stored in its namespace (`resourceNames` included: a
+//! list or watch passes only with a matching `metadata.name` field selector). `set_down` makes
+//! the server unreachable (connections refused, open watches cut) until it is set up again.
 //!
 //! Use it in-process (`client()`, a `tower::Service` behind `kube::Client`) or over HTTP on
 //! 127.0.0.1 (`serve_http`) for a separate operator process.
@@ -65,6 +71,7 @@ struct Watcher {
     resource: String,
     namespace: Option<String>,
     selector: Selector,
+    fields: String,
     bookmarks: bool,
     tx: mpsc::UnboundedSender<Bytes>,
 }
@@ -84,6 +91,8 @@ struct State {
     manager: String,
     /// Requests refused on purpose: (method, path suffix) → (code, message).
     faults: Vec<(Method, String, u16, String)>,
+    /// Unreachable: every request fails as a refused connection would.
+    down: bool,
 }
 
 /// The server. Cheap to clone; all clones share state.
@@ -123,19 +132,44 @@ impl ApiServer {
         ApiServer { state }
     }
 
-    /// A kube client talking to this server in-process.
+    /// A kube client talking to this server in-process, with every permission (the operator's).
     pub fn client(&self) -> kube::Client {
+        self.client_for(None)
+    }
+
+    /// A kube client acting as the service account `name` of `namespace` (a pod's identity):
+    /// each request is authorised by the Roles bound to it in `namespace`, as RBAC would.
+    pub fn service_account_client(&self, namespace: &str, name: &str) -> kube::Client {
+        self.client_for(Some(ServiceAccount {
+            namespace: namespace.into(),
+            name: name.into(),
+        }))
+    }
+
+    fn client_for(&self, who: Option<ServiceAccount>) -> kube::Client {
         let me = self.clone();
         let svc = tower::service_fn(move |req: Request<kube::client::Body>| {
             let me = me.clone();
+            let who = who.clone();
             async move {
+                if me.state.lock().down {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionRefused,
+                        "fake API server is down",
+                    ));
+                }
                 let (parts, body) = req.into_parts();
                 let bytes = body
                     .collect()
                     .await
                     .map(|c| c.to_bytes())
                     .unwrap_or_default();
-                Ok::<_, Infallible>(me.handle(
+                if let Some(sa) = &who {
+                    if let Err(why) = me.authorize(sa, &parts.method, &parts.uri) {
+                        return Ok(status_response(403, "Forbidden", &why));
+                    }
+                }
+                Ok(me.handle(
                     &parts.method,
                     &parts.uri,
                     content_type(&parts.headers),
@@ -144,6 +178,127 @@ impl ApiServer {
             }
         });
         kube::Client::new(svc, "default")
+    }
+
+    /// Makes the server unreachable (`true`: requests fail as refused connections, open
+    /// watches end) or reachable again.
+    pub fn set_down(&self, down: bool) {
+        let mut st = self.state.lock();
+        st.down = down;
+        if down {
+            st.watchers.clear();
+        }
+    }
+
+    /// Forgets the watch history, as etcd compaction does: a watch from an older
+    /// resourceVersion then gets `410 Gone` and must list again.
+    pub fn compact(&self) {
+        let mut st = self.state.lock();
+        st.history.clear();
+        let rv = st.next_rv();
+        let _ = rv;
+    }
+
+    /// RBAC for a service account: allowed when a Role bound (by a RoleBinding of the request's
+    /// namespace) to the account or one of its groups has a matching rule.
+    fn authorize(
+        &self,
+        sa: &ServiceAccount,
+        method: &Method,
+        uri: &http::Uri,
+    ) -> Result<(), String> {
+        let user = format!("system:serviceaccount:{}:{}", sa.namespace, sa.name);
+        let deny = |why: &str| Err(format!("{user} cannot {why}"));
+        let Some(r) = parse_path(uri.path()) else {
+            return deny(&format!("request {}", uri.path()));
+        };
+        let query = parse_query(uri.query().unwrap_or_default());
+        let verb = match (method.as_str(), &r.name) {
+            ("GET", None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => "watch",
+            ("GET", None) => "list",
+            ("GET", Some(_)) => "get",
+            ("POST", _) => "create",
+            ("PUT", _) => "update",
+            ("PATCH", _) => "patch",
+            ("DELETE", _) => "delete",
+            _ => return deny("use this method"),
+        };
+        let (gv, plural) = r.resource.rsplit_once('/').expect("gv/plural");
+        let group = gv.split_once('/').map_or("", |(g, _)| g);
+        let Some(ns) = &r.namespace else {
+            return deny(&format!("{verb} {plural} at cluster scope"));
+        };
+        // The one object the request is about, when it names one (a name in the path, or a
+        // metadata.name field selector on a list or watch).
+        let name = r.name.clone().or_else(|| {
+            query.get("fieldSelector").and_then(|f| {
+                f.split(',')
+                    .find_map(|p| p.strip_prefix("metadata.name="))
+                    .map(|n| n.trim_start_matches('=').to_string())
+            })
+        });
+        let groups = [
+            "system:serviceaccounts".to_string(),
+            format!("system:serviceaccounts:{}", sa.namespace),
+            "system:authenticated".to_string(),
+        ];
+        let st = self.state.lock();
+        let bound_roles: Vec<String> =
+            st.objects
+                .iter()
+                .filter(|(k, _)| {
+                    k.resource == "rbac.authorization.k8s.io/v1/rolebindings" && k.namespace == *ns
+                })
+                .filter(|(_, b)| {
+                    b["subjects"].as_array().into_iter().flatten().any(|s| {
+                        match s["kind"].as_str() {
+                            Some("ServiceAccount") => {
+                                s["name"] == sa.name.as_str()
+                                    && s["namespace"].as_str().unwrap_or(ns) == sa.namespace
+                            }
+                            Some("User") => s["name"] == user.as_str(),
+                            Some("Group") => groups.iter().any(|g| s["name"] == g.as_str()),
+                            _ => false,
+                        }
+                    })
+                })
+                .filter(|(_, b)| b["roleRef"]["kind"] == "Role")
+                .filter_map(|(_, b)| b["roleRef"]["name"].as_str().map(String::from))
+                .collect();
+        let has = |list: &Value, want: &str| {
+            list.as_array()
+                .into_iter()
+                .flatten()
+                .any(|v| v == "*" || v == want)
+        };
+        let allowed = bound_roles.iter().any(|role| {
+            let key = Key {
+                resource: "rbac.authorization.k8s.io/v1/roles".into(),
+                namespace: ns.clone(),
+                name: role.clone(),
+            };
+            st.objects.get(&key).is_some_and(|role| {
+                role["rules"].as_array().into_iter().flatten().any(|rule| {
+                    has(&rule["apiGroups"], group)
+                        && has(&rule["resources"], plural)
+                        && has(&rule["verbs"], verb)
+                        && match rule["resourceNames"].as_array() {
+                            Some(names) if !names.is_empty() => name
+                                .as_ref()
+                                .is_some_and(|n| names.iter().any(|x| x == n.as_str())),
+                            _ => true,
+                        }
+                })
+            })
+        });
+        if allowed {
+            Ok(())
+        } else {
+            deny(&format!(
+                "{verb} {plural} in namespace {ns}{}",
+                name.map(|n| format!(" (name {n})")).unwrap_or_default()
+            ))
+        }
     }
 
     /// Serves the API over plain HTTP on `addr` (use 127.0.0.1:0) until the runtime stops.
@@ -162,13 +317,16 @@ impl ApiServer {
                         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                             let me = me.clone();
                             async move {
+                                if me.state.lock().down {
+                                    return Err(std::io::Error::other("fake API server is down"));
+                                }
                                 let (parts, body) = req.into_parts();
                                 let bytes = body
                                     .collect()
                                     .await
                                     .map(|c| c.to_bytes())
                                     .unwrap_or_default();
-                                Ok::<_, Infallible>(me.handle(
+                                Ok::<_, std::io::Error>(me.handle(
                                     &parts.method,
                                     &parts.uri,
                                     content_type(&parts.headers),
@@ -649,6 +807,7 @@ impl State {
             resource: r.resource.clone(),
             namespace: r.namespace.clone(),
             selector,
+            fields: query.get("fieldSelector").cloned().unwrap_or_default(),
             bookmarks,
             tx,
         };
@@ -825,6 +984,17 @@ impl Watcher {
         if !self.selector.matches(&e.object["metadata"]["labels"]) {
             return None;
         }
+        let key = Key {
+            resource: e.resource.clone(),
+            namespace: e.namespace.clone(),
+            name: e.object["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        };
+        if !field_match(&self.fields, &key) {
+            return None;
+        }
         Some(line(&json!({"type": e.type_, "object": e.object})))
     }
 }
@@ -912,6 +1082,12 @@ impl Selector {
 
 // === helpers ===
 
+#[derive(Clone, Debug)]
+struct ServiceAccount {
+    namespace: String,
+    name: String,
+}
+
 impl Route {
     fn key(&self, name: &str) -> Key {
         Key {
@@ -958,6 +1134,8 @@ fn gv_kind(resource: &str) -> (String, String) {
         "leases" => "Lease",
         "events" => "Event",
         "pods" => "Pod",
+        "roles" => "Role",
+        "rolebindings" => "RoleBinding",
         "namespaces" => "Namespace",
         other => panic!("fake API server: unknown resource {other}"),
     };
