@@ -36,8 +36,13 @@ async fn exported() -> Catalog {
         }
     }
     assert!(h.pods[0].requests() > 0, "pod-0 never got a request");
-    // A config source's gauges appear once the sidecar follows one (here the same config).
-    let file = std::env::temp_dir().join(format!("detour-obs-{}.yaml", std::process::id()));
+    // A config source's gauges appear once the sidecar follows one: a file holding its config
+    // (one file per sidecar: the tests of this file run at the same time).
+    let file = std::env::temp_dir().join(format!(
+        "detour-obs-{}-{}.yaml",
+        std::process::id(),
+        h.sidecar.admin_addr().port()
+    ));
     std::fs::write(&file, serde_yaml::to_string(&h.config()).unwrap()).unwrap();
     let follow = h.sidecar.follow(detour::sidecar::ConfigSource::File {
         path: file.clone(),
