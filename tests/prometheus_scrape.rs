@@ -6,31 +6,24 @@
 //! them). Without them the test fails when `CI=true` and skips with a notice otherwise.
 #![forbid(unsafe_code)]
 
-use std::{
-    fs,
-    io::Write,
-    net::{SocketAddr, TcpListener as StdTcpListener},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+#[path = "common/prometheus.rs"]
+mod real_prometheus;
+
+use std::{fs, io::Write, net::SocketAddr, process::Command, process::Stdio, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1 as server_http1, service::service_fn};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use detour::config::Config;
 use detour::sidecar::{Options, Sidecar};
+use real_prometheus::{http_get, Prometheus, TempDir, Tools};
 
 const UPSTREAM: &str = "prom-scrape";
 const REQUESTS: usize = 25;
-/// Prometheus starts in about a second and scrapes every second; a loaded 2-core machine gets a
-/// large margin on top.
-const PROMETHEUS_PATIENCE: Duration = Duration::from_secs(90);
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_prometheus_scrapes_the_admin_port() {
@@ -85,7 +78,7 @@ async fn real_prometheus_scrapes_the_admin_port() {
     );
     assert!(
         metrics.contains(&format!(
-            r#"detour_endpoint_attempt_failures_total{{cause="upstream_status",endpoint="{upstream}",pod="scrape-0",upstream="{UPSTREAM}"}}"#
+            r#"detour_endpoint_attempt_failures_total{{cause="upstream_status",upstream="{UPSTREAM}",upstream_address="{upstream}",upstream_pod="scrape-0"}}"#
         )),
         "/metrics has no per-endpoint failure series:\n{metrics}"
     );
@@ -145,224 +138,6 @@ async fn real_prometheus_scrapes_the_admin_port() {
     sidecar.shutdown(Duration::from_secs(1)).await;
 }
 
-// === impl Tools ===
-
-struct Tools {
-    prometheus: PathBuf,
-    promtool: PathBuf,
-}
-
-impl Tools {
-    /// Both binaries, or `None` (skip) outside CI; in CI a missing binary is a failed test.
-    fn find() -> Option<Tools> {
-        let prometheus = which("prometheus");
-        let promtool = which("promtool");
-        match (prometheus, promtool) {
-            (Some(prometheus), Some(promtool)) => Some(Tools {
-                prometheus,
-                promtool,
-            }),
-            _ => {
-                let msg = "prometheus and promtool must be on PATH for this test \
-                           (Debian: apt-get install -y prometheus; `bash .ci/test` installs it)";
-                if std::env::var("CI").as_deref() == Ok("true") {
-                    panic!("{msg}");
-                }
-                eprintln!("SKIPPED prometheus_scrape: {msg}");
-                None
-            }
-        }
-    }
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-// === impl Prometheus ===
-
-/// A `prometheus` server in a temporary folder, killed on drop.
-struct Prometheus {
-    child: Child,
-    api: SocketAddr,
-    log: PathBuf,
-}
-
-/// One sample of an instant query.
-#[derive(Debug)]
-struct Series {
-    labels: serde_json::Map<String, serde_json::Value>,
-    value: f64,
-}
-
-impl Series {
-    fn label(&self, name: &str) -> Option<&str> {
-        self.labels.get(name).and_then(|v| v.as_str())
-    }
-}
-
-impl Prometheus {
-    async fn start(tools: &Tools, tmp: &TempDir, target: SocketAddr) -> Prometheus {
-        let config = tmp.path().join("prometheus.yml");
-        fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n\
-                 - job_name: detour\n  \
-                   scrape_interval: 1s\n  \
-                   scrape_timeout: 1s\n  \
-                   static_configs:\n  \
-                   - targets: ['{target}']\n"
-            ),
-        )
-        .expect("write prometheus.yml");
-        let log = tmp.path().join("prometheus.log");
-        // The free port is found by binding 127.0.0.1:0 and letting go; another process may take
-        // it in between, so a Prometheus that exits at once is started again on a new port.
-        for attempt in 1..=3 {
-            let api = free_port();
-            let data = tmp.path().join(format!("data-{attempt}"));
-            let child = Command::new(&tools.prometheus)
-                .arg(format!("--config.file={}", config.display()))
-                .arg(format!("--web.listen-address={api}"))
-                .arg(format!("--storage.tsdb.path={}", data.display()))
-                .arg("--log.level=warn")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(fs::File::create(&log).expect("create prometheus.log"))
-                .spawn()
-                .expect("start prometheus");
-            let mut prom = Prometheus {
-                child,
-                api,
-                log: log.clone(),
-            };
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            match prom.child.try_wait() {
-                Ok(None) => return prom,
-                Ok(Some(status)) => eprintln!(
-                    "prometheus exited at start ({status}), attempt {attempt}:\n{}",
-                    prom.log_tail()
-                ),
-                Err(e) => panic!("waiting for prometheus: {e}"),
-            }
-        }
-        panic!(
-            "prometheus did not stay up on 3 ports; see {}",
-            log.display()
-        );
-    }
-
-    /// Polls an instant query until one series satisfies `want`; panics with what Prometheus
-    /// said (query result, target state, its log) after `PROMETHEUS_PATIENCE`.
-    async fn wait_for(&self, query: &str, want: impl Fn(&Series) -> bool) -> Series {
-        let path = format!("/api/v1/query?query={}", url_encode(query));
-        let deadline = Instant::now() + PROMETHEUS_PATIENCE;
-        let mut last = String::from("(no answer yet)");
-        while Instant::now() < deadline {
-            if let Some(body) = try_http_get(self.api, &path).await {
-                if let Some(found) = parse_vector(&body).into_iter().find(|s| want(s)) {
-                    return found;
-                }
-                last = body;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        let targets = try_http_get(self.api, "/api/v1/targets")
-            .await
-            .unwrap_or_else(|| "(no answer)".into());
-        panic!(
-            "no matching series for {query} after {PROMETHEUS_PATIENCE:?}\n\
-             last query answer: {last}\ntargets: {targets}\nprometheus log:\n{}",
-            self.log_tail()
-        );
-    }
-
-    fn log_tail(&self) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The samples of a `{"status":"success","data":{"resultType":"vector","result":[...]}}` answer.
-fn parse_vector(body: &str) -> Vec<Series> {
-    let Ok(json) = serde_json::from_str::<serde_json::Value>(body) else {
-        return Vec::new();
-    };
-    let Some(result) = json["data"]["result"].as_array() else {
-        return Vec::new();
-    };
-    result
-        .iter()
-        .filter_map(|r| {
-            Some(Series {
-                labels: r["metric"].as_object()?.clone(),
-                value: r["value"][1].as_str()?.parse().ok()?,
-            })
-        })
-        .collect()
-}
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-fn free_port() -> SocketAddr {
-    StdTcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-}
-
-// === impl TempDir ===
-
-/// A fresh folder under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(prefix: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let dir = std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()));
-        fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        // Kept when the test failed, for the saved metrics and Prometheus's log.
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 // === HTTP on 127.0.0.1 ===
 
 /// An upstream that answers every request (health checks included) with 200.
@@ -393,36 +168,4 @@ async fn start_upstream() -> SocketAddr {
         }
     });
     addr
-}
-
-/// GET on a fresh connection; panics on any transport error or after `IO_TIMEOUT`.
-async fn http_get(addr: SocketAddr, path: &str) -> (StatusCode, String) {
-    tokio::time::timeout(IO_TIMEOUT, get(addr, path))
-        .await
-        .unwrap_or_else(|_| panic!("GET http://{addr}{path}: no answer in {IO_TIMEOUT:?}"))
-        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
-}
-
-/// GET that reports any failure as `None` (Prometheus still starting).
-async fn try_http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    match tokio::time::timeout(IO_TIMEOUT, get(addr, path)).await {
-        Ok(Ok((StatusCode::OK, body))) => Some(body),
-        _ => None,
-    }
-}
-
-async fn get(
-    addr: SocketAddr,
-    path: &str,
-) -> Result<(StatusCode, String), Box<dyn std::error::Error + Send + Sync>> {
-    let stream = TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = Request::get(path)
-        .header(hyper::header::HOST, addr.to_string())
-        .body(Empty::<Bytes>::new())?;
-    let resp = sender.send_request(req).await?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }

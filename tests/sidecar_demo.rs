@@ -1,5 +1,6 @@
 //! `detour demo`, shortened: the client must see no error while the sidecar absorbs a killed
-//! pod, a pod answering 502 and a hanging pod.
+//! pod, a pod answering 502 and a hanging pod, and the same client calling the pods directly at
+//! the same time must see the errors those faults cause without detour.
 
 use std::{process::Command, sync::Mutex};
 
@@ -26,8 +27,27 @@ fn a_short_demo_absorbs_every_fault() {
     let res = rt.block_on(run_with(&args, &mut out));
     let text = String::from_utf8_lossy(&out).into_owned();
     let s = res.unwrap_or_else(|e| panic!("{e}\n{text}"));
-    assert_eq!(s.client_errors, 0, "{text}");
-    assert!(s.requests >= 100, "{text}");
+    assert_eq!(s.with_detour.errors, 0, "{text}");
+    assert!(s.with_detour.requests >= 100, "{text}");
+    // Without detour: the same faults reach the client. A killed pod refuses connections, a 502
+    // pod answers 502, a hanging pod leaves requests unanswered.
+    let without = &s.without_detour;
+    assert!(without.requests >= 50, "{text}");
+    for kind in [
+        detour::demo::traffic::CONNECTION_FAILED,
+        detour::demo::traffic::GATEWAY_ANSWER,
+        detour::demo::traffic::NO_ANSWER,
+    ] {
+        assert!(
+            without.errors_by_kind.get(kind).copied().unwrap_or(0) >= 1,
+            "without detour, no {kind:?}:\n{text}"
+        );
+    }
+    assert_eq!(
+        without.errors,
+        without.errors_by_kind.values().sum::<u64>(),
+        "{text}"
+    );
     for cause in [
         "connection_refused",
         "upstream_status",
@@ -62,6 +82,26 @@ fn a_short_demo_absorbs_every_fault() {
     ] {
         assert!(text.contains(want), "missing {want:?} in\n{text}");
     }
+    // The two columns side by side: without detour, then with it.
+    let header = text
+        .lines()
+        .find(|l| l.contains("what the clients saw"))
+        .unwrap_or_else(|| panic!("no side-by-side table in\n{text}"));
+    assert!(
+        header.find("without detour") < header.find("with detour"),
+        "{header}"
+    );
+    let errors_row: Vec<&str> = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("client-visible errors"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        errors_row[errors_row.len() - 2..],
+        [without.errors.to_string(), "0".to_string()],
+        "{text}"
+    );
 }
 
 #[test]
@@ -83,6 +123,7 @@ fn the_demo_command_exits_0_and_prints_the_summary() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
     assert!(stdout.contains("client-visible errors"), "{stdout}");
+    assert!(stdout.contains("without detour"), "{stdout}");
     assert!(stdout.contains("/metrics"), "{stdout}");
 }
 

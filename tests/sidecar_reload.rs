@@ -342,7 +342,10 @@ async fn per_endpoint_series_name_the_failing_pod_and_go_when_it_leaves_the_conf
     assert!(h.pods[0].requests() > 0, "pod-0 never got a request");
     let bad = h.pods[0].addr().to_string();
     let before = h.metrics();
-    let on_bad = [("endpoint", bad.as_str()), ("pod", "pod-0")];
+    let on_bad = [
+        ("upstream_address", bad.as_str()),
+        ("upstream_pod", "pod-0"),
+    ];
     let failures = |mt: &Metrics, labels: &[(&str, &str)]| {
         m(mt, "detour_endpoint_attempt_failures_total", labels)
     };
@@ -368,7 +371,7 @@ async fn per_endpoint_series_name_the_failing_pod_and_go_when_it_leaves_the_conf
     assert!(
         !before.has(
             "detour_endpoint_attempt_failures_total",
-            &[("pod", "pod-1")]
+            &[("upstream_pod", "pod-1")]
         ),
         "the healthy pod has a failure series"
     );
@@ -382,7 +385,10 @@ async fn per_endpoint_series_name_the_failing_pod_and_go_when_it_leaves_the_conf
         "detour_endpoint_attempt_failures_total",
         "detour_endpoint_ejections_total",
     ] {
-        assert!(!after.has(name, &[("pod", "pod-0")]), "{name} kept pod-0");
+        assert!(
+            !after.has(name, &[("upstream_pod", "pod-0")]),
+            "{name} kept pod-0"
+        );
     }
     assert!(
         m(

@@ -1,7 +1,9 @@
-//! `detour demo`: three simulated pods, the sidecar in front of them, a traffic generator, and a
-//! scripted timeline of faults (a pod killed, a pod answering 502, a pod hanging; one at a time,
-//! each healed before the next). The client should see no error while the sidecar's metrics
-//! count what it absorbed. Everything runs in this process on 127.0.0.1.
+//! `detour demo`: three simulated pods, the sidecar in front of them, and a scripted timeline of
+//! faults (a pod killed, a pod answering 502, a pod hanging; one at a time, each healed before
+//! the next). Two identical clients run at the same time: one through the sidecar, one straight
+//! to the pods (as behind a plain Service). The first should see no error while the sidecar's
+//! metrics count what it absorbed; the second shows what the same faults cost without detour.
+//! Everything runs in this process on 127.0.0.1.
 
 pub mod pod;
 pub mod prom;
@@ -15,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::watch;
+use tokio::{sync::watch, task::JoinSet};
 
 use self::{
     pod::{Fault, SimPod},
@@ -93,12 +95,37 @@ pub enum Error {
     },
 }
 
+/// What one client saw.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClientView {
+    pub requests: u64,
+    pub errors: u64,
+    /// Errors by kind (`traffic::GATEWAY_ANSWER`, `traffic::CONNECTION_FAILED`, ...).
+    pub errors_by_kind: BTreeMap<String, u64>,
+}
+
+impl ClientView {
+    fn of(t: &Traffic) -> ClientView {
+        ClientView {
+            requests: t.requests(),
+            errors: t.errors(),
+            errors_by_kind: t
+                .errors_by_kind()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        }
+    }
+}
+
 /// What the demo measured.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Summary {
     pub elapsed: Duration,
-    pub requests: u64,
-    pub client_errors: u64,
+    /// The client that calls the sidecar.
+    pub with_detour: ClientView,
+    /// The same client calling the pods directly, at the same time.
+    pub without_detour: ClientView,
     /// Failed attempts by cause, as the sidecar counted them.
     pub failed_attempts: BTreeMap<String, u64>,
     pub retries: u64,
@@ -145,7 +172,7 @@ pub async fn run_with(args: &Args, out: &mut (dyn Write + Send)) -> Result<Summa
 
     writeln!(
         out,
-        "detour demo: 3 simulated pods, the detour sidecar in front of them, and a client"
+        "detour demo: 3 simulated pods, the detour sidecar in front of them, and two clients"
     )?;
     for p in &pods {
         writeln!(out, "  pod {} on {}", p.name(), p.addr())?;
@@ -156,22 +183,33 @@ pub async fn run_with(args: &Args, out: &mut (dyn Write + Send)) -> Result<Summa
     )?;
     writeln!(
         out,
-        "  client: {} keep-alive connections, GETs and POSTs with Idempotency-Key, for {}; \
+        "  each client: {} keep-alive connections, GETs and POSTs with Idempotency-Key, for {}; \
          a request unanswered after {} is an error",
         args.connections, args.duration, args.client_timeout
+    )?;
+    writeln!(
+        out,
+        "  with detour: through the sidecar; without detour: the same requests straight to the \
+         pods in turn (as behind a plain Service), at the same time"
     )?;
     writeln!(out)?;
 
     let traffic = Arc::new(Traffic::default());
+    let direct = Arc::new(Traffic::default());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut workers = traffic::spawn(
-        listen,
-        args.connections,
-        Duration::from_millis(10),
-        args.client_timeout.get(),
-        traffic.clone(),
-        stop_rx,
-    );
+    let pod_addrs: Vec<SocketAddr> = pods.iter().map(SimPod::addr).collect();
+    let mut workers = JoinSet::new();
+    for (targets, t) in [(vec![listen], &traffic), (pod_addrs, &direct)] {
+        let mut set = traffic::spawn(
+            &targets,
+            args.connections,
+            Duration::from_millis(10),
+            args.client_timeout.get(),
+            t.clone(),
+            stop_rx.clone(),
+        );
+        workers.spawn(async move { while set.join_next().await.is_some() {} });
+    }
 
     let start = Instant::now();
     let baseline = scrape(&sidecar)?;
@@ -203,7 +241,7 @@ pub async fn run_with(args: &Args, out: &mut (dyn Write + Send)) -> Result<Summa
         tokio::select! {
             _ = tick.tick() => {
                 let m = scrape(&sidecar)?;
-                writeln!(out, "{}", progress_line(start.elapsed(), &traffic, &m, &baseline, &status))?;
+                writeln!(out, "{}", progress_line(start.elapsed(), &traffic, &direct, &m, &baseline, &status))?;
             }
             _ = wake => {}
         }
@@ -212,7 +250,14 @@ pub async fn run_with(args: &Args, out: &mut (dyn Write + Send)) -> Result<Summa
     while workers.join_next().await.is_some() {}
 
     let m = scrape(&sidecar)?;
-    let summary = summarize(start.elapsed(), &traffic, &m, &baseline, metrics_url);
+    let summary = summarize(
+        start.elapsed(),
+        &traffic,
+        &direct,
+        &m,
+        &baseline,
+        metrics_url,
+    );
     writeln!(out)?;
     write_summary(out, &summary)?;
 
@@ -235,16 +280,18 @@ pub async fn run_with(args: &Args, out: &mut (dyn Write + Send)) -> Result<Summa
     sidecar.shutdown(Duration::from_secs(2)).await;
     drop(pods);
 
-    if summary.client_errors > 0 {
+    if summary.with_detour.errors > 0 {
         return Err(Error::ClientErrors {
-            errors: summary.client_errors,
-            requests: summary.requests,
+            errors: summary.with_detour.errors,
+            requests: summary.with_detour.requests,
             examples: traffic.first_errors(),
         });
     }
     writeln!(
         out,
-        "\nThe client saw 0 errors: every failure above was absorbed by the sidecar."
+        "\nWith detour the client saw 0 errors: every failure above was absorbed by the sidecar. \
+         Without it, the same client saw {} errors in {} requests.",
+        summary.without_detour.errors, summary.without_detour.requests
     )?;
     out.flush()?;
     Ok(summary)
@@ -381,6 +428,7 @@ fn failed_attempts(m: &Metrics, base: &Metrics) -> BTreeMap<String, u64> {
 fn progress_line(
     elapsed: Duration,
     traffic: &Traffic,
+    direct: &Traffic,
     m: &Metrics,
     base: &Metrics,
     status: &str,
@@ -396,10 +444,11 @@ fn progress_line(
             .join(", ")
     };
     format!(
-        "{:>5.1}s  requests {:>6}  client errors {}  | sidecar absorbed: {absorbed} | retries {} rescued {} ejections {}  [{status}]",
+        "{:>5.1}s  requests {:>6}  client errors {}  (without detour {})  | sidecar absorbed: {absorbed} | retries {} rescued {} ejections {}  [{status}]",
         elapsed.as_secs_f64(),
         traffic.requests(),
         traffic.errors(),
+        direct.errors(),
         counter(m, base, "detour_retries_total", &[]),
         counter(m, base, "detour_requests_rescued_total", &[]),
         counter(m, base, "detour_ejections_total", &[]),
@@ -409,14 +458,15 @@ fn progress_line(
 fn summarize(
     elapsed: Duration,
     traffic: &Traffic,
+    direct: &Traffic,
     m: &Metrics,
     base: &Metrics,
     metrics_url: String,
 ) -> Summary {
     Summary {
         elapsed,
-        requests: traffic.requests(),
-        client_errors: traffic.errors(),
+        with_detour: ClientView::of(traffic),
+        without_detour: ClientView::of(direct),
         failed_attempts: failed_attempts(m, base),
         retries: counter(m, base, "detour_retries_total", &[]),
         rescued: counter(m, base, "detour_requests_rescued_total", &[]),
@@ -431,10 +481,8 @@ fn write_summary(out: &mut (dyn Write + Send), s: &Summary) -> std::io::Result<(
     let row =
         |out: &mut (dyn Write + Send), label: &str, v: u64| writeln!(out, "  {label:<46} {v:>8}");
     writeln!(out, "Summary ({:.1} s)", s.elapsed.as_secs_f64())?;
+    write_side_by_side(out, &s.without_detour, &s.with_detour)?;
     writeln!(out, "  {:-<56}", "")?;
-    writeln!(out, "  what the client saw")?;
-    row(out, "  requests", s.requests)?;
-    row(out, "  client-visible errors", s.client_errors)?;
     writeln!(out, "  what the sidecar absorbed")?;
     let total: u64 = s.failed_attempts.values().sum();
     row(out, "  failed attempts, all causes", total)?;
@@ -452,6 +500,57 @@ fn write_summary(out: &mut (dyn Write + Send), s: &Summary) -> std::io::Result<(
     row(out, "  502/503/504 sent to the client", s.gateway_errors)?;
     writeln!(out, "  {:-<56}", "")?;
     writeln!(out, "  metrics: {}", s.metrics_url)?;
+    Ok(())
+}
+
+/// What the two clients saw, in two columns.
+fn write_side_by_side(
+    out: &mut (dyn Write + Send),
+    without: &ClientView,
+    with: &ClientView,
+) -> std::io::Result<()> {
+    let row = |out: &mut (dyn Write + Send), label: &str, a: String, b: String| {
+        writeln!(out, "  {label:<36} {a:>14} {b:>14}")
+    };
+    writeln!(out, "  {:-<66}", "")?;
+    row(
+        out,
+        "what the clients saw",
+        "without detour".into(),
+        "with detour".into(),
+    )?;
+    row(
+        out,
+        "  requests",
+        without.requests.to_string(),
+        with.requests.to_string(),
+    )?;
+    row(
+        out,
+        "  client-visible errors",
+        without.errors.to_string(),
+        with.errors.to_string(),
+    )?;
+    let kinds: std::collections::BTreeSet<&String> = without
+        .errors_by_kind
+        .keys()
+        .chain(with.errors_by_kind.keys())
+        .collect();
+    for k in kinds {
+        let n = |v: &ClientView| v.errors_by_kind.get(k).copied().unwrap_or(0).to_string();
+        row(out, &format!("    {k}"), n(without), n(with))?;
+    }
+    let rate = |v: &ClientView| {
+        if v.requests == 0 {
+            "-".to_string()
+        } else {
+            format!(
+                "{:.2}%",
+                100.0 * (v.requests - v.errors) as f64 / v.requests as f64
+            )
+        }
+    };
+    row(out, "  success rate", rate(without), rate(with))?;
     Ok(())
 }
 
@@ -515,8 +614,19 @@ mod tests {
     fn summary_table_lists_causes() {
         let s = Summary {
             elapsed: Duration::from_secs(36),
-            requests: 1234,
-            client_errors: 0,
+            with_detour: ClientView {
+                requests: 1234,
+                errors: 0,
+                errors_by_kind: BTreeMap::new(),
+            },
+            without_detour: ClientView {
+                requests: 1200,
+                errors: 30,
+                errors_by_kind: BTreeMap::from([
+                    (traffic::GATEWAY_ANSWER.to_string(), 20),
+                    (traffic::NO_ANSWER.to_string(), 10),
+                ]),
+            },
             failed_attempts: BTreeMap::from([
                 ("connection_refused".to_string(), 1),
                 ("upstream_status".to_string(), 3),
@@ -532,6 +642,21 @@ mod tests {
         write_summary(&mut out, &s).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("client-visible errors"), "{text}");
+        // Side by side: without detour, then with it.
+        let line = |label: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(label))
+                .unwrap_or_else(|| panic!("no {label} in {text}"))
+                .split_whitespace()
+                .rev()
+                .take(2)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(line("client-visible errors"), ["0", "30"]);
+        assert_eq!(line("answered 502/503/504"), ["0", "20"]);
+        assert_eq!(line("no answer in time"), ["0", "10"]);
+        assert_eq!(line("success rate"), ["100.00%", "97.50%"]);
+        assert!(text.contains("without detour"), "{text}");
         assert!(text.contains("    connection_refused"), "{text}");
         assert!(text.contains("failed attempts, all causes"), "{text}");
         assert!(

@@ -1,7 +1,11 @@
 //! The demo's client: a few keep-alive connections sending a mix of GETs and POSTs that carry an
 //! `Idempotency-Key`, counting every answer that is not a success as a client-visible error.
+//! Pointed at the sidecar it is an application with detour; pointed at the pods themselves (in
+//! turn, one keep-alive connection per pod, as a client behind a plain Service) it is the same
+//! application without it.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -21,6 +25,12 @@ use tokio::{net::TcpStream, sync::watch, task::JoinSet};
 /// Errors kept verbatim for the final report (the rest are only counted).
 const KEPT_ERRORS: usize = 5;
 
+/// Kinds of client-visible errors, as the summary lists them.
+pub const GATEWAY_ANSWER: &str = "answered 502/503/504";
+pub const OTHER_STATUS: &str = "answered another error status";
+pub const CONNECTION_FAILED: &str = "connection refused or broken";
+pub const NO_ANSWER: &str = "no answer in time";
+
 /// What the client saw.
 #[derive(Default)]
 pub struct Traffic {
@@ -28,6 +38,7 @@ pub struct Traffic {
     pub ok: AtomicU64,
     pub errors: AtomicU64,
     first_errors: Mutex<Vec<String>>,
+    by_kind: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Traffic {
@@ -44,8 +55,14 @@ impl Traffic {
         self.first_errors.lock().clone()
     }
 
-    fn error(&self, what: String) {
+    /// Errors by kind (`GATEWAY_ANSWER`, `CONNECTION_FAILED`, ...).
+    pub fn errors_by_kind(&self) -> BTreeMap<&'static str, u64> {
+        self.by_kind.lock().clone()
+    }
+
+    fn error(&self, kind: &'static str, what: String) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        *self.by_kind.lock().entry(kind).or_default() += 1;
         let mut kept = self.first_errors.lock();
         if kept.len() < KEPT_ERRORS {
             kept.push(what);
@@ -53,10 +70,11 @@ impl Traffic {
     }
 }
 
-/// Runs `workers` client loops against `addr` until `stop` turns true.
+/// Runs `workers` client loops until `stop` turns true, each sending its requests to `targets`
+/// in turn (one address: the sidecar; several: the pods themselves).
 /// `patience`: how long a client waits for an answer before it counts a timeout.
 pub fn spawn(
-    addr: SocketAddr,
+    targets: &[SocketAddr],
     workers: usize,
     pace: Duration,
     patience: Duration,
@@ -67,7 +85,7 @@ pub fn spawn(
     for id in 0..workers {
         set.spawn(worker(
             id,
-            addr,
+            targets.to_vec(),
             pace,
             patience,
             traffic.clone(),
@@ -79,24 +97,27 @@ pub fn spawn(
 
 async fn worker(
     id: usize,
-    addr: SocketAddr,
+    targets: Vec<SocketAddr>,
     pace: Duration,
     patience: Duration,
     traffic: Arc<Traffic>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut conn: Option<SendRequest<Full<Bytes>>> = None;
+    // One keep-alive connection per target; workers start on different targets.
+    let mut conns: Vec<Option<SendRequest<Full<Bytes>>>> = targets.iter().map(|_| None).collect();
     let mut n: u64 = 0;
     while !*stop.borrow() {
         n += 1;
+        let t = (id + n as usize) % targets.len();
+        let (addr, conn) = (targets[t], &mut conns[t]);
         let sender = match conn.as_mut() {
             Some(s) if !s.is_closed() => s,
             _ => match connect(addr).await {
                 Ok(s) => conn.insert(s),
                 Err(e) => {
                     traffic.requests.fetch_add(1, Ordering::Relaxed);
-                    traffic.error(format!("connect to the sidecar: {e}"));
-                    conn = None;
+                    traffic.error(CONNECTION_FAILED, format!("connect to {addr}: {e}"));
+                    *conn = None;
                     tokio::time::sleep(pace.max(Duration::from_millis(50))).await;
                     continue;
                 }
@@ -134,23 +155,29 @@ async fn worker(
                 traffic.ok.fetch_add(1, Ordering::Relaxed);
             }
             Ok(Ok(parts)) => {
+                let kind = if matches!(parts.status.as_u16(), 502..=504) {
+                    GATEWAY_ANSWER
+                } else {
+                    OTHER_STATUS
+                };
                 let why = parts
                     .headers
                     .get("proxy-status")
                     .and_then(|v| v.to_str().ok())
                     .map(|v| format!(" (Proxy-Status: {v})"))
                     .unwrap_or_default();
-                traffic.error(format!("{method} answered {}{why}", parts.status));
+                traffic.error(kind, format!("{method} answered {}{why}", parts.status));
             }
             Ok(Err(e)) => {
-                traffic.error(format!("{method} failed: {e}"));
-                conn = None;
+                traffic.error(CONNECTION_FAILED, format!("{method} failed: {e}"));
+                *conn = None;
             }
             Err(_) => {
-                traffic.error(format!(
-                    "{method} got no answer within {patience:?} (client timeout)"
-                ));
-                conn = None;
+                traffic.error(
+                    NO_ANSWER,
+                    format!("{method} got no answer within {patience:?} (client timeout)"),
+                );
+                *conn = None;
             }
         }
         tokio::select! {

@@ -184,8 +184,8 @@ impl Metrics {
             endpoints,
             ejections: counter_vec(&r, "detour_ejections_total", "Endpoints ejected by outlier detection, by reason.", &["upstream", "reason"]),
             ejections_capped: counter_vec(&r, "detour_ejections_skipped_total", "Ejections not done because maxEjectionPercent was reached.", &["upstream"]),
-            endpoint_failures: counter_vec(&r, "detour_endpoint_attempt_failures_total", "Failed attempts per endpoint (pod) by cause; a series appears at the endpoint's first failure and goes when the endpoint leaves the config.", &["upstream", "endpoint", "pod", "cause"]),
-            endpoint_ejections: counter_vec(&r, "detour_endpoint_ejections_total", "Ejections per endpoint (pod) by reason; a series appears at the endpoint's first ejection and goes when the endpoint leaves the config.", &["upstream", "endpoint", "pod", "reason"]),
+            endpoint_failures: counter_vec(&r, "detour_endpoint_attempt_failures_total", "Failed attempts per endpoint (pod) by cause; a series appears at the endpoint's first failure and goes when the endpoint leaves the config.", &["upstream", "upstream_address", "upstream_pod", "cause"]),
+            endpoint_ejections: counter_vec(&r, "detour_endpoint_ejections_total", "Ejections per endpoint (pod) by reason; a series appears at the endpoint's first ejection and goes when the endpoint leaves the config.", &["upstream", "upstream_address", "upstream_pod", "reason"]),
             health_checks: counter_vec(&r, "detour_health_checks_total", "Active health checks by result.", &["upstream", "result"]),
             panic: counter_vec(&r, "detour_panic_mode_total", "Requests balanced over all endpoints because too few were eligible (panic mode).", &["upstream"]),
             keepalive_races: counter_vec(&r, "detour_keepalive_races_total", "Requests that failed on a reused idle connection the upstream had closed.", &["upstream"]),
@@ -467,7 +467,8 @@ const PROXY_CAUSES: [Cause; 8] = [
     Cause::DestinationUnavailable,
 ];
 
-/// The `endpoint` and `pod` labels of an endpoint's series.
+/// The `upstream_address` and `upstream_pod` labels of an endpoint's series (not `endpoint` and
+/// `pod`: Prometheus attaches those to the scrape target and would rename ours `exported_*`).
 fn series_key(ep: &Endpoint) -> (String, String) {
     (ep.addr.to_string(), ep.pod.clone().unwrap_or_default())
 }
@@ -531,10 +532,10 @@ mod tests {
         u.attempt_failure(&b, Cause::HttpResponseTimeout);
         let text = m.encode();
         assert!(text.contains(
-            r#"detour_endpoint_attempt_failures_total{cause="connection_refused",endpoint="127.0.0.1:1001",pod="web-a",upstream="shop/web"} 2"#
+            r#"detour_endpoint_attempt_failures_total{cause="connection_refused",upstream="shop/web",upstream_address="127.0.0.1:1001",upstream_pod="web-a"} 2"#
         ), "{text}");
         assert!(text.contains(
-            r#"detour_endpoint_ejections_total{endpoint="127.0.0.1:1001",pod="web-a",reason="connect_refused",upstream="shop/web"} 1"#
+            r#"detour_endpoint_ejections_total{reason="connect_refused",upstream="shop/web",upstream_address="127.0.0.1:1001",upstream_pod="web-a"} 1"#
         ), "{text}");
         // `a` leaves the config: its series go, and a late failure on it does not bring them back.
         a.retire();
@@ -542,7 +543,7 @@ mod tests {
         u.attempt_failure(&a, Cause::ConnectionRefused);
         let text = m.encode();
         assert!(!text.contains("web-a"), "{text}");
-        assert!(text.contains(r#"pod="web-b""#), "{text}");
+        assert!(text.contains(r#"upstream_pod="web-b""#), "{text}");
         // The upstream goes: every per-endpoint series with it.
         u.remove();
         assert!(!m.encode().contains("detour_endpoint_"), "{}", m.encode());
