@@ -235,9 +235,8 @@ impl Pool {
         let limit = state.idle_limit();
         let learner = state.learner.clone();
         let mut closed = Vec::new();
-        let (keep, dead): (Vec<Idle>, Vec<Idle>) = std::mem::take(&mut state.idle)
-            .into_iter()
-            .partition(|c| {
+        let (keep, dead): (Vec<Idle>, Vec<Idle>) =
+            std::mem::take(&mut state.idle).into_iter().partition(|c| {
                 if c.expired(now, limit) {
                     return false;
                 }
@@ -269,7 +268,9 @@ impl State {
     /// sooner.
     fn idle_limit(&self) -> Duration {
         let learned = self.learner.as_ref().and_then(|l| l.retire_after());
-        learned.map_or(self.config.idle_timeout, |l| l.min(self.config.idle_timeout))
+        learned.map_or(self.config.idle_timeout, |l| {
+            l.min(self.config.idle_timeout)
+        })
     }
 }
 
@@ -401,8 +402,7 @@ impl IdleLearner {
     /// The upstream closed an idle connection that had been seen open after `seen_open`.
     pub fn observe_close(&self, seen_open: Duration, now: Instant) {
         let mut s = self.state.lock();
-        if s
-            .last_close
+        if s.last_close
             .is_some_and(|t| now.saturating_duration_since(t) < CLOSE_SPACING)
         {
             return;
@@ -547,7 +547,9 @@ mod tests {
         exchange(&pool, a).await;
         exchange(&pool, b).await;
         assert_eq!(pool.idle_len(), 2);
-        let first = pool.checkout(Instant::now(), Reuse::Replayable).expect("a pooled connection");
+        let first = pool
+            .checkout(Instant::now(), Reuse::Replayable)
+            .expect("a pooled connection");
         assert!(first.reused);
         exchange(&pool, first.conn).await;
         // Three requests, two connections: the pool never opened a third.
@@ -567,7 +569,10 @@ mod tests {
         exchange(&short, conn).await;
         // Generous: only "later than 50 ms" matters.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(short.checkout(Instant::now(), Reuse::Replayable).is_none(), "past poolIdle");
+        assert!(
+            short.checkout(Instant::now(), Reuse::Replayable).is_none(),
+            "past poolIdle"
+        );
         assert_eq!(short.idle_len(), 0);
 
         let long = pool(&pod, Duration::from_secs(60));
@@ -646,7 +651,10 @@ mod tests {
     fn retirement_keeps_a_margin_before_the_upstreams_timeout() {
         let ms = Duration::from_millis;
         assert_eq!(retire_before(Duration::from_secs(5)), ms(4000));
-        assert_eq!(retire_before(Duration::from_secs(60)), Duration::from_secs(59));
+        assert_eq!(
+            retire_before(Duration::from_secs(60)),
+            Duration::from_secs(59)
+        );
         assert_eq!(retire_before(ms(1000)), ms(750));
         assert_eq!(retire_before(ms(300)), ms(200));
         assert_eq!(retire_before(ms(50)), Duration::ZERO);
