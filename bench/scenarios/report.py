@@ -9,24 +9,14 @@ gray  client p50 / p90 / p99 through the proxy, the healthy pods' own p90 (same 
       them, just before), and p90 / healthy p90. Target: at most 1.5.
 """
 import argparse
-import importlib.util
 import json
 import os
-import statistics
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from targets import load_report, med  # noqa: E402  (bench/targets.py: the same harness hooks)
 
 GRAY_LIMIT = 1.5
-
-
-def load_report(lib):
-    spec = importlib.util.spec_from_file_location("report", os.path.join(lib, "report.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 def per_run(xs, fmt):
