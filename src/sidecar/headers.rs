@@ -102,6 +102,42 @@ pub fn add_via(headers: &mut HeaderMap) {
     headers.append(header::VIA, HeaderValue::from_static(VIA_VALUE));
 }
 
+/// A request this proxy must refuse before anything else (RFC 9112): more than one `Host`
+/// field line is a 400 (§3.2); a transfer coding other than `chunked` alone is a 501 (§6.1):
+/// hyper's server has de-chunked the body, and forwarding it with `Transfer-Encoding` dropped
+/// (it is hop-by-hop) would label gzip bytes as plain content. Codings hyper cannot frame at all
+/// (`chunked` not last, unknown ones alone) it answers with 400 itself, before this is asked.
+pub fn refuse_request(headers: &HeaderMap) -> Option<(http::StatusCode, &'static str)> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        return Some((
+            http::StatusCode::BAD_REQUEST,
+            "more than one Host header field (RFC 9112 section 3.2)",
+        ));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) && !is_chunked_only(headers) {
+        return Some((
+            http::StatusCode::NOT_IMPLEMENTED,
+            "request transfer codings other than chunked are not supported (RFC 9112 section 6.1)",
+        ));
+    }
+    None
+}
+
+/// Is the message's `Transfer-Encoding` (over all its field lines) exactly `chunked`?
+pub fn is_chunked_only(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty());
+    matches!(
+        (codings.next(), codings.next()),
+        (Some(t), None) if t.eq_ignore_ascii_case(b"chunked")
+    )
+}
+
 /// Methods that are safe to send twice (RFC 9110 §9.2.2).
 pub fn is_idempotent(method: &http::Method, headers: &HeaderMap) -> bool {
     use http::Method;
@@ -170,6 +206,27 @@ mod tests {
         assert_eq!(fresh["x-forwarded-for"], "::1");
         assert_eq!(fresh["via"], "1.1 detour");
         assert!(!fresh.contains_key("x-forwarded-host"));
+    }
+
+    #[test]
+    fn requests_with_two_hosts_or_unknown_codings_are_refused() {
+        assert_eq!(refuse_request(&map(&[("host", "a")])), None);
+        assert_eq!(
+            refuse_request(&map(&[("host", "a"), ("host", "b")])).map(|r| r.0),
+            Some(http::StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(
+            refuse_request(&map(&[("transfer-encoding", "Chunked")])),
+            None
+        );
+        for codings in [&["gzip, chunked"][..], &["gzip", "chunked"]] {
+            let pairs: Vec<_> = codings.iter().map(|c| ("transfer-encoding", *c)).collect();
+            assert_eq!(
+                refuse_request(&map(&pairs)).map(|r| r.0),
+                Some(http::StatusCode::NOT_IMPLEMENTED),
+                "{codings:?}"
+            );
+        }
     }
 
     #[test]

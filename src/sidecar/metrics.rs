@@ -14,8 +14,8 @@ use std::{
 
 use parking_lot::RwLock;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use super::{
@@ -84,6 +84,8 @@ pub struct Metrics {
     panic: IntCounterVec,
     keepalive_races: IntCounterVec,
     incomplete_bodies: IntCounterVec,
+    idle_timeout: GaugeVec,
+    idle_mismatch: IntGaugeVec,
     pub reloads_success: IntCounter,
     pub reloads_failure: IntCounter,
     config_info: IntGaugeVec,
@@ -114,6 +116,8 @@ pub struct UpstreamMetrics {
     pub panic: IntCounter,
     pub keepalive_races: IntCounter,
     pub incomplete_bodies: IntCounter,
+    pub idle_timeout: Gauge,
+    pub idle_mismatch: IntGauge,
     endpoint_gauges: Vec<IntGauge>,
     /// Endpoints (address, pod) that have per-endpoint series, to remove them when they go.
     endpoint_series: parking_lot::Mutex<HashSet<(String, String)>>,
@@ -167,7 +171,23 @@ impl Metrics {
             "Config loads by result; a failed one leaves the running config in place.",
             &["result"],
         );
+        let idle_timeout = GaugeVec::new(
+            Opts::new("detour_upstream_idle_timeout_seconds", "How long the upstream keeps an idle keep-alive connection open, from its Keep-Alive header or learned from its closes (0: not known). Pooled connections are retired before it."),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(idle_timeout.clone()))
+            .expect("unique metric");
+        let idle_mismatch = IntGaugeVec::new(
+            Opts::new("detour_pool_idle_mismatch", "1 when the upstream closes idle connections before timeouts.poolIdle would (see detour_upstream_idle_timeout_seconds): set poolIdle below it."),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(idle_mismatch.clone()))
+            .expect("unique metric");
         Arc::new(Metrics {
+            idle_timeout,
+            idle_mismatch,
             requests: counter_vec(&r, "detour_requests_total", "Responses sent to clients, by upstream and status.", &["upstream", "status"]),
             duration,
             gateway_errors: counter_vec(
@@ -279,6 +299,8 @@ impl UpstreamMetrics {
             panic: m.panic.with_label_values(&[u]),
             keepalive_races: m.keepalive_races.with_label_values(&[u]),
             incomplete_bodies: m.incomplete_bodies.with_label_values(&[u]),
+            idle_timeout: m.idle_timeout.with_label_values(&[u]),
+            idle_mismatch: m.idle_mismatch.with_label_values(&[u]),
             endpoint_gauges: ENDPOINT_STATES
                 .iter()
                 .map(|s| m.endpoints.with_label_values(&[u, s]))
@@ -445,6 +467,8 @@ impl UpstreamMetrics {
         ] {
             let _ = v.remove_label_values(&[u]);
         }
+        let _ = m.idle_timeout.remove_label_values(&[u]);
+        let _ = m.idle_mismatch.remove_label_values(&[u]);
         let _ = m.health_checks.remove_label_values(&[u, "success"]);
         let _ = m.health_checks.remove_label_values(&[u, "failure"]);
         let mut seen = self.endpoint_series.lock();

@@ -20,7 +20,7 @@ use super::{
     errors::{AttemptError, Cause, ProxyError, Reach},
     h1, headers,
     metrics::NoRetry,
-    pool::{Conn, Timer},
+    pool::{Conn, Reuse, Timer},
     upstream::UpstreamRt,
 };
 use crate::config::{LoadBalancer, RetryOn};
@@ -91,8 +91,9 @@ impl From<ProxyError> for Reject {
 /// How an attempt gets its connection.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    /// A pooled keep-alive connection, or a new one.
-    Pooled,
+    /// A pooled keep-alive connection, or a new one. A request that cannot be replayed asks
+    /// the kernel whether the pooled one is still open.
+    Pooled(Reuse),
     /// A new connection (after a keep-alive race).
     Fresh,
     /// A new connection that can be upgraded (WebSocket); never pooled.
@@ -131,6 +132,9 @@ async fn forward(
             StatusCode::NOT_IMPLEMENTED,
             "CONNECT is not supported: detour is a reverse proxy".into(),
         ));
+    }
+    if let Some((status, why)) = headers::refuse_request(req.headers()) {
+        return Err(Reject::Client(status, why.into()));
     }
     let mut req = req;
     let upgrade = headers::is_upgrade(req.headers());
@@ -218,7 +222,15 @@ async fn forward(
                     m.panic.inc();
                 }
                 attempts += 1;
-                let mode = if upgrade { Mode::Upgrade } else { Mode::Pooled };
+                let mode = if upgrade {
+                    Mode::Upgrade
+                } else if idempotent && matches!(body, Some(ReqBody::Full(_))) {
+                    Mode::Pooled(Reuse::Replayable)
+                } else {
+                    // A POST without `Idempotency-Key`, or a body too large to keep: a closed
+                    // connection cannot be made good by sending it again.
+                    Mode::Pooled(Reuse::AskKernel)
+                };
                 (pick.endpoint, mode)
             }
         };
@@ -390,7 +402,7 @@ async fn attempt(
     let guard = ep.start_request();
     // A pooled connection needs no timer; only connecting does.
     let pooled = match mode {
-        Mode::Pooled => ep.pool().checkout(started),
+        Mode::Pooled(reuse) => ep.pool().checkout(started, reuse),
         _ => None,
     };
     let connected = match pooled {
@@ -401,10 +413,15 @@ async fn attempt(
                 r.map(|conn| Conn {
                     conn,
                     reused: false,
+                    seen_open: Duration::ZERO,
                 })
             }),
     };
-    let Conn { mut conn, reused } = match connected {
+    let Conn {
+        mut conn,
+        reused,
+        seen_open,
+    } = match connected {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             return Attempt::Failed {
@@ -474,6 +491,9 @@ async fn attempt(
                 return Attempt::ClientAborted(msg);
             }
             let err = AttemptError::from_h1(&failed.error, reused);
+            if err.cause == Cause::KeepaliveRace {
+                ep.pool().observe_race(seen_open);
+            }
             Attempt::Failed {
                 err,
                 body: failed.unsent,

@@ -11,7 +11,7 @@ use super::{
     endpoint::{Endpoint, EndpointSnapshot, Failure},
     errors::Cause,
     metrics::UpstreamMetrics,
-    pool::PoolConfig,
+    pool::{IdleLearner, IdleReport, IdleView, PoolConfig},
 };
 use crate::config::{Policy, Upstream};
 use crate::report::LiveState;
@@ -22,6 +22,8 @@ pub struct UpstreamRt {
     pub endpoints: Vec<Arc<Endpoint>>,
     pub metrics: Arc<UpstreamMetrics>,
     pub budget: Arc<Budget>,
+    /// What the upstream's idle closes and `Keep-Alive` headers say; carried over reloads.
+    idle: Arc<IdleLearner>,
     /// Serializes "count the ejected, then eject" so concurrent failures cannot exceed
     /// `maxEjectionPercent`. Taken only when an endpoint is about to be ejected.
     eject_lock: parking_lot::Mutex<()>,
@@ -46,10 +48,19 @@ impl UpstreamRt {
         workers: usize,
     ) -> UpstreamRt {
         let pool_cfg = pool_config(&cfg.policy);
+        let idle = prev.map_or_else(Arc::default, |p| p.idle.clone());
+        idle.configure(
+            pool_cfg.idle_timeout,
+            IdleReport {
+                upstream: cfg.name.clone(),
+                timeout_seconds: metrics.idle_timeout.clone(),
+                mismatch: metrics.idle_mismatch.clone(),
+            },
+        );
         let old: HashMap<SocketAddr, &Arc<Endpoint>> = prev
             .map(|p| p.endpoints.iter().map(|e| (e.addr, e)).collect())
             .unwrap_or_default();
-        let endpoints = cfg
+        let endpoints: Vec<Arc<Endpoint>> = cfg
             .endpoints
             .iter()
             .filter_map(|e| {
@@ -70,6 +81,9 @@ impl UpstreamRt {
                 })
             })
             .collect();
+        for ep in &endpoints {
+            ep.set_idle_learner(&idle);
+        }
         let budget = match prev {
             Some(p) if p.policy.retries.budget == cfg.policy.retries.budget => p.budget.clone(),
             _ => Arc::new(Budget::new(&cfg.policy.retries.budget)),
@@ -80,6 +94,7 @@ impl UpstreamRt {
             endpoints,
             metrics,
             budget,
+            idle,
             eject_lock: parking_lot::Mutex::new(()),
         }
     }
@@ -152,6 +167,11 @@ impl UpstreamRt {
             c[i] += 1;
         }
         c
+    }
+
+    /// How long the upstream keeps idle connections open, as far as detour knows, for `/config`.
+    pub fn idle_view(&self) -> IdleView {
+        self.idle.view()
     }
 
     pub fn snapshot(&self, now: Instant) -> Vec<EndpointSnapshot> {
