@@ -93,6 +93,8 @@ struct State {
     faults: Vec<(Method, String, u16, String)>,
     /// Unreachable: every request fails as a refused connection would.
     down: bool,
+    /// Addresses behind a Service, for calling webhooks: (namespace, name) → ready endpoints.
+    service_endpoints: BTreeMap<(String, String), Vec<SocketAddr>>,
 }
 
 /// The server. Cheap to clone; all clones share state.
@@ -159,7 +161,7 @@ impl ApiServer {
                     ));
                 }
                 let (parts, body) = req.into_parts();
-                let bytes = body
+                let mut bytes = body
                     .collect()
                     .await
                     .map(|c| c.to_bytes())
@@ -167,6 +169,16 @@ impl ApiServer {
                 if let Some(sa) = &who {
                     if let Err(why) = me.authorize(sa, &parts.method, &parts.uri) {
                         return Ok(status_response(403, "Forbidden", &why));
+                    }
+                }
+                if parts.method == Method::POST {
+                    if let Some(ns) = pod_create_namespace(parts.uri.path()) {
+                        match me.admit(&ns, &bytes).await {
+                            Ok(b) => bytes = b,
+                            Err((code, msg)) => {
+                                return Ok(status_response(code, "InternalError", &msg))
+                            }
+                        }
                     }
                 }
                 Ok(me.handle(
@@ -178,6 +190,81 @@ impl ApiServer {
             }
         });
         kube::Client::new(svc, "default")
+    }
+
+    /// The ready endpoints of Service `namespace/name`, as kube-proxy routes to them (used to
+    /// call admission webhooks).
+    pub fn set_service_endpoints(&self, namespace: &str, name: &str, addrs: Vec<SocketAddr>) {
+        self.state
+            .lock()
+            .service_endpoints
+            .insert((namespace.into(), name.into()), addrs);
+    }
+
+    /// Runs the mutating webhooks on a pod being created in `ns` (see `admission`): the pod as
+    /// they leave it, or the refusal the client gets.
+    async fn admit(&self, ns: &str, body: &[u8]) -> Result<Bytes, (u16, String)> {
+        let mut pod: Value = serde_json::from_slice(body)
+            .or_else(|_| serde_yaml::from_slice(body))
+            .map_err(|e| (400, format!("body: {e}")))?;
+        let (configs, ns_labels, endpoints) = {
+            let st = self.state.lock();
+            let configs: Vec<Value> = st
+                .objects
+                .iter()
+                .filter(|(k, _)| {
+                    k.resource
+                        == "admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
+                })
+                .map(|(_, v)| v.clone())
+                .collect();
+            let ns_labels = st
+                .objects
+                .get(&Key {
+                    resource: "v1/namespaces".into(),
+                    namespace: String::new(),
+                    name: ns.into(),
+                })
+                .map(|n| n["metadata"]["labels"].clone())
+                .unwrap_or(Value::Null);
+            (configs, ns_labels, st.service_endpoints.clone())
+        };
+        for t in super::admission::targets(&configs, &ns_labels, &pod) {
+            let addrs = endpoints.get(&t.service).cloned().unwrap_or_default();
+            let mut last = format!("no endpoints available for service {:?}", t.service);
+            let mut admitted = None;
+            // Like kube-proxy: one endpoint per call; a refused one is not retried by the
+            // server, so pick the first that is up (tests remove stopped replicas).
+            for addr in addrs {
+                match super::admission::call(&t, addr, ns, &pod).await {
+                    Ok(p) => {
+                        admitted = Some(p);
+                        break;
+                    }
+                    Err(super::admission::Refusal::Denied(m)) => {
+                        return Err((
+                            400,
+                            format!("admission webhook \"{}\" denied the request: {m}", t.name),
+                        ))
+                    }
+                    Err(super::admission::Refusal::Call(e)) => last = e,
+                }
+            }
+            match admitted {
+                Some(p) => pod = p,
+                None if t.fail_closed => {
+                    return Err((
+                        500,
+                        format!(
+                            "Internal error occurred: failed calling webhook \"{}\": {last}",
+                            t.name
+                        ),
+                    ))
+                }
+                None => {}
+            }
+        }
+        Ok(Bytes::from(serde_json::to_vec(&pod).unwrap()))
     }
 
     /// Makes the server unreachable (`true`: requests fail as refused connections, open
@@ -748,7 +835,11 @@ impl State {
             if let Some(m) = b.get_mut("metadata").and_then(Value::as_object_mut) {
                 m.remove("resourceVersion");
             }
-            merge(&mut next, &b);
+            if apply {
+                merge_keyed(&mut next, &b);
+            } else {
+                merge(&mut next, &b);
+            }
         }
         if r.status {
             // The status subresource writes nothing else.
@@ -1134,6 +1225,8 @@ fn gv_kind(resource: &str) -> (String, String) {
         "leases" => "Lease",
         "events" => "Event",
         "pods" => "Pod",
+        "secrets" => "Secret",
+        "mutatingwebhookconfigurations" => "MutatingWebhookConfiguration",
         "roles" => "Role",
         "rolebindings" => "RoleBinding",
         "namespaces" => "Namespace",
@@ -1282,6 +1375,44 @@ fn check_rv(cur: &Value, body: &Value) -> ApiResult<()> {
         )),
         _ => Ok(()),
     }
+}
+
+/// Server-side apply's merge: like [`merge`], but lists of named objects (`listType: map` keyed
+/// by `name`: webhooks, containers, ...) merge element by element.
+fn merge_keyed(target: &mut Value, patch: &Value) {
+    let named = |v: &Value| {
+        v.as_array()
+            .is_some_and(|a| !a.is_empty() && a.iter().all(|e| e["name"].is_string()))
+    };
+    match (target.is_object(), patch) {
+        (true, Value::Object(p)) => {
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_keyed(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        _ if named(target) && named(patch) => {
+            let t = target.as_array_mut().unwrap();
+            for e in patch.as_array().unwrap() {
+                match t.iter_mut().find(|x| x["name"] == e["name"]) {
+                    Some(x) => merge_keyed(x, e),
+                    None => t.push(e.clone()),
+                }
+            }
+        }
+        _ => merge(target, patch),
+    }
+}
+
+/// `/api/v1/namespaces/{ns}/pods`: a pod create in `ns`.
+fn pod_create_namespace(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/api/v1/namespaces/")?;
+    let (ns, tail) = rest.split_once('/')?;
+    (tail == "pods").then(|| ns.to_string())
 }
 
 /// RFC 7386 JSON merge patch.

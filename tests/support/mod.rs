@@ -1,6 +1,7 @@
 //! Shared test support: the in-memory API server and object builders.
 #![allow(dead_code)]
 
+pub mod admission;
 pub mod apiserver;
 pub mod upstream;
 
