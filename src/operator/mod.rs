@@ -6,6 +6,7 @@
 
 pub mod access;
 mod admin;
+pub mod inject;
 mod metrics;
 pub mod reconcile;
 pub mod render;
