@@ -907,3 +907,473 @@ fn in_order_of(original: Option<&serde_yaml::Value>, new: Value) -> serde_yaml::
         scalar => serde_yaml::to_value(scalar).expect("a JSON scalar is YAML"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn pod() -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "web-0", "namespace": "shop", "labels": {"app": "web"}},
+            "spec": {
+                "initContainers": [{"name": "migrate", "image": "migrate:1"}],
+                "containers": [{"name": "app", "image": "web:1", "ports": [{"containerPort": 8080}]}],
+                "volumes": [{"name": "data", "emptyDir": {}}],
+            },
+        })
+    }
+
+    /// Sets the field at JSON pointer `at` (its parent must exist).
+    fn set(v: &mut Value, at: &str, value: Value) {
+        let (parent, key) = at.rsplit_once('/').unwrap();
+        match v.pointer_mut(parent) {
+            Some(Value::Object(m)) => drop(m.insert(key.to_owned(), value)),
+            Some(Value::Array(a)) => a[key.parse::<usize>().unwrap()] = value,
+            _ => panic!("no parent for {at}"),
+        }
+    }
+
+    /// Runs inject_pod on a whole pod object.
+    fn inject(pod: &mut Value, s: &Settings) -> Result<Option<Skip>, Error> {
+        let (mut meta, mut spec) = (pod["metadata"].take(), pod["spec"].take());
+        let r = inject_pod(&mut meta, &mut spec, s);
+        pod["metadata"] = meta;
+        pod["spec"] = spec;
+        r
+    }
+
+    #[test]
+    fn quantities_follow_the_kubernetes_grammar() {
+        for ok in [
+            "0", "50m", "1", "1.5", ".5", "2.", "128Mi", "1Gi", "2k", "1e3", "5E-2", "3e+1",
+        ] {
+            assert!(ok.parse::<Quantity>().is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "-1", "+1", "m", "1mi", "1MB", "1..5", "1.2.3", "1 Mi", "e3", "1e", "1e+", "abc",
+        ] {
+            let err = bad.parse::<Quantity>().unwrap_err();
+            assert!(err.contains("not a Kubernetes quantity"), "{bad}: {err}");
+        }
+        let v = |s: &str| s.parse::<Quantity>().unwrap().value();
+        assert_eq!(v("50m"), 0.05);
+        assert_eq!(v("128Mi"), 128.0 * 1024.0 * 1024.0);
+        assert_eq!(v("1e3"), v("1k"));
+        assert!(v("1Gi") > v("1000Mi") && v("1000Mi") > v("1G"));
+    }
+
+    #[derive(Parser)]
+    struct Cli {
+        /// The neighbours Settings is flattened next to: the operator's `--admin` and the global
+        /// `--log-format`.
+        #[arg(long, default_value = "0.0.0.0:9902")]
+        admin: String,
+        #[arg(long, default_value = "text")]
+        log_format: String,
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    fn parse(args: &[&str]) -> Result<Settings, clap::Error> {
+        Cli::try_parse_from(std::iter::once("detour").chain(args.iter().copied()))
+            .map(|c| c.settings)
+    }
+
+    #[test]
+    fn flags_default_to_settings_default_and_live_next_to_the_operators() {
+        Cli::command_for_test().debug_assert();
+        assert_eq!(parse(&[]).unwrap(), Settings::default());
+        let s = parse(&[
+            "--sidecar-image=img:2",
+            "--sidecar-cpu-request=100m",
+            "--sidecar-memory-request=64Mi",
+            "--sidecar-cpu-limit=1",
+            "--sidecar-memory-limit=256Mi",
+            "--sidecar-log-format=text",
+            "--sidecar-admin-port=9999",
+            "--admin=1.2.3.4:1",
+            "--log-format=json",
+        ])
+        .unwrap();
+        assert_eq!(s.image, "img:2");
+        assert_eq!(s.cpu_limit.as_ref().map(Quantity::as_str), Some("1"));
+        assert_eq!(s.log_format, LogFormat::Text);
+        assert_eq!(s.admin_port, 9999);
+        let c = container(&s);
+        assert_eq!(
+            c["resources"]["limits"],
+            json!({"cpu": "1", "memory": "256Mi"})
+        );
+        assert_eq!(c["args"][6], "0.0.0.0:9999");
+        assert_eq!(
+            c["env"][2],
+            json!({"name": "DETOUR_LOG_FORMAT", "value": "text"})
+        );
+    }
+
+    impl Cli {
+        fn command_for_test() -> clap::Command {
+            <Cli as clap::CommandFactory>::command()
+        }
+    }
+
+    #[test]
+    fn bad_flags_are_errors_naming_the_flag() {
+        let err = parse(&["--sidecar-memory-limit", "lots"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--sidecar-memory-limit") && err.contains("not a Kubernetes quantity"),
+            "{err}"
+        );
+        let err = parse(&["--sidecar-admin-port", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--sidecar-admin-port"), "{err}");
+        let err = parse(&["--sidecar-log-format", "xml"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--sidecar-log-format"), "{err}");
+        let s = parse(&["--sidecar-memory-request", "1Gi"]).unwrap();
+        let err = s.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("--sidecar-memory-request 1Gi is more than --sidecar-memory-limit 128Mi"),
+            "{err}"
+        );
+        // and a pod is then refused, unchanged
+        let mut p = pod();
+        assert!(matches!(inject(&mut p, &s), Err(Error::Settings(_))));
+        assert_eq!(p, pod());
+    }
+
+    #[test]
+    fn the_sidecar_comes_first_with_its_volumes_and_label() {
+        let mut p = pod();
+        assert_eq!(inject(&mut p, &Settings::default()).unwrap(), None);
+        let names = |key: &str| -> Vec<String> {
+            p["spec"][key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["name"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(names("initContainers"), ["detour", "migrate"]);
+        assert_eq!(names("containers"), ["app"]);
+        assert_eq!(names("volumes"), ["data", PODINFO_VOLUME, TOKEN_VOLUME]);
+        assert_eq!(
+            p["metadata"]["labels"],
+            json!({"app": "web", SIDECAR_LABEL: "true"})
+        );
+        let c = &p["spec"]["initContainers"][0];
+        assert_eq!(c["restartPolicy"], "Always");
+        assert_eq!(c["image"], DEFAULT_IMAGE);
+        assert_eq!(
+            c["args"],
+            json!([
+                "sidecar",
+                "--config-source",
+                "kubernetes",
+                "--pod-labels",
+                "/var/run/detour/podinfo/labels",
+                "--admin",
+                "0.0.0.0:9901"
+            ])
+        );
+        // every mount of the sidecar is a volume the pod now has
+        for m in c["volumeMounts"].as_array().unwrap() {
+            assert!(
+                names("volumes").iter().any(|v| m["name"] == v.as_str()),
+                "{m}"
+            );
+        }
+        assert_eq!(
+            c["startupProbe"]["httpGet"],
+            json!({"path": "/ready", "port": 9901})
+        );
+        assert_eq!(c["ports"][0]["name"], ADMIN_PORT_NAME);
+        // the app containers are untouched: the token is mounted in the sidecar only
+        assert_eq!(p["spec"]["containers"], pod()["spec"]["containers"]);
+    }
+
+    #[test]
+    fn a_bare_pod_gets_labels_init_containers_and_volumes() {
+        let mut meta = Value::Null;
+        let mut spec = json!({"containers": [{"name": "app", "image": "web:1"}]});
+        assert_eq!(
+            inject_pod(&mut meta, &mut spec, &Settings::default()).unwrap(),
+            None
+        );
+        assert_eq!(meta, json!({"labels": {SIDECAR_LABEL: "true"}}));
+        assert_eq!(spec["initContainers"].as_array().unwrap().len(), 1);
+        assert_eq!(spec["volumes"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn skips_leave_the_pod_as_it_is() {
+        let cases: [(&str, Value, Skip); 5] = [
+            (
+                "/metadata/labels",
+                json!({INJECT_LABEL: "false"}),
+                Skip::OptedOut,
+            ),
+            (
+                "/metadata/labels",
+                json!({SIDECAR_LABEL: "yes"}),
+                Skip::AlreadyInjected,
+            ),
+            (
+                "/spec/initContainers",
+                json!([{"name": "detour", "image": "x"}]),
+                Skip::AlreadyInjected,
+            ),
+            ("/spec/hostNetwork", json!(true), Skip::HostNetwork),
+            ("/spec/os", json!({"name": "windows"}), Skip::Windows),
+        ];
+        for (at, value, want) in cases {
+            let mut p = pod();
+            set(&mut p, at, value);
+            let before = p.clone();
+            assert_eq!(
+                inject(&mut p, &Settings::default()).unwrap(),
+                Some(want),
+                "{at}"
+            );
+            assert_eq!(p, before, "{at}");
+            assert!(!want.to_string().is_empty() && Skip::ALL.contains(&want));
+        }
+        // injecting twice is injecting once
+        let mut p = pod();
+        inject(&mut p, &Settings::default()).unwrap();
+        let once = p.clone();
+        assert_eq!(
+            inject(&mut p, &Settings::default()).unwrap(),
+            Some(Skip::AlreadyInjected)
+        );
+        assert_eq!(p, once);
+        // opting in explicitly is not opting out
+        let mut p = pod();
+        p["metadata"]["labels"][INJECT_LABEL] = "true".into();
+        assert_eq!(inject(&mut p, &Settings::default()).unwrap(), None);
+    }
+
+    #[test]
+    fn clashes_and_malformed_fields_are_errors_naming_the_field() {
+        let cases: [(&str, Value, &str); 11] = [
+            (
+                "/spec/volumes/0/name",
+                json!("detour-token"),
+                "spec.volumes[0].name",
+            ),
+            (
+                "/spec/containers/0/name",
+                json!("detour"),
+                "spec.containers[0].name",
+            ),
+            (
+                "/spec/ephemeralContainers",
+                json!([{"name": "detour"}]),
+                "spec.ephemeralContainers[0].name",
+            ),
+            (
+                "/spec/containers/0/ports/0/containerPort",
+                json!(9901),
+                "spec.containers[0].ports[0].containerPort",
+            ),
+            (
+                "/spec/initContainers/0/ports",
+                json!([{"name": "detour-admin", "containerPort": 1}]),
+                "spec.initContainers[0].ports[0].name",
+            ),
+            (
+                "/spec/initContainers",
+                json!({"name": "x"}),
+                "spec.initContainers",
+            ),
+            ("/spec/volumes", json!(["data"]), "spec.volumes[0]"),
+            (
+                "/spec/containers/0/name",
+                json!(7),
+                "spec.containers[0].name",
+            ),
+            ("/metadata/labels", json!(["app"]), "metadata.labels"),
+            ("/metadata/labels/app", json!(1), "metadata.labels.app"),
+            ("/spec", json!("none"), "spec"),
+        ];
+        for (at, value, field) in cases {
+            let mut p = pod();
+            set(&mut p, at, value);
+            let before = p.clone();
+            let err = inject(&mut p, &Settings::default()).unwrap_err();
+            assert!(
+                matches!(err, Error::Malformed { .. } | Error::Conflict { .. }),
+                "{err:?}"
+            );
+            assert!(
+                err.to_string().starts_with(&format!("{field}: ")),
+                "{at}: {err}"
+            );
+            assert_eq!(p, before, "{at}");
+        }
+        // the admin port over UDP does not clash; a missing spec does
+        let mut p = pod();
+        p["spec"]["containers"][0]["ports"] = json!([{"containerPort": 9901, "protocol": "UDP"}]);
+        assert_eq!(inject(&mut p, &Settings::default()).unwrap(), None);
+        let err = inject_pod(&mut json!({}), &mut Value::Null, &Settings::default()).unwrap_err();
+        assert!(err.to_string().starts_with("spec: missing"), "{err}");
+    }
+
+    fn ops(patch: &Patch) -> Vec<(String, String)> {
+        let v = serde_json::to_value(patch).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|op| {
+                (
+                    op["op"].as_str().unwrap().to_owned(),
+                    op["path"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_patch_inserts_what_inject_pod_adds() {
+        let s = Settings::default();
+        let original = pod();
+        let (patch, skip) = pod_patch(&original, &s).unwrap();
+        assert_eq!(skip, None);
+        assert_eq!(
+            ops(&patch),
+            [
+                ("add", "/metadata/labels/detour.dev~1sidecar"),
+                ("add", "/spec/initContainers/0"),
+                ("add", "/spec/volumes/1"),
+                ("add", "/spec/volumes/2"),
+            ]
+            .map(|(o, p)| (o.to_owned(), p.to_owned()))
+        );
+        let mut patched = original.clone();
+        json_patch::patch(&mut patched, &patch).unwrap();
+        let mut injected = original.clone();
+        inject(&mut injected, &s).unwrap();
+        assert_eq!(patched, injected);
+
+        // a pod with none of the lists or labels gets them whole
+        let bare = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app", "image": "x"}]}});
+        let (patch, _) = pod_patch(&bare, &s).unwrap();
+        assert_eq!(
+            ops(&patch),
+            [
+                ("add", "/metadata/labels"),
+                ("add", "/spec/initContainers"),
+                ("add", "/spec/volumes")
+            ]
+            .map(|(o, p)| (o.to_owned(), p.to_owned()))
+        );
+        // skipped: empty patch; not a pod: error
+        let mut done = pod();
+        inject(&mut done, &s).unwrap();
+        assert_eq!(
+            pod_patch(&done, &s).unwrap(),
+            (Patch(Vec::new()), Some(Skip::AlreadyInjected))
+        );
+        assert!(pod_patch(&json!([1]), &s).is_err());
+        assert!(pod_patch(&json!({"metadata": {}}), &s)
+            .unwrap_err()
+            .to_string()
+            .starts_with("spec: missing"));
+    }
+
+    #[test]
+    fn diff_adds_to_either_end_and_replaces_anything_else() {
+        let patch_of = |old: Value, new: Value| {
+            let mut ops = Vec::new();
+            diff(&old, &new, &mut PointerBuf::new(), &mut ops);
+            let mut applied = old.clone();
+            json_patch::patch(&mut applied, &ops).unwrap();
+            assert_eq!(applied, new);
+            self::ops(&Patch(ops))
+        };
+        let o = |v: &[(&str, &str)]| {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            patch_of(json!({"a": [1, 2]}), json!({"a": [7, 8, 1, 2]})),
+            o(&[("add", "/a/0"), ("add", "/a/1")])
+        );
+        assert_eq!(
+            patch_of(json!({"a": [1, 2]}), json!({"a": [1, 2, 3]})),
+            o(&[("add", "/a/2")])
+        );
+        // two separate insertions: one replace
+        assert_eq!(
+            patch_of(json!({"a": [1, 2]}), json!({"a": [0, 1, 2, 3]})),
+            o(&[("replace", "/a")])
+        );
+        assert_eq!(
+            patch_of(json!({"a": [1, 2]}), json!({"a": [1, 9, 2]})),
+            o(&[("add", "/a/1")])
+        );
+        assert_eq!(
+            patch_of(json!({"a": [1, 2]}), json!({"a": [2, 1]})),
+            o(&[("replace", "/a")])
+        );
+        assert_eq!(
+            patch_of(json!({"a": [1, 2]}), json!({"a": [1]})),
+            o(&[("replace", "/a")])
+        );
+        assert_eq!(
+            patch_of(json!({"a": 1, "b": 2}), json!({"b": 3, "c/~": 4})),
+            o(&[("remove", "/a"), ("replace", "/b"), ("add", "/c~1~0")])
+        );
+        assert_eq!(
+            patch_of(json!({"a": {"x": 1}}), json!({"a": {"x": 1}})),
+            o(&[])
+        );
+    }
+
+    #[test]
+    fn manifests_keep_the_users_key_order() {
+        let input = "kind: Pod\napiVersion: v1\nspec:\n  volumes: []\n  containers:\n  - image: web:1\n    name: app\nmetadata:\n  name: p\n";
+        let out = inject_manifests(input, &Settings::default()).unwrap();
+        let top: Vec<&str> = out.lines().filter(|l| !l.starts_with([' ', '-'])).collect();
+        assert_eq!(top, ["kind: Pod", "apiVersion: v1", "spec:", "metadata:"]);
+        let app = out.find("  - image: web:1\n    name: app\n");
+        assert!(app.is_some(), "{out}");
+        assert!(out.contains("  - name: detour\n"), "{out}");
+    }
+
+    #[test]
+    fn lists_have_their_items_injected() {
+        let input = r#"{"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a"}, "spec": {"containers": [{"name": "app", "image": "x"}]}},
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "b"}}]}"#;
+        let (out, reports) = inject_manifests_with_report(input, &Settings::default()).unwrap();
+        let out: Value = serde_yaml::from_str(&out).unwrap();
+        assert_eq!(
+            out["items"][0]["spec"]["initContainers"][0]["name"],
+            CONTAINER
+        );
+        assert_eq!(
+            out["items"][1],
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "b"}})
+        );
+        assert_eq!(
+            reports.iter().map(|r| r.outcome).collect::<Vec<_>>(),
+            [Outcome::Injected, Outcome::NotAWorkload]
+        );
+        let err = inject_manifests(
+            r#"{"apiVersion": "v1", "kind": "List", "items": [3]}"#,
+            &Settings::default(),
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "document 1: not a Kubernetes object: items[0]: expected a mapping with apiVersion and kind, found a number");
+    }
+}

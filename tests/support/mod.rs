@@ -3,6 +3,7 @@
 
 pub mod apiserver;
 pub mod upstream;
+pub mod validate;
 
 use std::time::Duration;
 
