@@ -67,9 +67,14 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Inject(args) => {
             use std::io::Read;
-            let name = args.filename.display().to_string();
+            let stdin = args.filename.as_os_str() == "-";
+            let name = if stdin {
+                "standard input".to_owned()
+            } else {
+                args.filename.display().to_string()
+            };
             let mut input = String::new();
-            if name == "-" {
+            if stdin {
                 std::io::stdin().read_to_string(&mut input)
             } else {
                 std::fs::File::open(&args.filename).and_then(|mut f| f.read_to_string(&mut input))

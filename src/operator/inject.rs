@@ -57,30 +57,31 @@ pub struct Args {
 #[derive(Clone, Debug, PartialEq, clap::Args)]
 pub struct Settings {
     /// Image of the injected sidecar.
-    #[arg(id = "sidecar_image", long = "sidecar-image", env = "DETOUR_SIDECAR_IMAGE", default_value = DEFAULT_IMAGE)]
+    #[arg(id = "sidecar_image", long = "sidecar-image", value_name = "IMAGE", env = "DETOUR_SIDECAR_IMAGE", default_value = DEFAULT_IMAGE)]
     pub image: String,
     /// CPU request of the sidecar (a Kubernetes quantity).
-    #[arg(id = "sidecar_cpu_request", long = "sidecar-cpu-request", env = "DETOUR_SIDECAR_CPU_REQUEST", default_value = DEFAULT_CPU_REQUEST)]
+    #[arg(id = "sidecar_cpu_request", long = "sidecar-cpu-request", value_name = "QUANTITY", env = "DETOUR_SIDECAR_CPU_REQUEST", default_value = DEFAULT_CPU_REQUEST)]
     pub cpu_request: Quantity,
     /// Memory request of the sidecar.
-    #[arg(id = "sidecar_memory_request", long = "sidecar-memory-request", env = "DETOUR_SIDECAR_MEMORY_REQUEST", default_value = DEFAULT_MEMORY_REQUEST)]
+    #[arg(id = "sidecar_memory_request", long = "sidecar-memory-request", value_name = "QUANTITY", env = "DETOUR_SIDECAR_MEMORY_REQUEST", default_value = DEFAULT_MEMORY_REQUEST)]
     pub memory_request: Quantity,
     /// CPU limit of the sidecar; none by default (a CPU limit throttles the proxy under load).
     #[arg(
         id = "sidecar_cpu_limit",
         long = "sidecar-cpu-limit",
+        value_name = "QUANTITY",
         env = "DETOUR_SIDECAR_CPU_LIMIT"
     )]
     pub cpu_limit: Option<Quantity>,
     /// Memory limit of the sidecar.
-    #[arg(id = "sidecar_memory_limit", long = "sidecar-memory-limit", env = "DETOUR_SIDECAR_MEMORY_LIMIT", default_value = DEFAULT_MEMORY_LIMIT)]
+    #[arg(id = "sidecar_memory_limit", long = "sidecar-memory-limit", value_name = "QUANTITY", env = "DETOUR_SIDECAR_MEMORY_LIMIT", default_value = DEFAULT_MEMORY_LIMIT)]
     pub memory_limit: Quantity,
     /// Log format of the sidecar (its DETOUR_LOG_FORMAT).
-    #[arg(id = "sidecar_log_format", long = "sidecar-log-format", env = "DETOUR_SIDECAR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    #[arg(id = "sidecar_log_format", long = "sidecar-log-format", value_name = "FORMAT", env = "DETOUR_SIDECAR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
     /// Port of the sidecar's admin server: it gets `--admin 0.0.0.0:<port>`, a container port
     /// named detour-admin and its probes there.
-    #[arg(id = "sidecar_admin_port", long = "sidecar-admin-port", env = "DETOUR_SIDECAR_ADMIN_PORT", default_value_t = DEFAULT_ADMIN_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(id = "sidecar_admin_port", long = "sidecar-admin-port", value_name = "PORT", env = "DETOUR_SIDECAR_ADMIN_PORT", default_value_t = DEFAULT_ADMIN_PORT, value_parser = clap::value_parser!(u16).range(1..))]
     pub admin_port: u16,
 }
 
