@@ -183,6 +183,9 @@ fn every_workload_kind_in_one_file_gets_the_sidecar_and_nothing_else_changes() {
     if validate::available("every_workload_kind_in_one_file") {
         validate::assert_strict(&input);
         validate::assert_strict(&out);
+        // Kubernetes reads YAML 1.1: the output means there what it means here
+        assert_eq!(validate::read_as_yaml_1_1(&out), after);
+        assert_eq!(validate::read_as_yaml_1_1(&input), before);
     }
 }
 

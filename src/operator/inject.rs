@@ -380,31 +380,33 @@ pub fn inject_pod(meta: &mut Value, spec: &mut Value, s: &Settings) -> Result<Op
     }
     check_conflicts(spec_map, s)?;
 
-    // Nothing can fail from here on.
-    let init = spec_map
-        .entry("initContainers")
-        .or_insert_with(|| Value::Array(Vec::new()));
-    if let Value::Array(list) = init {
-        list.insert(0, container(s));
+    // Nothing can fail from here on: the types were checked above.
+    or_empty(spec_map, "initContainers", json!([]))
+        .as_array_mut()
+        .expect("checked: a list")
+        .insert(0, container(s));
+    or_empty(spec_map, "volumes", json!([]))
+        .as_array_mut()
+        .expect("checked: a list")
+        .extend(volumes());
+    if meta.is_null() {
+        *meta = json!({});
     }
-    let volumes = spec_map
-        .entry("volumes")
-        .or_insert_with(|| Value::Array(Vec::new()));
-    if let Value::Array(list) = volumes {
-        list.extend(self::volumes());
-    }
-    if !meta.is_object() {
-        *meta = Value::Object(Map::new());
-    }
-    let meta_labels = meta
+    let meta = meta.as_object_mut().expect("checked: an object");
+    or_empty(meta, "labels", json!({}))
         .as_object_mut()
-        .expect("made an object above")
-        .entry("labels")
-        .or_insert_with(|| Value::Object(Map::new()));
-    if let Value::Object(l) = meta_labels {
-        l.insert(SIDECAR_LABEL.into(), "true".into());
-    }
+        .expect("checked: a map")
+        .insert(SIDECAR_LABEL.into(), "true".into());
     Ok(None)
+}
+
+/// The value of `key`, set to `empty` first when it is missing or null.
+fn or_empty<'a>(map: &'a mut Map<String, Value>, key: &str, empty: Value) -> &'a mut Value {
+    let v = map.entry(key).or_insert(Value::Null);
+    if v.is_null() {
+        *v = empty;
+    }
+    v
 }
 
 /// The pod's labels (empty when there are none).
@@ -743,7 +745,12 @@ pub fn inject_manifests_with_report(
         } else {
             yaml
         };
-        out.push(serde_yaml::to_string(&yaml).expect("a YAML value serializes"));
+        out.push(
+            yaml::to_string(&yaml).map_err(|yaml::Unsupported(what)| Error::NotAnObject {
+                index,
+                problem: format!("{what} has no place in a Kubernetes object"),
+            })?,
+        );
     }
     Ok((out.join("---\n"), reports))
 }
@@ -906,6 +913,180 @@ fn in_order_of(original: Option<&serde_yaml::Value>, new: Value) -> serde_yaml::
             Y::Sequence(items.collect())
         }
         scalar => serde_yaml::to_value(scalar).expect("a JSON scalar is YAML"),
+    }
+}
+
+// === YAML output ===
+
+/// A small block-style YAML writer for `detour inject`'s output. serde_yaml writes YAML 1.2,
+/// where `yes`, `on` or `1_000` are plain strings; Kubernetes reads manifests as YAML 1.1, where
+/// they are a boolean and a number (a ConfigMap value `"yes"` would no longer be a string). Here
+/// a string is written plain only when no YAML version can read it as anything else, and
+/// double-quoted (JSON escapes, valid YAML) otherwise; multi-line strings as literal blocks.
+mod yaml {
+    use std::fmt::Write as _;
+
+    use serde_yaml::Value;
+
+    /// A YAML value that has no plain block form here: a tag (`!Ref`) or a collection as a key.
+    #[derive(Debug)]
+    pub struct Unsupported(pub &'static str);
+
+    /// One document, ending in a newline.
+    pub fn to_string(v: &Value) -> Result<String, Unsupported> {
+        let mut out = String::new();
+        match v {
+            Value::Mapping(m) if !m.is_empty() => mapping(m, 0, false, &mut out)?,
+            Value::Sequence(s) if !s.is_empty() => sequence(s, 0, &mut out)?,
+            other => {
+                out.push_str(&inline(other)?);
+                out.push('\n');
+            }
+        }
+        Ok(out)
+    }
+
+    fn mapping(
+        m: &serde_yaml::Mapping,
+        indent: usize,
+        first_inline: bool,
+        out: &mut String,
+    ) -> Result<(), Unsupported> {
+        for (i, (k, v)) in m.iter().enumerate() {
+            if i > 0 || !first_inline {
+                pad(indent, out);
+            }
+            match k {
+                Value::Mapping(_) | Value::Sequence(_) => {
+                    return Err(Unsupported("a list or a mapping as a key"))
+                }
+                _ => out.push_str(&inline(k)?),
+            }
+            out.push(':');
+            value_after(v, indent, indent + 2, out)?;
+        }
+        Ok(())
+    }
+
+    fn sequence(s: &[Value], indent: usize, out: &mut String) -> Result<(), Unsupported> {
+        for v in s {
+            pad(indent, out);
+            out.push('-');
+            match v {
+                Value::Mapping(m) if !m.is_empty() => {
+                    out.push(' ');
+                    mapping(m, indent + 2, true, out)?;
+                }
+                _ => value_after(v, indent + 2, indent + 2, out)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// What follows `key:` or `-`: ` scalar`, a literal block, or a nested collection on the
+    /// next lines (a list under a key at the key's indentation, as kubectl writes it).
+    fn value_after(
+        v: &Value,
+        list_indent: usize,
+        indent: usize,
+        out: &mut String,
+    ) -> Result<(), Unsupported> {
+        match v {
+            Value::Mapping(m) if !m.is_empty() => {
+                out.push('\n');
+                mapping(m, indent, false, out)
+            }
+            Value::Sequence(s) if !s.is_empty() => {
+                out.push('\n');
+                sequence(s, list_indent, out)
+            }
+            Value::String(s) if literal_block(s) => {
+                let body = s.trim_end_matches('\n');
+                let chomp = match s.len() - body.len() {
+                    0 => "-",
+                    1 => "",
+                    _ => "+",
+                };
+                let _ = writeln!(out, " |{chomp}");
+                for line in s.strip_suffix('\n').unwrap_or(s).split('\n') {
+                    if !line.is_empty() {
+                        pad(indent, out);
+                        out.push_str(line);
+                    }
+                    out.push('\n');
+                }
+                Ok(())
+            }
+            other => {
+                out.push(' ');
+                out.push_str(&inline(other)?);
+                out.push('\n');
+                Ok(())
+            }
+        }
+    }
+
+    fn pad(n: usize, out: &mut String) {
+        out.extend(std::iter::repeat_n(' ', n));
+    }
+
+    fn inline(v: &Value) -> Result<String, Unsupported> {
+        Ok(match v {
+            Value::Null => "null".into(),
+            Value::Bool(b) => b.to_string(),
+            Value::Number(n) => n.to_string(),
+            Value::String(s) if plain(s) => s.clone(),
+            Value::String(s) => serde_json::to_string(s).expect("a string serializes"),
+            Value::Mapping(m) if m.is_empty() => "{}".into(),
+            Value::Sequence(s) if s.is_empty() => "[]".into(),
+            Value::Mapping(_) | Value::Sequence(_) => {
+                return Err(Unsupported("a list or a mapping as a key"))
+            }
+            Value::Tagged(_) => return Err(Unsupported("a YAML tag (!Tag)")),
+        })
+    }
+
+    /// A multi-line string that reads back exactly from a literal block (`|`): printable, and
+    /// its first line does not start with a space (which would set the block's indentation).
+    fn literal_block(s: &str) -> bool {
+        let first = s.split('\n').find(|l| !l.is_empty());
+        s.contains('\n')
+            && first.is_some_and(|l| !l.starts_with([' ', '\t']))
+            && s.chars().all(|c| c == '\n' || printable(c))
+            && s.lines().all(|l| !l.ends_with([' ', '\t']))
+    }
+
+    fn printable(c: char) -> bool {
+        !c.is_control() && !matches!(c, '\u{feff}' | '\u{85}' | '\u{2028}' | '\u{2029}')
+    }
+
+    /// `s` reads back as this same string, plain, in YAML 1.1 and 1.2 alike.
+    pub(super) fn plain(s: &str) -> bool {
+        const SPECIAL: [&str; 14] = [
+            "y", "n", "yes", "no", "on", "off", "true", "false", "null", "~", "=", ".inf", "-.inf",
+            "+.inf",
+        ];
+        let lower = s.to_ascii_lowercase();
+        let safe_char = |c: char| c.is_ascii_alphanumeric() || "-._/:@=+%$() ".contains(c);
+        let Some(first) = s.chars().next() else {
+            return false;
+        };
+        // numbers of either version: ints (0o17, 0x1F, 1_000, 0755), floats (1e3, .5), 1.1's
+        // sexagesimal (1:20) and timestamps (2024-01-01, 2001-12-14t21:59:43.10-05:00)
+        let numeric = |c: char| c.is_ascii_hexdigit() || "xXoObB._:+- tTzZ".contains(c);
+        let number_like = (first.is_ascii_digit()
+            || (matches!(first, '-' | '+' | '.')
+                && s[1..].starts_with(|c: char| c.is_ascii_digit() || c == '.')))
+            && s.chars().all(numeric);
+        s.chars().all(safe_char)
+            && !SPECIAL.contains(&lower.as_str())
+            && !matches!(lower.as_str(), ".nan")
+            && !number_like
+            && !matches!(first, ' ' | ':' | '@' | '%' | '=' | '(' | ')' | '$')
+            && !(first == '-' && (s.len() == 1 || s[1..].starts_with(' ')))
+            && !s.ends_with([' ', ':'])
+            && !s.contains(": ")
+            && !s.contains(" #")
     }
 }
 
@@ -1111,6 +1292,19 @@ mod tests {
         );
         assert_eq!(meta, json!({"labels": {SIDECAR_LABEL: "true"}}));
         assert_eq!(spec["initContainers"].as_array().unwrap().len(), 1);
+        assert_eq!(spec["volumes"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn null_lists_and_labels_are_as_good_as_missing() {
+        let mut meta = json!({"name": "p", "labels": null});
+        let mut spec = json!({"containers": [{"name": "app", "image": "x"}], "initContainers": null, "volumes": null});
+        assert_eq!(
+            inject_pod(&mut meta, &mut spec, &Settings::default()).unwrap(),
+            None
+        );
+        assert_eq!(meta["labels"], json!({SIDECAR_LABEL: "true"}));
+        assert_eq!(spec["initContainers"][0]["name"], CONTAINER);
         assert_eq!(spec["volumes"].as_array().unwrap().len(), 2);
     }
 
@@ -1376,5 +1570,110 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.to_string(), "document 1: not a Kubernetes object: items[0]: expected a mapping with apiVersion and kind, found a number");
+    }
+
+    #[test]
+    fn yaml_output_quotes_what_yaml_1_1_would_misread_and_reads_back() {
+        // strings YAML 1.1 or 1.2 would read as something else are quoted
+        for s in [
+            "yes",
+            "No",
+            "ON",
+            "off",
+            "y",
+            "N",
+            "true",
+            "null",
+            "~",
+            "",
+            " x",
+            "x ",
+            "0755",
+            "0o17",
+            "0x1F",
+            "1_000",
+            "1e3",
+            "-1",
+            "+1",
+            ".5",
+            "-.5",
+            ".inf",
+            "-.Inf",
+            ".NaN",
+            "1:20",
+            "2024-01-01",
+            "2001-12-14t21:59:43.10-05:00",
+            "2001-12-14 21:59:43.10 -5",
+            "=",
+            "-",
+            "- x",
+            "a: b",
+            "a:",
+            "x #y",
+            "#x",
+            "@x",
+            "!x",
+            "&x",
+            "*x",
+            "|",
+            ">",
+            "'x",
+            "\"x",
+            "[x]",
+            "{x}",
+            "x,y",
+            "?x",
+            "%x",
+            "a\tb",
+            "é",
+        ] {
+            assert!(!yaml::plain(s), "{s:?} must be quoted");
+        }
+        for s in [
+            "web",
+            "50m",
+            "128Mi",
+            "--flag",
+            "ghcr.io/x/y:1.2.3",
+            "a b",
+            "detour.dev/sidecar",
+            "v1.2.3",
+        ] {
+            assert!(yaml::plain(s), "{s:?} can be plain");
+        }
+        let tricky = [
+            "yes",
+            "0755",
+            "multi\nline\n",
+            "no newline\nat end",
+            "two\n\n",
+            "\n\nleading",
+            "  indented\nblock",
+            "trailing \nspace",
+            "tab\there",
+            "quote\"and\\backslash",
+            "ünï",
+            "\u{1}ctl",
+            "a: b\nc: d\n",
+        ];
+        let mut doc = serde_yaml::Mapping::new();
+        for (i, s) in tricky.iter().enumerate() {
+            doc.insert(format!("k{i}").into(), (*s).into());
+        }
+        doc.insert("yes".into(), serde_yaml::Value::Bool(true));
+        doc.insert(7.into(), serde_yaml::Value::Null);
+        let nested: serde_yaml::Value =
+            serde_yaml::from_str("[[1, [2.5, -3]], [], {}, {a: [x, {b: c}], d: {}}]").unwrap();
+        doc.insert("nested".into(), nested);
+        let doc = serde_yaml::Value::Mapping(doc);
+        let text = yaml::to_string(&doc).unwrap();
+        assert_eq!(
+            serde_yaml::from_str::<serde_yaml::Value>(&text).unwrap(),
+            doc,
+            "{text}"
+        );
+        assert!(text.contains("k2: |\n  multi\n  line\n"), "{text}");
+        let tagged: serde_yaml::Value = serde_yaml::from_str("a: !Ref x").unwrap();
+        assert!(yaml::to_string(&tagged).is_err());
     }
 }

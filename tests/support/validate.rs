@@ -1,6 +1,8 @@
 //! Strict validation of Kubernetes manifests against the official schemas with PyPI
 //! `kubernetes-validate` (offline; `.ci/test` installs it). Without it a test skips with a
 //! notice, unless `CI=true`, where it fails.
+// Included by path too (`#[path = "support/validate.rs"]`), by tests that use a part of it.
+#![allow(dead_code)]
 
 use std::{
     io::Write,
@@ -11,17 +13,19 @@ use std::{
 /// (`restartPolicy` on init containers) and the newest the pinned kubernetes-validate knows.
 pub const KUBERNETES_VERSIONS: [&str; 2] = ["1.29.0", "1.37.0"];
 
-/// `kubernetes-validate` can run here; `false` (with a notice naming `test`) when it cannot and
+/// `kubernetes-validate` (and python3 with the PyYAML it brings) can run here; `false` (with a notice naming `test`) when it cannot and
 /// this is not CI.
 pub fn available(test: &str) -> bool {
-    let works = Command::new("kubernetes-validate")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if works {
+    let works = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works("kubernetes-validate", &["--version"]) && works("python3", &["-c", "import yaml"]) {
         return true;
     }
-    let msg = "kubernetes-validate must be installed for this test \
+    let msg = "kubernetes-validate and python3 with PyYAML must be installed for this test \
                (`python3 -m pip install kubernetes-validate==1.37.0`; `bash .ci/test` installs it)";
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{msg}");
@@ -62,4 +66,33 @@ pub fn assert_strict(yaml: &str) {
     if let Err(report) = strict(yaml) {
         panic!("{report}\n--- the manifests:\n{yaml}");
     }
+}
+
+/// The documents of `yaml` as a YAML 1.1 reader sees them (PyYAML, which kubernetes-validate
+/// brings; Kubernetes reads manifests as YAML 1.1 too: `yes` is a boolean there), as JSON.
+/// Values JSON has no type for (dates) come back as `{"unreadable": "<python type>"}`.
+pub fn read_as_yaml_1_1(yaml: &str) -> Vec<serde_json::Value> {
+    let script = "import sys, json, yaml\n\
+                  docs = [d for d in yaml.safe_load_all(sys.stdin) if d is not None]\n\
+                  print(json.dumps(docs, default=lambda o: {'unreadable': type(o).__name__}))";
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 on PATH");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(yaml.as_bytes())
+        .expect("writing to python3");
+    let out = child.wait_with_output().expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "PyYAML cannot read it: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON from python3")
 }
