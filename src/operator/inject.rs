@@ -608,7 +608,7 @@ fn volumes() -> [Value; 2] {
 /// is left alone.
 pub fn pod_patch(pod: &Value, s: &Settings) -> Result<(Patch, Option<Skip>), Error> {
     if !pod.is_object() {
-        return Err(Error::malformed("(pod)", "must be an object"));
+        return Err(Error::malformed("pod", "must be a JSON object"));
     }
     let mut meta = pod.get("metadata").cloned().unwrap_or(Value::Null);
     let mut spec = pod.get("spec").cloned().unwrap_or(Value::Null);
@@ -1168,6 +1168,12 @@ mod tests {
     #[test]
     fn flags_default_to_settings_default_and_live_next_to_the_operators() {
         Cli::command_for_test().debug_assert();
+        // and next to the real operator flags, as `detour operator` will flatten them
+        let log_format = clap::Arg::new("log_format").long("log-format").global(true);
+        let operator = <crate::operator::Args as clap::Args>::augment_args(
+            clap::Command::new("operator").arg(log_format),
+        );
+        <Settings as clap::Args>::augment_args(operator).debug_assert();
         assert_eq!(parse(&[]).unwrap(), Settings::default());
         let s = parse(&[
             "--sidecar-image=img:2",
