@@ -5,10 +5,7 @@
 #[path = "support/validate.rs"]
 mod validate;
 
-use std::{
-    io::Write,
-    process::{Command, Output, Stdio},
-};
+use std::process::{Command, Output};
 
 use detour::operator::inject::{inject_manifests, Settings};
 
@@ -27,19 +24,7 @@ fn detour_inject(args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Output {
         cmd.env_remove(k);
     }
     cmd.envs(env.iter().copied());
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run detour inject");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    validate::output_with_stdin(&mut cmd, stdin)
 }
 
 fn text(b: &[u8]) -> String {

@@ -38,20 +38,15 @@ pub fn available(test: &str) -> bool {
 /// [`KUBERNETES_VERSIONS`]; `Err` carries the validator's report.
 pub fn strict(yaml: &str) -> Result<(), String> {
     for version in KUBERNETES_VERSIONS {
-        let mut child = Command::new("kubernetes-validate")
-            .args(["--strict", "--kubernetes-version", version, "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kubernetes-validate on PATH");
-        child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(yaml.as_bytes())
-            .expect("writing to kubernetes-validate");
-        let out = child.wait_with_output().expect("kubernetes-validate runs");
+        let out = output_with_stdin(
+            Command::new("kubernetes-validate").args([
+                "--strict",
+                "--kubernetes-version",
+                version,
+                "-",
+            ]),
+            yaml,
+        );
         let report = String::from_utf8_lossy(&out.stdout).to_string()
             + &String::from_utf8_lossy(&out.stderr);
         if !out.status.success() || !report.contains("passed") {
@@ -75,24 +70,30 @@ pub fn read_as_yaml_1_1(yaml: &str) -> Vec<serde_json::Value> {
     let script = "import sys, json, yaml\n\
                   docs = [d for d in yaml.safe_load_all(sys.stdin) if d is not None]\n\
                   print(json.dumps(docs, default=lambda o: {'unreadable': type(o).__name__}))";
-    let mut child = Command::new("python3")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 on PATH");
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(yaml.as_bytes())
-        .expect("writing to python3");
-    let out = child.wait_with_output().expect("python3 runs");
+    let out = output_with_stdin(Command::new("python3").args(["-c", script]), yaml);
     assert!(
         out.status.success(),
         "PyYAML cannot read it: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("JSON from python3")
+}
+
+/// Runs `cmd` with `stdin` as its standard input and collects its output.
+pub fn output_with_stdin(cmd: &mut Command, stdin: &str) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(stdin.as_bytes())
+        .unwrap_or_else(|e| panic!("writing to {cmd:?}: {e}"));
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("waiting for {cmd:?}: {e}"))
 }
