@@ -32,6 +32,9 @@ enum Command {
     Operator(detour::operator::Args),
     /// Print the UpstreamPolicy CustomResourceDefinition as YAML.
     Crd,
+    /// Print Kubernetes manifests with the detour sidecar added to every pod template, exactly
+    /// as the operator's admission webhook adds it (for GitOps and clusters without the webhook).
+    Inject(detour::operator::inject::Args),
     /// Run the self-contained demo: three simulated pods, the sidecar, traffic and faults.
     Demo(detour::demo::Args),
 }
@@ -42,7 +45,7 @@ fn main() -> anyhow::Result<()> {
     // demo narrates, so only errors are logged there.
     let default_level = match cli.command {
         Command::Demo(_) => "error",
-        Command::Crd | Command::Check { .. } => "warn",
+        Command::Crd | Command::Check { .. } | Command::Inject(_) => "warn",
         _ => "info",
     };
     detour::telemetry::init(&cli.log_format, default_level);
@@ -60,6 +63,30 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Crd => {
             print!("{}", detour::api::crd_yaml());
+            Ok(())
+        }
+        Command::Inject(args) => {
+            use std::io::Read;
+            let stdin = args.filename.as_os_str() == "-";
+            let name = if stdin {
+                "standard input".to_owned()
+            } else {
+                args.filename.display().to_string()
+            };
+            let mut input = String::new();
+            if stdin {
+                std::io::stdin().read_to_string(&mut input)
+            } else {
+                std::fs::File::open(&args.filename).and_then(|mut f| f.read_to_string(&mut input))
+            }
+            .with_context(|| format!("reading {name}"))?;
+            let (out, reports) =
+                detour::operator::inject::inject_manifests_with_report(&input, &args.settings)
+                    .with_context(|| format!("cannot inject {name}"))?;
+            for r in &reports {
+                eprintln!("{r}");
+            }
+            print!("{out}");
             Ok(())
         }
         Command::Sidecar(args) => runtime()?

@@ -7,6 +7,7 @@
 pub mod access;
 mod admin;
 pub mod certs;
+pub mod inject;
 mod metrics;
 pub mod reconcile;
 pub mod render;

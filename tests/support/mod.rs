@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod apiserver;
 pub mod upstream;
+pub mod validate;
 
 use std::time::Duration;
 
