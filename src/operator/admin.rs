@@ -16,19 +16,35 @@ use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use super::metrics::Metrics;
+use super::{certs::CertStore, metrics::Metrics};
 
-/// Readiness inputs: the operator is ready when it leads (or needs no lease) and every cache
-/// it reconciles from has synced.
+/// Readiness inputs. With the webhook, a replica is ready once it serves the webhook with a
+/// valid certificate, leader or not (leadership shows in `detour_operator_leader`), so a leader
+/// failover never takes the webhook away. Without it, ready means leading (or no lease needed)
+/// with every cache synced.
 #[derive(Debug, Default)]
 pub struct Readiness {
     pub leader: AtomicBool,
     pub synced: AtomicBool,
+    pub webhook: std::sync::OnceLock<Arc<CertStore>>,
 }
 
 impl Readiness {
     pub fn ready(&self) -> bool {
-        self.leader.load(Ordering::Acquire) && self.synced.load(Ordering::Acquire)
+        match self.webhook.get() {
+            Some(certs) => certs.valid(),
+            None => self.leader.load(Ordering::Acquire) && self.synced.load(Ordering::Acquire),
+        }
+    }
+
+    fn why_not(&self) -> &'static str {
+        if self.webhook.get().is_some() {
+            "not ready: no valid webhook certificate yet\n"
+        } else if !self.leader.load(Ordering::Acquire) {
+            "not ready: not the leader\n"
+        } else {
+            "not ready: caches not synced\n"
+        }
     }
 }
 
@@ -75,14 +91,11 @@ fn respond(
         "/metrics" => text(StatusCode::OK, metrics.text(), "text/plain; version=0.0.4"),
         "/live" => text(StatusCode::OK, "live\n".into(), "text/plain"),
         "/ready" if readiness.ready() => text(StatusCode::OK, "ready\n".into(), "text/plain"),
-        "/ready" => {
-            let why = if !readiness.leader.load(Ordering::Acquire) {
-                "not ready: not the leader\n"
-            } else {
-                "not ready: caches not synced\n"
-            };
-            text(StatusCode::SERVICE_UNAVAILABLE, why.into(), "text/plain")
-        }
+        "/ready" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            readiness.why_not().into(),
+            "text/plain",
+        ),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
     }
 }

@@ -83,6 +83,51 @@ pub struct Args {
         alias = "health-interval"
     )]
     pub report_interval: crate::config::Duration,
+    /// Serve the sidecar-injection admission webhook (HTTPS, POST /inject). Every replica serves
+    /// it; a replica is Ready once it serves a valid certificate.
+    #[arg(long, env = "DETOUR_WEBHOOK", default_value_t = true, action = clap::ArgAction::Set)]
+    pub webhook: bool,
+    /// Address of the webhook server.
+    #[arg(long, env = "DETOUR_WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    pub webhook_addr: SocketAddr,
+    /// The webhook's Service (in the operator's namespace): its certificate is for
+    /// <service>.<namespace>.svc.
+    #[arg(long, env = "DETOUR_WEBHOOK_SERVICE", default_value = "detour-webhook")]
+    pub webhook_service: String,
+    /// The Secret holding the webhook's certificate (kubernetes.io/tls).
+    #[arg(
+        long,
+        env = "DETOUR_WEBHOOK_SECRET",
+        default_value = "detour-webhook-tls"
+    )]
+    pub webhook_secret: String,
+    /// The MutatingWebhookConfiguration whose caBundle the leader keeps current.
+    #[arg(long, env = "DETOUR_WEBHOOK_CONFIG", default_value = "detour-injector")]
+    pub webhook_config: String,
+    /// Who issues the webhook's certificate: the operator, or cert-manager (then the operator
+    /// only reads the Secret and leaves the caBundle to cert-manager's CA injector).
+    #[arg(long, env = "DETOUR_WEBHOOK_CERT_SOURCE", value_enum, default_value_t = certs::CertSource::Operator)]
+    pub webhook_cert_source: certs::CertSource,
+    /// Lifetime of a serving certificate the operator issues (the CA lives ten times as long).
+    #[arg(long, env = "DETOUR_WEBHOOK_CERT_LIFETIME", default_value = "720h")]
+    pub webhook_cert_lifetime: crate::config::Duration,
+    /// Renew the serving certificate this long before it expires.
+    #[arg(long, env = "DETOUR_WEBHOOK_CERT_RENEW_BEFORE", default_value = "168h")]
+    pub webhook_cert_renew_before: crate::config::Duration,
+    /// What the webhook (and `detour inject`) adds to pods.
+    #[command(flatten)]
+    pub sidecar: inject::Settings,
+}
+
+/// The admission webhook's settings.
+#[derive(Clone, Debug)]
+pub struct WebhookOptions {
+    pub addr: SocketAddr,
+    pub tls: certs::TlsOptions,
+    pub sidecar: inject::Settings,
+    /// Never injected, whatever the selectors let through: the operator's own namespace and
+    /// `kube-system`.
+    pub excluded_namespaces: Vec<String>,
 }
 
 /// Why the operator stopped.
@@ -102,6 +147,16 @@ pub enum Error {
         #[source]
         source: kube_lease_manager::LeaseManagerError,
     },
+    #[error("binding the webhook server on {addr}: {source}")]
+    Webhook {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sidecar settings: {0}")]
+    Sidecar(#[source] inject::Error),
+    #[error("{0}")]
+    Usage(String),
     #[error("installing the signal handler: {0}")]
     Signal(#[source] std::io::Error),
     #[error("the operator task failed: {0}")]
@@ -131,6 +186,8 @@ pub struct Options {
     pub debounce: Duration,
     /// Time between two scrapes of the sidecars.
     pub report_interval: Duration,
+    /// The sidecar-injection webhook; `None` serves none.
+    pub webhook: Option<WebhookOptions>,
 }
 
 impl Default for Options {
@@ -141,6 +198,7 @@ impl Default for Options {
             leader_election: None,
             debounce: Duration::from_millis(100),
             report_interval: Duration::from_secs(10),
+            webhook: None,
         }
     }
 }
@@ -151,7 +209,22 @@ impl From<Args> for Options {
             use rand::{rngs::StdRng, RngCore, SeedableRng};
             format!("detour-operator-{:016x}", StdRng::from_os_rng().next_u64())
         });
+        let webhook = a.webhook.then(|| WebhookOptions {
+            addr: a.webhook_addr,
+            tls: certs::TlsOptions {
+                namespace: a.lease_namespace.clone(),
+                service: a.webhook_service,
+                secret: a.webhook_secret,
+                webhook_config: a.webhook_config,
+                source: a.webhook_cert_source,
+                lifetime: a.webhook_cert_lifetime.get(),
+                renew_before: a.webhook_cert_renew_before.get(),
+            },
+            sidecar: a.sidecar,
+            excluded_namespaces: vec![a.lease_namespace.clone(), "kube-system".into()],
+        });
         Options {
+            webhook,
             namespaces: a.namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
             admin: a.admin,
             leader_election: a.leader_election.then_some(LeaseOptions {
@@ -169,8 +242,19 @@ impl From<Args> for Options {
 }
 
 pub async fn run(args: Args) -> Result<(), Error> {
+    let opts: Options = args.into();
+    if let Some(w) = &opts.webhook {
+        // A bad sidecar setting stops the operator here rather than failing every pod.
+        w.sidecar.validate().map_err(Error::Sidecar)?;
+        if w.tls.renew_before >= w.tls.lifetime {
+            return Err(Error::Usage(format!(
+                "--webhook-cert-renew-before ({:?}) must be shorter than --webhook-cert-lifetime ({:?})",
+                w.tls.renew_before, w.tls.lifetime
+            )));
+        }
+    }
     let client = Client::try_default().await.map_err(Error::Client)?;
-    let op = Operator::start(client, args.into()).await?;
+    let op = Operator::start(client, opts).await?;
     info!(admin = %op.admin_addr(), "operator started");
     op.run_until_signal().await
 }
@@ -183,6 +267,8 @@ pub struct Operator {
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), Error>>,
     admin_task: JoinHandle<()>,
+    /// The webhook server and its Secret follower, when serving the webhook.
+    webhook: Option<(SocketAddr, Arc<certs::CertStore>, Vec<JoinHandle<()>>)>,
 }
 
 // === impl Operator ===
@@ -203,6 +289,12 @@ impl Operator {
         let readiness = Arc::new(Readiness::default());
         let admin_task = tokio::spawn(admin::serve(listener, metrics.clone(), readiness.clone()));
         let instance = opts.leader_election.as_ref().map(|l| l.identity.clone());
+        let webhook = match &opts.webhook {
+            Some(w) => {
+                Some(start_webhook(&client, w, &metrics, &readiness, instance.clone()).await?)
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared::new(client.clone(), metrics.clone(), instance));
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(lead(client, opts, shared, readiness.clone(), stopped));
@@ -213,7 +305,18 @@ impl Operator {
             stop,
             task,
             admin_task,
+            webhook,
         })
+    }
+
+    /// The webhook server's bound address, when it serves one.
+    pub fn webhook_addr(&self) -> Option<SocketAddr> {
+        self.webhook.as_ref().map(|(a, _, _)| *a)
+    }
+
+    /// The certificate this replica serves on the webhook (PEM), once it has one.
+    pub fn webhook_certificate(&self) -> Option<String> {
+        self.webhook.as_ref().and_then(|(_, c, _)| c.serving_pem())
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -234,6 +337,9 @@ impl Operator {
         let _ = self.stop.send(true);
         let res = self.task.await.map_err(Error::Task)?;
         self.admin_task.abort();
+        for t in self.webhook.iter().flat_map(|(_, _, t)| t) {
+            t.abort();
+        }
         res
     }
 
@@ -252,6 +358,69 @@ impl Operator {
     }
 }
 
+/// Every replica: the webhook server and the Secret follower that feeds it certificates.
+async fn start_webhook(
+    client: &Client,
+    w: &WebhookOptions,
+    metrics: &Arc<Metrics>,
+    readiness: &Arc<Readiness>,
+    instance: Option<String>,
+) -> Result<(SocketAddr, Arc<certs::CertStore>, Vec<JoinHandle<()>>), Error> {
+    let bind_err = |source| Error::Webhook {
+        addr: w.addr,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(w.addr)
+        .await
+        .map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
+    let store = Arc::new(certs::CertStore::default());
+    let _ = readiness.webhook.set(store.clone());
+    let sidecar = w.sidecar.clone();
+    let ctx = Arc::new(webhook::WebhookContext {
+        inject: Arc::new(move |pod| {
+            inject::pod_patch(pod, &sidecar)
+                .map(|(patch, skip)| (patch, skip.map(|s| s.to_string())))
+                .map_err(|e| e.to_string())
+        }),
+        excluded_namespaces: w.excluded_namespaces.clone(),
+        metrics: metrics.clone(),
+        recorder: Some(kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: format!("{}-webhook", reconcile::MANAGER),
+                instance,
+            },
+        )),
+    });
+    let tasks = vec![
+        tokio::spawn(certs::follow_secret(
+            client.clone(),
+            w.tls.clone(),
+            store.clone(),
+        )),
+        tokio::spawn(webhook::serve(listener, store.clone(), ctx)),
+    ];
+    info!(%addr, "serving the injection webhook");
+    Ok((addr, store, tasks))
+}
+
+/// What only the leader runs: the controllers, and the webhook certificate's upkeep.
+async fn leader_work(
+    client: &Client,
+    opts: &Options,
+    shared: &Arc<Shared>,
+    readiness: &Arc<Readiness>,
+) {
+    let certs = async {
+        match &opts.webhook {
+            Some(w) => certs::maintain(client.clone(), w.tls.clone()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::join!(run_scopes(client, opts, shared, readiness), certs);
+}
+
 /// Runs the controllers while this replica leads.
 async fn lead(
     client: Client,
@@ -264,7 +433,7 @@ async fn lead(
         readiness.leader.store(true, Ordering::Release);
         shared.metrics.set_leader(true);
         tokio::select! {
-            _ = run_scopes(&client, &opts, &shared, &readiness) => {}
+            _ = leader_work(&client, &opts, &shared, &readiness) => {}
             _ = stopped.wait_for(|s| *s) => {}
         }
         return Ok(());
@@ -292,7 +461,7 @@ async fn lead(
         readiness.leader.store(true, Ordering::Release);
         shared.metrics.set_leader(true);
         let stop = tokio::select! {
-            _ = run_scopes(&client, &opts, &shared, &readiness) => false,
+            _ = leader_work(&client, &opts, &shared, &readiness) => false,
             _ = leading.wait_for(|l| !*l) => {
                 warn!("lost the lease: stopping controllers");
                 false

@@ -105,11 +105,17 @@ pub(super) async fn call(
         .map_err(Refusal::Call)?;
     let resp = &answer["response"];
     if resp["uid"] != uid.as_str() {
-        return Err(Refusal::Call(format!("response uid {} for {uid}", resp["uid"])));
+        return Err(Refusal::Call(format!(
+            "response uid {} for {uid}",
+            resp["uid"]
+        )));
     }
     if resp["allowed"] != true {
         return Err(Refusal::Denied(
-            resp["status"]["message"].as_str().unwrap_or_default().to_string(),
+            resp["status"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
         ));
     }
     let mut pod = pod.clone();
@@ -166,10 +172,9 @@ async fn post(t: &Target, addr: SocketAddr, review: &Value) -> Result<Value, Str
         .connect(name, tcp)
         .await
         .map_err(|e| format!("tls: {e}"))?;
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let req = Request::post(t.path.as_str())
         .header("host", host)

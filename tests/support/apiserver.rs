@@ -213,8 +213,7 @@ impl ApiServer {
                 .objects
                 .iter()
                 .filter(|(k, _)| {
-                    k.resource
-                        == "admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
+                    k.resource == "admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
                 })
                 .map(|(_, v)| v.clone())
                 .collect();
