@@ -29,7 +29,7 @@ enum Command {
         config: std::path::PathBuf,
     },
     /// Run the Kubernetes operator (watches UpstreamPolicy resources).
-    Operator(detour::operator::Args),
+    Operator(Box<detour::operator::Args>),
     /// Print the UpstreamPolicy CustomResourceDefinition as YAML.
     Crd,
     /// Print Kubernetes manifests with the detour sidecar added to every pod template, exactly
@@ -93,7 +93,7 @@ fn main() -> anyhow::Result<()> {
             .block_on(detour::sidecar::run(args))
             .map_err(Into::into),
         Command::Operator(args) => runtime()?
-            .block_on(detour::operator::run(args))
+            .block_on(detour::operator::run(*args))
             .map_err(Into::into),
         Command::Demo(args) => runtime()?
             .block_on(detour::demo::run(args))

@@ -105,11 +105,11 @@ pub fn review(
     };
     let ns = req.namespace.clone().unwrap_or_default();
     let mut resp = AdmissionResponse::from(&req);
-    let outcome = if req.kind.kind != "Pod" || req.kind.group != "" {
+    let outcome = if req.kind.kind != "Pod" || !req.kind.group.is_empty() {
         Outcome::Skipped(format!("not a Pod but {}", req.kind.kind))
     } else if req.operation != Operation::Create {
         Outcome::Skipped(format!("{:?}, not CREATE", req.operation))
-    } else if ctx.excluded_namespaces.iter().any(|n| *n == ns) {
+    } else if ctx.excluded_namespaces.contains(&ns) {
         Outcome::Skipped(format!("namespace {ns} is never injected"))
     } else {
         match &req.object {
