@@ -39,8 +39,32 @@ enum Command {
     Demo(detour::demo::Args),
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+/// A user error is one message and exit code 1: returning `Err` from `main` would print anyhow's
+/// `Debug` form, with a stack backtrace whenever `RUST_BACKTRACE` is set.
+fn main() {
+    if let Err(err) = run(Cli::parse()) {
+        eprintln!("{}", error_report(&err));
+        std::process::exit(1);
+    }
+}
+
+/// `error: <what failed>` then each cause on its own line; a cause whose text the line before
+/// already quotes (`reading x: <io error>`) is not repeated.
+fn error_report(err: &anyhow::Error) -> String {
+    let mut out = format!("error: {err}");
+    let mut previous = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !previous.contains(&text) {
+            out.push_str("\n  caused by: ");
+            out.push_str(&text.replace('\n', "\n    "));
+        }
+        previous = text;
+    }
+    out
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     // The demo's screen is its output: the sidecar's own warnings (ejections...) are what the
     // demo narrates, so only errors are logged there.
     let default_level = match cli.command {

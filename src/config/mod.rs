@@ -180,9 +180,18 @@ impl Config {
         let ignored = serde_ignored::Deserializer::new(de, &mut on_unknown);
         let cfg: Config = serde_path_to_error::deserialize(ignored).map_err(|e| {
             let path = e.path().to_string();
+            let message = e.into_inner().to_string();
+            // serde_yaml already starts its message with the same path: say it once.
+            let message = match message
+                .strip_prefix(&path)
+                .and_then(|m| m.strip_prefix(": "))
+            {
+                Some(rest) => rest.to_owned(),
+                None => message,
+            };
             ConfigError::Parse {
                 path: if path == "." { "document".into() } else { path },
-                message: e.into_inner().to_string(),
+                message,
             }
         })?;
         let mut errs = FieldErrors::default();
@@ -403,6 +412,18 @@ upstreams:
             "{e}"
         );
         assert!(e.contains("\"quarter\""), "{e}");
+    }
+
+    #[test]
+    fn parse_errors_name_the_field_once() {
+        let bad = GOOD.replace("attempts: 3", "attempts: many");
+        let e = Config::from_str_validated(&bad).unwrap_err().to_string();
+        assert_eq!(
+            e.matches("upstreams[0].policy.retries.attempts").count(),
+            1,
+            "{e}"
+        );
+        assert!(e.contains("invalid type"), "{e}");
     }
 
     #[test]
