@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the detour container image without a daemon and without a base image: an OCI layout
-# made from scratch by umoci (Debian `umoci`), holding the release binary, exactly the shared
-# libraries `ldd` lists for it (at the same paths, with the dynamic loader), /etc/passwd and
-# /etc/group entries for uid/gid 65532, and nothing else: no shell, no package manager.
+# made from scratch by umoci (Debian `umoci`), one layer holding what image/rootfs.sh puts there
+# (the binary, exactly the shared libraries it needs, uid/gid 65532; no shell, no package
+# manager), run as 65532:65532 with entrypoint /usr/local/bin/detour.
 #
 #   image/build.sh [--binary target/release/detour] [--out target/image] [--tag VERSION]
 #                  [--docker-archive FILE]
@@ -40,19 +40,8 @@ umoci init --layout "$layout"
 umoci new --image "$layout:$tag"
 # --rootless: the rootfs is owned by whoever runs this (root in CI), not chowned per file.
 umoci unpack --rootless --image "$layout:$tag" "$bundle"
-rootfs=$bundle/rootfs
 
-# The binary, then every library the dynamic loader resolves for it, at the same path (the
-# loader itself is the `/lib64/ld-linux-...` line without `=>`).
-install -D -m 0755 "$binary" "$rootfs/usr/local/bin/detour"
-ldd "$binary" | awk '/=> \// {print $3} /^[ \t]*\/[^ ]+ \(/ {print $1}' | while read -r lib; do
-  install -D -m 0755 "$(readlink -f "$lib")" "$rootfs$lib"
-done
-# The uid the image runs as has a name (logs, `id`) and a home; /tmp for anything that wants it.
-install -d -m 0755 "$rootfs/etc" "$rootfs/home/nonroot"
-install -d -m 1777 "$rootfs/tmp"
-printf 'root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' > "$rootfs/etc/passwd"
-printf 'root:x:0:\nnonroot:x:65532:\n' > "$rootfs/etc/group"
+bash image/rootfs.sh "$binary" "$bundle/rootfs"
 
 umoci repack --image "$layout:$tag" "$bundle"
 umoci config --image "$layout:$tag" \
