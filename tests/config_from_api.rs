@@ -62,14 +62,6 @@ fn operator_options() -> Options {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One EndpointSlice per pod (pods share 127.0.0.1, so each has its own port).
 fn pod_slice(name: &str, port: u16, (ready, serving, terminating): (bool, bool, bool)) -> Value {
     json!({

@@ -251,7 +251,7 @@ impl Bundle {
                     None => ca,
                 };
                 info!("new webhook CA");
-                return self.with_new_leaf(bundle, key, opts).map(Some);
+                return signed_by(bundle, key, opts).map(Some);
             }
         };
         let leaf_ok = not_after(&self.cert_pem)
@@ -262,36 +262,24 @@ impl Bundle {
         if leaf_ok {
             return Ok(None);
         }
-        self.with_new_leaf(ca_pem, ca_key, opts).map(Some)
-    }
-
-    fn with_new_leaf(
-        &self,
-        ca_pem: String,
-        ca_key: String,
-        opts: &TlsOptions,
-    ) -> Result<Bundle, Error> {
-        let (cert_pem, key_pem) =
-            new_serving_cert(&ca_pem, &ca_key, opts.dns_names(), opts.lifetime)?;
-        Ok(Bundle {
-            ca_pem,
-            ca_key_pem: Some(ca_key),
-            cert_pem,
-            key_pem,
-        })
+        signed_by(ca_pem, ca_key, opts).map(Some)
     }
 
     fn fresh(opts: &TlsOptions) -> Result<Bundle, Error> {
         let (ca_pem, ca_key) = new_ca(opts.lifetime * 10)?;
-        let (cert_pem, key_pem) =
-            new_serving_cert(&ca_pem, &ca_key, opts.dns_names(), opts.lifetime)?;
-        Ok(Bundle {
-            ca_pem,
-            ca_key_pem: Some(ca_key),
-            cert_pem,
-            key_pem,
-        })
+        signed_by(ca_pem, ca_key, opts)
     }
+}
+
+/// A bundle with a new serving certificate signed by the given CA.
+fn signed_by(ca_pem: String, ca_key: String, opts: &TlsOptions) -> Result<Bundle, Error> {
+    let (cert_pem, key_pem) = new_serving_cert(&ca_pem, &ca_key, opts.dns_names(), opts.lifetime)?;
+    Ok(Bundle {
+        ca_pem,
+        ca_key_pem: Some(ca_key),
+        cert_pem,
+        key_pem,
+    })
 }
 
 // === what every replica serves ===
