@@ -4,6 +4,7 @@ Helm as a shared library: there is no helm CLI here). Used by tests/chart_render
 
     helm-chart.py render CHART NAMESPACE [VALUES.yaml ...]   # manifests, `---` separated, on stdout
     helm-chart.py lint CHART NAMESPACE [VALUES.yaml ...]     # lint messages; exit 1 on any error
+    helm-chart.py files CHART                                # the non-template files packaged
 
 Values files merge left to right, as `helm -f a.yaml -f b.yaml` does. Errors (a values file the
 schema refuses, a template that fails) go to stderr with exit status 1.
@@ -30,6 +31,10 @@ def deep_merge(base, layer):
 
 
 def main(argv):
+    if len(argv) == 2 and argv[0] == "files":
+        for f in helm.Chart.load(argv[1]).files:
+            print(f["name"])
+        return 0
     if len(argv) < 3 or argv[0] not in ("render", "lint"):
         print(__doc__, file=sys.stderr)
         return 2
