@@ -28,14 +28,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/*
 What the operator reads and writes: the ONE list (docs/operator.md "Permissions" describes it;
-tests/chart_rbac.rs checks it against the API calls the operator makes). `cluster` becomes the
-ClusterRole, `namespace` the Role in the release namespace.
+tests/chart_rbac.rs checks it against the API calls the operator makes: every call granted, every
+grant used). `cluster` becomes the ClusterRole, `namespace` the Role in the release namespace.
+Policies and pods are read through list/watch only: the operator never GETs one.
 */}}
 {{- define "detour.permissions" -}}
 cluster:
   - apiGroups: [detour.dev]
     resources: [upstreampolicies]
-    verbs: [get, list, watch, patch]
+    verbs: [list, watch, patch]
   - apiGroups: [detour.dev]
     resources: [upstreampolicies/status]
     verbs: [patch]
@@ -54,13 +55,14 @@ cluster:
     resources: [roles, rolebindings]
     resourceNames: [detour-sidecar]
     verbs: [get, patch, delete]
+  # patch: a repeated event becomes a series (kube's Recorder)
   - apiGroups: [events.k8s.io]
     resources: [events]
     verbs: [create, patch]
   # only pods labelled detour.dev/sidecar are listed
   - apiGroups: [""]
     resources: [pods]
-    verbs: [get, list, watch]
+    verbs: [list, watch]
   - apiGroups: [admissionregistration.k8s.io]
     resources: [mutatingwebhookconfigurations]
     resourceNames: [{{ include "detour.webhookConfig" . }}]
