@@ -318,6 +318,11 @@ fn defaults_render_a_valid_ha_operator_with_its_webhook() {
     assert_eq!(r.arg("--leader-election").as_deref(), Some("true"));
     assert_eq!(r.arg("--webhook-cert-source").as_deref(), Some("operator"));
     assert_eq!(r.arg("--sidecar-admin-port").as_deref(), Some("9901"));
+    // The chart's appVersion is this build's version: the default image is the one
+    // `detour operator` would inject without the flag.
+    let image = format!("ghcr.io/detour-dev/detour:{}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(c["image"], image);
+    assert_eq!(r.arg("--sidecar-image"), Some(image));
     assert_eq!(
         r.arg("--sidecar-cpu-limit"),
         None,
