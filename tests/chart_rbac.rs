@@ -53,11 +53,21 @@ fn call(method: &str, path: &str, query: &str) -> Call {
         Some(sub) => format!("{}/{sub}", rest[0]),
         None => rest[0].to_string(),
     };
-    let name = rest.get(1).map(|s| s.to_string()).unwrap_or_default();
     let watch = query
         .split('&')
         .any(|kv| kv == "watch=true" || kv == "watch=1");
-    let verb = match (method, name.is_empty()) {
+    // A list or watch selecting one name by field is authorized as a request for that name
+    // (which is how resourceNames can hold for them).
+    let field_name = query.split('&').find_map(|kv| {
+        let selector = kv.strip_prefix("fieldSelector=")?;
+        let selector = selector.replace("%3D", "=").replace("%3d", "=");
+        selector.strip_prefix("metadata.name=").map(str::to_string)
+    });
+    let name = match rest.get(1) {
+        Some(n) => n.to_string(),
+        None => field_name.unwrap_or_default(),
+    };
+    let verb = match (method, rest.get(1).is_none()) {
         ("GET", false) => "get",
         ("GET", true) if watch => "watch",
         ("GET", true) => "list",

@@ -477,6 +477,20 @@ fn cert_manager_issues_the_certificate_and_injects_the_ca() {
         .as_array()
         .unwrap()
         .contains(&json!("detour-webhook.detour-system.svc")));
+    // The operator only reads the Secret and leaves the caBundle alone: no grant for either.
+    let cluster_role = serde_json::to_string(r.one("ClusterRole")).unwrap();
+    assert!(
+        !cluster_role.contains("mutatingwebhookconfigurations"),
+        "{cluster_role}"
+    );
+    let secrets = r.one("Role")["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|rule| rule["resources"] == json!(["secrets"]))
+        .expect("a rule for the Secret");
+    assert_eq!(secrets["verbs"], json!(["get", "list", "watch"]));
+    assert_eq!(secrets["resourceNames"], json!(["detour-webhook-tls"]));
     let issuer = r.one("Issuer");
     assert_eq!(
         cert["spec"]["issuerRef"]["name"],

@@ -63,15 +63,21 @@ cluster:
   - apiGroups: [""]
     resources: [pods]
     verbs: [list, watch]
+  {{- if not .Values.webhook.certManager.enabled }}
+  # the leader keeps the caBundle current (cert-manager's CA injector does it otherwise)
   - apiGroups: [admissionregistration.k8s.io]
     resources: [mutatingwebhookconfigurations]
     resourceNames: [{{ include "detour.webhookConfig" . }}]
     verbs: [get, patch]
+  {{- end }}
 namespace:
   - apiGroups: [coordination.k8s.io]
     resources: [leases]
     verbs: [get, create, patch]
+  # the webhook's certificate: list/watch with a metadata.name field selector, so resourceNames
+  # holds for them too; only read when cert-manager writes it
   - apiGroups: [""]
     resources: [secrets]
-    verbs: [get, list, watch, patch]
+    resourceNames: [{{ include "detour.webhookSecret" . }}]
+    verbs: [get, list, watch{{ if not .Values.webhook.certManager.enabled }}, patch{{ end }}]
 {{- end -}}
