@@ -414,6 +414,10 @@ async fn maintain_once(client: &Client, opts: &TlsOptions) -> Result<(), Error> 
     };
     let bundle = match bundle {
         Some(b) => {
+            // A new CA is trusted by the API server before any certificate it signed is served.
+            if existing.as_ref().is_none_or(|e| e.ca_pem != b.ca_pem) {
+                publish_ca_bundle(client, opts, &b.ca_pem).await?;
+            }
             let data = |s: &str| ByteString(s.as_bytes().to_vec());
             let mut map = std::collections::BTreeMap::from([
                 ("ca.crt".to_string(), data(&b.ca_pem)),
@@ -467,7 +471,7 @@ async fn publish_ca_bundle(client: &Client, opts: &TlsOptions, ca_pem: &str) -> 
         return Ok(());
     };
     let want = ByteString(ca_pem.as_bytes().to_vec());
-    let stale: Vec<String> = cfg
+    let ours: Vec<_> = cfg
         .webhooks
         .unwrap_or_default()
         .into_iter()
@@ -476,13 +480,17 @@ async fn publish_ca_bundle(client: &Client, opts: &TlsOptions, ca_pem: &str) -> 
                 .service
                 .as_ref()
                 .is_some_and(|s| s.name == opts.service && s.namespace == opts.namespace)
-                && w.client_config.ca_bundle.as_ref() != Some(&want)
         })
-        .map(|w| w.name)
         .collect();
-    if stale.is_empty() {
+    if ours
+        .iter()
+        .all(|w| w.client_config.ca_bundle.as_ref() == Some(&want))
+    {
         return Ok(());
     }
+    // Every webhook of ours in each apply: server-side apply removes what this manager applied
+    // before and leaves out now, so applying only the stale ones would strip the others.
+    let stale: Vec<String> = ours.into_iter().map(|w| w.name).collect();
     let body = json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
