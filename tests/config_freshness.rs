@@ -42,14 +42,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The Service's one slice: `n` endpoints, `terminating` one of them terminating.
 fn slice_with(n: usize, terminating: Option<usize>) -> Value {
     let eps: Vec<(String, bool, bool, bool)> = (0..n)

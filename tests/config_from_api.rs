@@ -62,14 +62,6 @@ fn operator_options() -> Options {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One EndpointSlice per pod (pods share 127.0.0.1, so each has its own port).
 fn pod_slice(name: &str, port: u16, (ready, serving, terminating): (bool, bool, bool)) -> Value {
     json!({
@@ -540,6 +532,8 @@ async fn an_operator_restarted_mid_rollout_picks_up_where_it_stopped() {
         .shutdown()
         .await
         .expect("operator stops");
+    // What the operator wrote just before it stopped may still be on its way to the sidecars.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let before = w.clients[0].sidecar.config().hash();
     w.set_pod("pay-1", (false, true, true));
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -715,24 +709,53 @@ fn endpoint_ports(sc: &SidecarHandle) -> Vec<u16> {
 #[tokio::test]
 async fn the_sidecar_serves_only_after_a_valid_config_and_keeps_it_through_every_fault() {
     let server = ApiServer::new();
+    // Unreachable at first: not ready, and it says why.
+    server.set_down(true);
     let (sc, following) = lone_sidecar(&server).await;
-    // No access yet: refused, not ready, and it says why.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (code, body) = http_get(sc.admin_addr(), "/ready").await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("not connected"), "{body}");
     assert_eq!(metric(&sc, CONNECTED), Some(0.0));
-    grant_sidecar_access(&server);
+    assert_eq!(metric(&sc, "detour_config_stale"), Some(1.0));
+    // Reachable, but no policy in the namespace yet (no Role, no ConfigMap): the pod must still
+    // start (its startupProbe waits on /ready), so the sidecar is ready and serves nothing.
+    server.set_down(false);
     eventually(T, "the sidecar to connect", || {
         (metric(&sc, CONNECTED) == Some(1.0)).then_some(())
     })
     .await;
+    eventually(T, "ready with nothing to serve", || {
+        sc.is_ready().then_some(())
+    })
+    .await;
     let (code, body) = http_get(sc.admin_addr(), "/ready").await;
-    assert_eq!(code, 503, "connected, but no config yet: {body}");
-    assert!(body.contains("does not exist"), "{body}");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("no UpstreamPolicy in this namespace yet"),
+        "{body}"
+    );
+    assert!(sc.config().upstreams.is_empty());
+    grant_sidecar_access(&server);
+    let start = std::time::Instant::now();
+    loop {
+        let (code, body) = http_get(sc.admin_addr(), "/ready").await;
+        if body.contains("does not exist") {
+            assert_eq!(code, 200, "{body}");
+            break;
+        }
+        assert!(
+            start.elapsed() < T,
+            "the list to succeed and find no ConfigMap: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     server.put(config_map(1001));
-    eventually(T, "the first config", || sc.is_ready().then_some(())).await;
+    eventually(T, "the first config", || {
+        (endpoint_ports(&sc) == [1001]).then_some(())
+    })
+    .await;
     assert_eq!(endpoint_ports(&sc), [1001]);
     assert_eq!(metric(&sc, "detour_config_stale"), Some(0.0));
     assert!(metric(&sc, "detour_config_applied_timestamp_seconds").unwrap() > 1.7e9);
@@ -790,7 +813,10 @@ async fn a_watch_past_the_kept_history_lists_again_without_a_disconnection() {
     grant_sidecar_access(&server);
     server.put(config_map(2001));
     let (sc, following) = lone_sidecar(&server).await;
-    eventually(T, "the first config", || sc.is_ready().then_some(())).await;
+    eventually(T, "the first config", || {
+        (endpoint_ports(&sc) == [2001]).then_some(())
+    })
+    .await;
     let lists_before = config_map_lists(&server);
     // Compaction, then the watch ends: resuming from the old resourceVersion gets 410 Gone.
     server.compact();

@@ -199,3 +199,75 @@ async fn operator_renders_config_and_status_in_a_real_cluster() {
     op.shutdown().await.unwrap();
     teardown(&client, &ns).await;
 }
+
+/// The injection path on a real API server: an injected pod (exactly what the webhook's patch
+/// makes of it) is accepted as a native sidecar (server-side dry run: nothing is scheduled), and
+/// the operator grants the namespace's service accounts read access to `detour-config` only.
+#[tokio::test]
+#[ignore = "needs cluster"]
+async fn injected_pods_and_sidecar_access_are_accepted_by_a_real_cluster() {
+    use detour::operator::inject::{pod_patch, Settings};
+    use k8s_openapi::api::{
+        core::v1::Pod,
+        rbac::v1::{Role, RoleBinding},
+    };
+    let (client, ns) = setup("detour-inject").await;
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web", "namespace": ns, "labels": {"app": "web"}},
+        "spec": {"automountServiceAccountToken": false, "containers": [{"name": "web", "image": "nginx:1.27"}]},
+    });
+    let (patch, skip) = pod_patch(&pod, &Settings::default()).expect("injectable");
+    assert!(skip.is_none());
+    json_patch::patch(&mut pod, &patch).unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let created = pods
+        .create(
+            &PostParams {
+                dry_run: true,
+                ..Default::default()
+            },
+            &serde_json::from_value(pod).unwrap(),
+        )
+        .await
+        .expect("the API server accepts the injected pod");
+    let spec = created.spec.unwrap();
+    let sidecar = &spec.init_containers.unwrap()[0];
+    assert_eq!(sidecar.name, "detour");
+    assert_eq!(
+        sidecar.restart_policy.as_deref(),
+        Some("Always"),
+        "a native sidecar (Kubernetes 1.29+)"
+    );
+
+    // The operator's Role and RoleBinding for the sidecars, created with the first policy.
+    let op = Operator::start(client.clone(), Options::default())
+        .await
+        .unwrap();
+    let policies: Api<UpstreamPolicy> = Api::namespaced(client.clone(), &ns);
+    policies
+        .create(
+            &PostParams::default(),
+            &policy(
+                "pay",
+                json!({"upstream": {"service": "pay", "port": 80}, "listener": {"port": 18080}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let roles: Api<Role> = Api::namespaced(client.clone(), &ns);
+    let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), &ns);
+    let mut granted = false;
+    for _ in 0..100 {
+        if roles.get_opt("detour-sidecar").await.unwrap().is_some()
+            && bindings.get_opt("detour-sidecar").await.unwrap().is_some()
+        {
+            granted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(granted, "the sidecars' Role and RoleBinding exist");
+    op.shutdown().await.unwrap();
+    teardown(&client, &ns).await;
+}

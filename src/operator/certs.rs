@@ -251,7 +251,7 @@ impl Bundle {
                     None => ca,
                 };
                 info!("new webhook CA");
-                return self.with_new_leaf(bundle, key, opts).map(Some);
+                return signed_by(bundle, key, opts).map(Some);
             }
         };
         let leaf_ok = not_after(&self.cert_pem)
@@ -262,36 +262,24 @@ impl Bundle {
         if leaf_ok {
             return Ok(None);
         }
-        self.with_new_leaf(ca_pem, ca_key, opts).map(Some)
-    }
-
-    fn with_new_leaf(
-        &self,
-        ca_pem: String,
-        ca_key: String,
-        opts: &TlsOptions,
-    ) -> Result<Bundle, Error> {
-        let (cert_pem, key_pem) =
-            new_serving_cert(&ca_pem, &ca_key, opts.dns_names(), opts.lifetime)?;
-        Ok(Bundle {
-            ca_pem,
-            ca_key_pem: Some(ca_key),
-            cert_pem,
-            key_pem,
-        })
+        signed_by(ca_pem, ca_key, opts).map(Some)
     }
 
     fn fresh(opts: &TlsOptions) -> Result<Bundle, Error> {
         let (ca_pem, ca_key) = new_ca(opts.lifetime * 10)?;
-        let (cert_pem, key_pem) =
-            new_serving_cert(&ca_pem, &ca_key, opts.dns_names(), opts.lifetime)?;
-        Ok(Bundle {
-            ca_pem,
-            ca_key_pem: Some(ca_key),
-            cert_pem,
-            key_pem,
-        })
+        signed_by(ca_pem, ca_key, opts)
     }
+}
+
+/// A bundle with a new serving certificate signed by the given CA.
+fn signed_by(ca_pem: String, ca_key: String, opts: &TlsOptions) -> Result<Bundle, Error> {
+    let (cert_pem, key_pem) = new_serving_cert(&ca_pem, &ca_key, opts.dns_names(), opts.lifetime)?;
+    Ok(Bundle {
+        ca_pem,
+        ca_key_pem: Some(ca_key),
+        cert_pem,
+        key_pem,
+    })
 }
 
 // === what every replica serves ===
@@ -426,6 +414,10 @@ async fn maintain_once(client: &Client, opts: &TlsOptions) -> Result<(), Error> 
     };
     let bundle = match bundle {
         Some(b) => {
+            // A new CA is trusted by the API server before any certificate it signed is served.
+            if existing.as_ref().is_none_or(|e| e.ca_pem != b.ca_pem) {
+                publish_ca_bundle(client, opts, &b.ca_pem).await?;
+            }
             let data = |s: &str| ByteString(s.as_bytes().to_vec());
             let mut map = std::collections::BTreeMap::from([
                 ("ca.crt".to_string(), data(&b.ca_pem)),
@@ -479,7 +471,7 @@ async fn publish_ca_bundle(client: &Client, opts: &TlsOptions, ca_pem: &str) -> 
         return Ok(());
     };
     let want = ByteString(ca_pem.as_bytes().to_vec());
-    let stale: Vec<String> = cfg
+    let ours: Vec<_> = cfg
         .webhooks
         .unwrap_or_default()
         .into_iter()
@@ -488,13 +480,17 @@ async fn publish_ca_bundle(client: &Client, opts: &TlsOptions, ca_pem: &str) -> 
                 .service
                 .as_ref()
                 .is_some_and(|s| s.name == opts.service && s.namespace == opts.namespace)
-                && w.client_config.ca_bundle.as_ref() != Some(&want)
         })
-        .map(|w| w.name)
         .collect();
-    if stale.is_empty() {
+    if ours
+        .iter()
+        .all(|w| w.client_config.ca_bundle.as_ref() == Some(&want))
+    {
         return Ok(());
     }
+    // Every webhook of ours in each apply: server-side apply removes what this manager applied
+    // before and leaves out now, so applying only the stale ones would strip the others.
+    let stale: Vec<String> = ours.into_iter().map(|w| w.name).collect();
     let body = json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",

@@ -1168,12 +1168,12 @@ mod tests {
     #[test]
     fn flags_default_to_settings_default_and_live_next_to_the_operators() {
         Cli::command_for_test().debug_assert();
-        // and next to the real operator flags, as `detour operator` will flatten them
+        // and within the real operator flags, which flatten them (next to the global --log-format)
         let log_format = clap::Arg::new("log_format").long("log-format").global(true);
-        let operator = <crate::operator::Args as clap::Args>::augment_args(
+        <crate::operator::Args as clap::Args>::augment_args(
             clap::Command::new("operator").arg(log_format),
-        );
-        <Settings as clap::Args>::augment_args(operator).debug_assert();
+        )
+        .debug_assert();
         assert_eq!(parse(&[]).unwrap(), Settings::default());
         let s = parse(&[
             "--sidecar-image=img:2",

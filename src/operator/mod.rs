@@ -418,7 +418,11 @@ async fn leader_work(
             None => std::future::pending().await,
         }
     };
-    tokio::join!(run_scopes(client, opts, shared, readiness), certs);
+    // Either ending ends the term's work (the lead loop starts it again).
+    tokio::select! {
+        _ = run_scopes(client, opts, shared, readiness) => {}
+        _ = certs => {}
+    }
 }
 
 /// Runs the controllers while this replica leads.
@@ -458,6 +462,7 @@ async fn lead(
             r = leading.wait_for(|l| *l) => if r.is_err() { break },
         }
         info!(identity = %lease.identity, "leading: starting controllers");
+        shared.forget_writes();
         readiness.leader.store(true, Ordering::Release);
         shared.metrics.set_leader(true);
         let stop = tokio::select! {

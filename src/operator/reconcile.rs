@@ -162,6 +162,14 @@ impl Shared {
         self.access.lock().insert(ns.to_string());
     }
 
+    /// A new leadership term: another replica may have written (or deleted) since this one
+    /// last led, so nothing remembered about writes is trusted.
+    pub fn forget_writes(&self) {
+        self.written.lock().clear();
+        self.applied.lock().clear();
+        self.access.lock().clear();
+    }
+
     /// The rendered ConfigMap of `ns` was deleted: forget writing it, so it is written again.
     pub fn forget_config(&self, ns: &str) {
         self.written.lock().remove(&format!("configmap/{ns}"));
@@ -501,8 +509,12 @@ async fn apply_config_map(
             ctx.shared.metrics.rendered("deleted");
             info!(namespace = %ns, "deleted {CONFIG_MAP}: no policies left");
         }
-        // The sidecars' access goes with the config.
-        if delete || ctx.shared.access.lock().contains(ns) {
+        // The sidecars' access goes with the config (remembered first, so a failed removal is
+        // tried again).
+        if delete {
+            ctx.shared.remember_access(ns);
+        }
+        if ctx.shared.access.lock().contains(ns) {
             access::remove(&ctx.client, ns).await?;
             ctx.shared.access.lock().remove(ns);
         }

@@ -174,7 +174,10 @@ pub async fn serve(listener: TcpListener, certs: Arc<CertStore>, ctx: Arc<Webhoo
                 let ctx = ctx.clone();
                 async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
             });
+            // A connection that sends nothing is closed (no idle client holds a socket forever).
             let _ = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
                 .serve_connection(TokioIo::new(tls), svc)
                 .await;
         });
@@ -194,12 +197,19 @@ async fn handle(req: Request<Incoming>, ctx: &WebhookContext) -> Response<Full<B
             "POST an AdmissionReview\n".into(),
         );
     }
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
+    let read = Limited::new(req.into_body(), MAX_BODY).collect();
+    let body = match tokio::time::timeout(Duration::from_secs(10), read).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => {
             return text(
                 StatusCode::BAD_REQUEST,
                 format!("reading the review: {e}\n"),
+            )
+        }
+        Err(_) => {
+            return text(
+                StatusCode::REQUEST_TIMEOUT,
+                "the review took too long to send\n".into(),
             )
         }
     };
@@ -211,8 +221,12 @@ async fn handle(req: Request<Incoming>, ctx: &WebhookContext) -> Response<Full<B
         Outcome::Invalid(why) => warn!(%why, "malformed admission review"),
         Outcome::Failed(why) => {
             warn!(pod = %pod_name(request.as_ref()), %why, "sidecar not injected; the pod is allowed unchanged");
-            if let (Some(rec), Some(req)) = (&ctx.recorder, &request) {
-                publish_failure(rec, req, why).await;
+            // Not awaited: a slow Event write must not make the API server's call time out.
+            if let (Some(rec), Some(req)) = (&ctx.recorder, request.clone()) {
+                if !req.dry_run {
+                    let (rec, why) = (rec.clone(), why.clone());
+                    tokio::spawn(async move { publish_failure(&rec, &req, &why).await });
+                }
             }
         }
     }
@@ -258,6 +272,8 @@ async fn publish_failure(rec: &Recorder, req: &AdmissionRequest<DynamicObject>, 
             api_version: Some("v1".into()),
             kind: Some("Namespace".into()),
             name: Some(ns.clone()),
+            // The Event goes to the pod's namespace, where `kubectl get events` shows it.
+            namespace: Some(ns.clone()),
             ..Default::default()
         },
     };

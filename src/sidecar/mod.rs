@@ -140,9 +140,15 @@ pub async fn run(args: Args) -> Result<(), Error> {
         .map_err(Error::Signal)?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(Error::Signal)?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    // The file source reloads on SIGHUP; otherwise it must not end the process.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(Error::Signal)?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => tracing::debug!("SIGHUP"),
+        }
     }
     following.abort();
     tracing::info!(drain_timeout = %args.drain_timeout, "shutting down: draining in-flight requests");

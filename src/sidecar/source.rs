@@ -164,6 +164,20 @@ async fn watch_config_map(
             // The watch outlived the history the server keeps: the watcher lists again. The
             // server answered, so this is not a lost connection.
             Err(watcher::Error::WatchError(s)) if s.code == 410 => continue,
+            // The server answered but may not let us read it: the operator grants access with
+            // the namespace's first policy. Nothing to serve yet, and the API is there.
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 403 => {
+                if connected != Some(true) {
+                    connected = Some(true);
+                    if tx.send(Update::Connected).await.is_err() {
+                        return;
+                    }
+                }
+                Update::Missing(format!(
+                    "{what} cannot be read ({}): no UpstreamPolicy in this namespace yet?",
+                    s.message
+                ))
+            }
             Err(e) => {
                 if connected != Some(false) {
                     connected = Some(false);
@@ -317,11 +331,19 @@ impl SourceStatus {
             .connected
             .with_label_values(&[self.kind])
             .set(i64::from(up));
+        self.update_stale();
     }
 
     fn set_problem(&mut self, problem: Option<String>) {
-        self.metrics.stale.set(i64::from(problem.is_some()));
         self.problem = problem;
+        self.update_stale();
+    }
+
+    /// Stale while the source has a problem or cannot be reached.
+    fn update_stale(&self) {
+        self.metrics
+            .stale
+            .set(i64::from(self.problem.is_some() || !self.connected));
     }
 
     pub(super) fn applied(&mut self) {
@@ -412,10 +434,20 @@ pub(super) async fn follow(shared: Arc<Shared>, source: ConfigSource) {
                 }
             }
             Update::Unusable(why) => {
+                retry = None;
                 shared.metrics.reloads_failure.inc();
                 problem(&shared, why);
             }
-            Update::Missing(why) => problem(&shared, why),
+            Update::Missing(why) => {
+                retry = None;
+                if !shared.ready.load(std::sync::atomic::Ordering::Relaxed) {
+                    // No config for this namespace at all (no policy yet, or none left): serve
+                    // nothing rather than keep the pod from starting (the startupProbe waits
+                    // on /ready).
+                    let _ = shared.apply_counted(Config::empty()).await;
+                }
+                problem(&shared, why);
+            }
             Update::Disconnected(error) => {
                 let mut s = shared.source.lock();
                 s.set_connected(false);

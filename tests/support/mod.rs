@@ -66,6 +66,16 @@ pub fn policy(ns: &str, name: &str, svc: &str, port: Value, listener: u16) -> Va
     })
 }
 
+/// A port on 127.0.0.1 that was free a moment ago (for listeners the code under test binds by
+/// number, like a policy's listener port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout` with `what`.
 pub async fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = tokio::time::Instant::now() + timeout;
