@@ -327,3 +327,17 @@ async fn a_restarted_operator_keeps_the_figures_without_extra_writes() {
     a.shutdown(Duration::ZERO).await;
     op.shutdown().await.unwrap();
 }
+
+/// The operator's scrape reads a real sidecar's report (the wire contract of `detour::report`;
+/// here, where operator and sidecar meet, not inside the operator).
+#[tokio::test]
+async fn the_operators_scrape_reads_a_real_sidecars_report() {
+    use detour::operator::sidecar_reports::{scrape, SCRAPE_TIMEOUT};
+    let sidecar = Sidecar::start_empty(sidecar::Options::default())
+        .await
+        .unwrap();
+    let r = scrape(sidecar.admin_addr(), SCRAPE_TIMEOUT).await.unwrap();
+    assert_eq!(r.hash, Config::empty().hash());
+    assert!(r.upstreams.is_empty());
+    sidecar.shutdown(Duration::ZERO).await;
+}

@@ -697,15 +697,4 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, ScrapeError::Decode(_)), "{err}");
     }
-
-    #[tokio::test]
-    async fn scraping_a_sidecar_reads_its_report() {
-        let sidecar = crate::sidecar::Sidecar::start_empty(crate::sidecar::Options::default())
-            .await
-            .unwrap();
-        let r = scrape(sidecar.admin_addr(), SCRAPE_TIMEOUT).await.unwrap();
-        assert_eq!(r.hash, crate::config::Config::empty().hash());
-        assert!(r.upstreams.is_empty());
-        sidecar.shutdown(Duration::ZERO).await;
-    }
 }
