@@ -7,6 +7,8 @@
 
 #[path = "support/validate.rs"]
 mod validate;
+#[path = "support/webhooks.rs"]
+mod webhooks;
 
 use std::{
     io::Write,
@@ -219,34 +221,9 @@ sidecar:
   logFormat: text
 ";
 
-/// The webhook configuration as tests/inject_webhook.rs installs it for the operator.
+/// The webhooks the chart must render: the ones tests/inject_webhook.rs runs the operator with.
 fn expected_webhooks(failure_policy: &str, timeout: u64) -> Value {
-    let webhook = |name: &str, ns_selector: Value, obj_selector: Value| {
-        json!({
-            "name": name,
-            "admissionReviewVersions": ["v1"],
-            "sideEffects": "None",
-            "failurePolicy": failure_policy,
-            "timeoutSeconds": timeout,
-            "clientConfig": {"service": {"namespace": NS, "name": "detour-webhook", "path": "/inject", "port": 443}},
-            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"], "scope": "Namespaced"}],
-            "namespaceSelector": ns_selector,
-            "objectSelector": obj_selector,
-        })
-    };
-    let not_system = json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": [NS, "kube-system"]});
-    json!([
-        webhook(
-            "namespace.inject.detour.dev",
-            json!({"matchExpressions": [{"key": "detour.dev/inject", "operator": "In", "values": ["enabled"]}, not_system]}),
-            json!({"matchExpressions": [{"key": "detour.dev/inject", "operator": "NotIn", "values": ["false"]}]}),
-        ),
-        webhook(
-            "pod.inject.detour.dev",
-            json!({"matchExpressions": [{"key": "detour.dev/inject", "operator": "NotIn", "values": ["enabled"]}, not_system]}),
-            json!({"matchLabels": {"detour.dev/inject": "true"}}),
-        ),
-    ])
+    webhooks::injector_webhooks(NS, failure_policy, timeout)
 }
 
 #[test]

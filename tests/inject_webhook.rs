@@ -29,36 +29,11 @@ fn namespace(name: &str, labels: Value) -> Value {
 
 /// The MutatingWebhookConfiguration as the chart installs it (no caBundle: the operator's job).
 fn webhook_configuration() -> Value {
-    let webhook = |name: &str, ns_selector: Value, obj_selector: Value| {
-        json!({
-            "name": name,
-            "admissionReviewVersions": ["v1"],
-            "sideEffects": "None",
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 5,
-            "clientConfig": {"service": {"namespace": SYSTEM, "name": "detour-webhook", "path": "/inject", "port": 443}},
-            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"], "scope": "Namespaced"}],
-            "namespaceSelector": ns_selector,
-            "objectSelector": obj_selector,
-        })
-    };
-    let not_system = json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": [SYSTEM, "kube-system"]});
     json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
         "metadata": {"name": "detour-injector"},
-        "webhooks": [
-            webhook(
-                "namespace.inject.detour.dev",
-                json!({"matchExpressions": [{"key": "detour.dev/inject", "operator": "In", "values": ["enabled"]}, not_system]}),
-                json!({"matchExpressions": [{"key": "detour.dev/inject", "operator": "NotIn", "values": ["false"]}]}),
-            ),
-            webhook(
-                "pod.inject.detour.dev",
-                json!({"matchExpressions": [{"key": "detour.dev/inject", "operator": "NotIn", "values": ["enabled"]}, not_system]}),
-                json!({"matchLabels": {"detour.dev/inject": "true"}}),
-            ),
-        ],
+        "webhooks": webhooks::injector_webhooks(SYSTEM, "Fail", 5),
     })
 }
 

@@ -5,6 +5,7 @@ pub mod admission;
 pub mod apiserver;
 pub mod upstream;
 pub mod validate;
+pub mod webhooks;
 
 use std::time::Duration;
 
