@@ -307,23 +307,23 @@ impl Endpoint {
             return None;
         }
         let gateway = matches!(failure, Failure::Refused | Failure::Gateway);
-        let gw = if gateway {
+        let gateway_streak = if gateway {
             self.consecutive_gateway.fetch_add(1, Ordering::Relaxed) + 1
         } else {
             self.consecutive_gateway.store(0, Ordering::Relaxed);
             0
         };
-        let fivexx = self.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1;
+        let error_streak = self.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1;
         if gateway && self.probation.load(Ordering::Relaxed) {
             return Some(EjectReason::ProbationFailure);
         }
         if failure == Failure::Refused && od.eject_on_connect_refused {
             return Some(EjectReason::ConnectRefused);
         }
-        if od.consecutive_gateway_errors > 0 && gw >= od.consecutive_gateway_errors {
+        if od.consecutive_gateway_errors > 0 && gateway_streak >= od.consecutive_gateway_errors {
             return Some(EjectReason::ConsecutiveGatewayErrors);
         }
-        if od.consecutive_5xx > 0 && fivexx >= od.consecutive_5xx {
+        if od.consecutive_5xx > 0 && error_streak >= od.consecutive_5xx {
             return Some(EjectReason::Consecutive5xx);
         }
         None
@@ -367,16 +367,16 @@ impl Endpoint {
     pub fn observe_latency(&self, rtt: Duration, now: Instant) {
         const TAU_NS: f64 = 10e9;
         let sample = rtt.as_nanos() as f64;
-        let mut g = self.ewma.lock();
-        let (cost, last) = *g;
+        let mut ewma = self.ewma.lock();
+        let (cost, last) = *ewma;
         let next = if sample > cost {
             sample
         } else {
             let elapsed = now.saturating_duration_since(last).as_nanos() as f64;
-            let w = (-elapsed / TAU_NS).exp();
-            cost * w + sample * (1.0 - w)
+            let weight = (-elapsed / TAU_NS).exp();
+            cost * weight + sample * (1.0 - weight)
         };
-        *g = (next, now);
+        *ewma = (next, now);
     }
 
     /// Peak-EWMA load: latency estimate × (requests in flight + 1).

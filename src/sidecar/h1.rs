@@ -75,7 +75,7 @@ pub struct Conn {
     /// Bytes read from the upstream and not yet used.
     buf: BytesMut,
     /// The request head being written; kept to save an allocation per request.
-    wbuf: Vec<u8>,
+    head_buf: Vec<u8>,
     /// Bytes of interim (1xx) heads consumed in the current exchange: a connection that
     /// answered anything at all did not just close under us (not a keep-alive race).
     consumed: usize,
@@ -194,7 +194,7 @@ impl Conn {
         Ok(Conn {
             io,
             buf: BytesMut::new(),
-            wbuf: Vec::new(),
+            head_buf: Vec::new(),
             consumed: 0,
             timer: None,
             keep_alive_timeout: None,
@@ -246,7 +246,7 @@ impl Conn {
         upgrade: bool,
     ) -> Result<Received, Failed<B>> {
         self.consumed = 0;
-        let mut head = std::mem::take(&mut self.wbuf);
+        let mut head = std::mem::take(&mut self.head_buf);
         let held = body.held();
         let framing = encode_head(parts, host, held, &mut head);
         let coalesce = match held {
@@ -258,7 +258,7 @@ impl Conn {
             _ => false,
         };
         let written = self.write_head(&head).await;
-        self.keep_wbuf(head);
+        self.keep_head_buf(head);
         match written {
             Ok(()) => {}
             Err(error @ Error::Write { sent: false, .. }) => {
@@ -318,9 +318,9 @@ impl Conn {
     }
 
     /// An idle connection keeps a head-sized write buffer, not a large body's.
-    fn keep_wbuf(&mut self, buf: Vec<u8>) {
+    fn keep_head_buf(&mut self, buf: Vec<u8>) {
         if buf.capacity() <= 4096 {
-            self.wbuf = buf;
+            self.head_buf = buf;
         }
     }
 
@@ -479,7 +479,7 @@ async fn write_body<B: SendBody>(
         if data.is_empty() {
             continue;
         }
-        let w = if framing == BodyOut::Chunked {
+        let written = if framing == BodyOut::Chunked {
             let mut out = BytesMut::with_capacity(data.len() + 12);
             out.put_slice(format!("{:x}\r\n", data.len()).as_bytes());
             out.put_slice(&data);
@@ -488,7 +488,7 @@ async fn write_body<B: SendBody>(
         } else {
             wr.write_all(&data).await
         };
-        w.map_err(failed)?;
+        written.map_err(failed)?;
     }
     if framing == BodyOut::Chunked {
         wr.write_all(b"0\r\n\r\n").await.map_err(failed)?;
@@ -1175,6 +1175,43 @@ mod tests {
         assert_eq!(h("max=100"), None);
         assert_eq!(h("timeout=soon"), None);
         assert_eq!(keep_alive_timeout(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn an_early_answer_decides_whether_the_request_body_goes_on() {
+        let goes_on = |early: &mut EarlyAnswer, wire: &[u8]| {
+            let mut buf = BytesMut::from(wire);
+            let mut consumed = 0;
+            let on = early.body_goes_on(&mut buf, &mut consumed);
+            (on, consumed, buf.len())
+        };
+        let fresh = EarlyAnswer::default;
+        let cont = b"HTTP/1.1 100 Continue\r\n\r\n";
+        assert_eq!(goes_on(&mut fresh(), cont), (true, cont.len(), 0));
+        assert_eq!(
+            goes_on(&mut fresh(), b"HTTP/1.1 2"),
+            (true, 0, 10),
+            "partial"
+        );
+        let big_partial = vec![b'x'; MAX_HEAD];
+        assert!(
+            !goes_on(&mut fresh(), &big_partial).0,
+            "no head within MAX_HEAD"
+        );
+        let refused = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 Too Large\r\n\r\n";
+        assert_eq!(
+            goes_on(&mut fresh(), refused),
+            (false, cont.len(), refused.len() - cont.len())
+        );
+        assert!(!goes_on(&mut fresh(), b"garbage\r\n\r\n").0);
+
+        // A 2xx while the body goes out: the body goes on, what follows is held, up to a limit.
+        let mut early = fresh();
+        let ok = b"HTTP/1.1 200 OK\r\n\r\n";
+        assert_eq!(goes_on(&mut early, ok), (true, 0, ok.len()));
+        assert!(early.answered);
+        assert!(goes_on(&mut early, &vec![b'x'; EARLY_ANSWER_LIMIT]).0);
+        assert!(!goes_on(&mut early, &vec![b'x'; EARLY_ANSWER_LIMIT + 1]).0);
     }
 
     #[test]

@@ -120,17 +120,17 @@ impl Pool {
     pub fn checkout(&self, now: Instant, reuse: Reuse) -> Option<Checkout> {
         loop {
             let (found, learner) = self.pop_usable(now);
-            let c = found?;
-            if reuse == Reuse::Replayable || c.conn.is_open_now() {
+            let idle = found?;
+            if reuse == Reuse::Replayable || idle.conn.is_open_now() {
                 return Some(Checkout {
-                    seen_open: now.saturating_duration_since(c.since),
-                    conn: c.conn,
+                    seen_open: now.saturating_duration_since(idle.since),
+                    conn: idle.conn,
                     reused: true,
                 });
             }
             // Closed, and the reactor had not noticed yet: the next one.
             if let Some(l) = learner {
-                l.observe_close(c.seen_open, now);
+                l.observe_close(idle.seen_open, now);
             }
         }
     }

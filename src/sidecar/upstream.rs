@@ -133,14 +133,14 @@ impl UpstreamRt {
             tracing::debug!(upstream = %self.name, endpoint = %ep.addr, "ejection skipped: maxEjectionPercent reached");
             return;
         }
-        let d = ep.eject(od, now);
+        let ejected_for = ep.eject(od, now);
         self.metrics.ejection(&ep.labels, reason);
         tracing::warn!(
             upstream = %self.name,
             endpoint = %ep.addr,
             pod = ep.pod.as_deref().unwrap_or(""),
             reason = reason.as_str(),
-            ejected_for_ms = d.as_millis() as u64,
+            ejected_for_ms = ejected_for.as_millis() as u64,
             "endpoint ejected"
         );
     }
