@@ -26,7 +26,10 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// A file's non-test code without comments: unit tests (after `#[cfg(test)]`) may set up what
 /// they need.
 fn code_of(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap();
+    code(&std::fs::read_to_string(path).unwrap())
+}
+
+fn code(text: &str) -> String {
     text.lines()
         .take_while(|l| l.trim() != "#[cfg(test)]")
         .map(|l| l.split("//").next().unwrap_or_default())
@@ -86,10 +89,9 @@ fn uses(path: &Path) -> Vec<(usize, String)> {
 
 /// Every module of the sidecar a file of it names (`super::m`, `crate::sidecar::m`), with its
 /// line.
-fn sidecar_uses(path: &Path) -> Vec<(usize, String)> {
-    let code = code_of(path);
-    let mut out = names_after(&code, "super::");
-    out.extend(names_after(&code, "crate::sidecar::"));
+fn sidecar_uses(code: &str) -> Vec<(usize, String)> {
+    let mut out = names_after(code, "super::");
+    out.extend(names_after(code, "crate::sidecar::"));
     out.sort();
     out
 }
@@ -137,17 +139,12 @@ fn parts_depend_one_way() {
 
 #[test]
 fn the_checker_sees_a_crate_path() {
-    let dir = std::env::temp_dir().join(format!("detour-layering-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join("x.rs");
-    std::fs::write(
-        &f,
-        "use crate::sidecar::X; // crate::operator in a comment\nlet y = crate::api::Y;\n",
-    )
-    .unwrap();
-    let found: Vec<String> = uses(&f).into_iter().map(|(_, p)| p).collect();
+    let text = "use crate::sidecar::X; // crate::operator in a comment\nlet y = crate::api::Y;\n";
+    let found: Vec<String> = names_after(&code(text), "crate::")
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
     assert_eq!(found, ["sidecar", "api"]);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The sidecar's modules, lowest layer first. A module may import modules of lower layers, and
@@ -189,7 +186,7 @@ fn sidecar_imports() -> BTreeMap<String, Vec<(usize, String)>> {
         .filter(|f| f.file_name().is_some_and(|n| n != "mod.rs"))
         .map(|f| {
             let name = f.file_stem().unwrap().to_string_lossy().into_owned();
-            (name, sidecar_uses(f))
+            (name, sidecar_uses(&code_of(f)))
         })
         .collect()
 }
@@ -296,18 +293,13 @@ fn the_sidecars_modules_depend_one_way() {
 
 #[test]
 fn the_layer_checker_sees_sidecar_paths_and_refuses_what_it_must() {
-    let dir = std::env::temp_dir().join(format!("detour-layers-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join("x.rs");
-    std::fs::write(
-        &f,
-        "use super::{pool::X, h1};\nlet y = super::endpoint::f(); // super::proxy in a comment\n\
-         use crate::sidecar::metrics::M;\nlet z = mysuper::no;\n#[cfg(test)]\nuse super::demo;\n",
-    )
-    .unwrap();
-    let found: Vec<String> = sidecar_uses(&f).into_iter().map(|(_, m)| m).collect();
+    let text = "use super::{pool::X, h1};\nlet y = super::endpoint::f(); // super::proxy in a comment\n\
+                use crate::sidecar::metrics::M;\nlet z = mysuper::no;\n#[cfg(test)]\nuse super::demo;\n";
+    let found: Vec<String> = sidecar_uses(&code(text))
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect();
     assert_eq!(found, ["h1", "pool", "endpoint", "metrics"]);
-    let _ = std::fs::remove_dir_all(&dir);
 
     let layers: &[(&str, &[&str])] = &[("low", &["a", "b"]), ("high", &["c"])];
     let graph = |edges: &[(&str, &str)]| {
