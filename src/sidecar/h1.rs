@@ -12,14 +12,18 @@
 //! trailers, and those of a streamed request body). No pipelining and no HTTP/1.0 keep-alive:
 //! such connections are used once. A response head may be up to 64 KiB (Envoy's default limit
 //! is 60 KiB, NGINX's `proxy_buffer_size` 4-8 KiB; hyper's client allowed about 400 KiB).
+//!
+//! The codec knows nothing else of the sidecar (`tests/layering.rs` holds it to that): it sends
+//! any body that says how much of it is held ([`SendBody`]), and the per-try timer that travels
+//! with a pooled connection is its own [`Timer`].
 
 use std::{
+    error::Error as StdError,
     io,
     mem::MaybeUninit,
+    pin::Pin,
     task::{Context, Poll},
 };
-
-use std::{error::Error as StdError, pin::Pin};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
