@@ -2,19 +2,19 @@
 //! objects, so the common paths (empty GET, pooled upstream stream) allocate nothing extra.
 
 use std::{
+    fmt,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use std::sync::Arc;
 
 use super::{
-    endpoint::InflightGuard,
-    h1::{BodyError, BodyStream},
-    upstream::UpstreamRt,
+    endpoint::{Endpoint, InflightGuard},
+    h1::{BodyError, BodyStream, Held, SendBody},
 };
 
 /// What is sent upstream.
@@ -37,8 +37,15 @@ pub enum RespBody {
         /// Keeps the endpoint's in-flight count up until the body is done (least-request).
         guard: Option<InflightGuard>,
         /// Told when the upstream breaks the body off (`http_response_incomplete`).
-        upstream: Option<Arc<UpstreamRt>>,
+        upstream: Option<Arc<dyn BodyFailure>>,
     },
+}
+
+/// Where a response body reports that the upstream broke it off after its head was sent: too
+/// late to retry, but a failure all the same. The upstream's outlier detection and metrics
+/// implement it; the body needs nothing else of them.
+pub trait BodyFailure: Send + Sync + fmt::Debug {
+    fn body_failed(&self, ep: &Endpoint);
 }
 
 // === impl ReqBody ===
@@ -53,6 +60,16 @@ impl ReqBody {
         match self {
             ReqBody::Full(b) => Some(ReqBody::Full(b.clone())),
             _ => None,
+        }
+    }
+}
+
+impl SendBody for ReqBody {
+    fn held(&self) -> Held<'_> {
+        match self {
+            ReqBody::Full(None) => Held::Nothing,
+            ReqBody::Full(Some(b)) => Held::Whole(b),
+            ReqBody::Stream(_) | ReqBody::Prefixed(..) => Held::Streamed,
         }
     }
 }

@@ -25,6 +25,8 @@ use crate::report::LiveState;
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub pod: Option<String>,
+    /// What its own metric series are labelled with.
+    pub labels: EndpointLabels,
     /// `Host` for a request that came without one: the endpoint's address.
     host: http::HeaderValue,
     /// One pool per worker thread (plus one for callers outside the workers), so a connection
@@ -45,8 +47,17 @@ pub struct Endpoint {
     ejection: Mutex<EjectionHistory>,
     /// Peak-EWMA latency in nanoseconds and when it was last updated.
     ewma: Mutex<(f64, Instant)>,
-    /// Left the config (its per-endpoint metric series are gone; requests still in flight on
-    /// it must not bring them back).
+}
+
+/// An endpoint as its own metric series name it, and whether it left the config: its series
+/// are then gone, and requests still in flight on it must not bring them back.
+#[derive(Debug)]
+pub struct EndpointLabels {
+    /// `upstream_address` (not `endpoint`: Prometheus attaches that to the scrape target and
+    /// would rename ours `exported_endpoint`).
+    pub address: String,
+    /// `upstream_pod`, empty when the pod is not known.
+    pub pod: String,
     retired: AtomicBool,
 }
 
@@ -78,20 +89,13 @@ pub enum Failure {
 }
 
 /// Why an endpoint was ejected (`reason` label of `detour_ejections_total`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EjectReason {
     ConnectRefused,
     ConsecutiveGatewayErrors,
     Consecutive5xx,
     ProbationFailure,
 }
-
-pub const ALL_EJECT_REASONS: [EjectReason; 4] = [
-    EjectReason::ConnectRefused,
-    EjectReason::ConsecutiveGatewayErrors,
-    EjectReason::Consecutive5xx,
-    EjectReason::ProbationFailure,
-];
 
 /// A change of active health state worth logging.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,6 +139,7 @@ impl Endpoint {
     ) -> Self {
         let now = Instant::now();
         Endpoint {
+            labels: EndpointLabels::new(addr, pod.as_deref()),
             addr,
             pod,
             host: http::HeaderValue::from_str(&addr.to_string()).expect("an address is ASCII"),
@@ -153,7 +158,6 @@ impl Endpoint {
             // A new endpoint starts at 1 ms, not 0: an untested (maybe hung) pod must not look
             // infinitely fast to peak-EWMA.
             ewma: Mutex::new((1e6, now)),
-            retired: AtomicBool::new(false),
         }
     }
 
@@ -190,11 +194,7 @@ impl Endpoint {
 
     /// Marks the endpoint as gone from the config.
     pub fn retire(&self) {
-        self.retired.store(true, Ordering::Relaxed);
-    }
-
-    pub fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::Relaxed)
+        self.labels.retire();
     }
 
     pub fn set_state(&self, state: EndpointState) {
@@ -307,23 +307,23 @@ impl Endpoint {
             return None;
         }
         let gateway = matches!(failure, Failure::Refused | Failure::Gateway);
-        let gw = if gateway {
+        let gateway_streak = if gateway {
             self.consecutive_gateway.fetch_add(1, Ordering::Relaxed) + 1
         } else {
             self.consecutive_gateway.store(0, Ordering::Relaxed);
             0
         };
-        let fivexx = self.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1;
+        let error_streak = self.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1;
         if gateway && self.probation.load(Ordering::Relaxed) {
             return Some(EjectReason::ProbationFailure);
         }
         if failure == Failure::Refused && od.eject_on_connect_refused {
             return Some(EjectReason::ConnectRefused);
         }
-        if od.consecutive_gateway_errors > 0 && gw >= od.consecutive_gateway_errors {
+        if od.consecutive_gateway_errors > 0 && gateway_streak >= od.consecutive_gateway_errors {
             return Some(EjectReason::ConsecutiveGatewayErrors);
         }
-        if od.consecutive_5xx > 0 && fivexx >= od.consecutive_5xx {
+        if od.consecutive_5xx > 0 && error_streak >= od.consecutive_5xx {
             return Some(EjectReason::Consecutive5xx);
         }
         None
@@ -367,16 +367,16 @@ impl Endpoint {
     pub fn observe_latency(&self, rtt: Duration, now: Instant) {
         const TAU_NS: f64 = 10e9;
         let sample = rtt.as_nanos() as f64;
-        let mut g = self.ewma.lock();
-        let (cost, last) = *g;
+        let mut ewma = self.ewma.lock();
+        let (cost, last) = *ewma;
         let next = if sample > cost {
             sample
         } else {
             let elapsed = now.saturating_duration_since(last).as_nanos() as f64;
-            let w = (-elapsed / TAU_NS).exp();
-            cost * w + sample * (1.0 - w)
+            let weight = (-elapsed / TAU_NS).exp();
+            cost * weight + sample * (1.0 - weight)
         };
-        *g = (next, now);
+        *ewma = (next, now);
     }
 
     /// Peak-EWMA load: latency estimate × (requests in flight + 1).
@@ -430,9 +430,42 @@ impl Drop for InflightGuard {
     }
 }
 
+// === impl EndpointLabels ===
+
+impl EndpointLabels {
+    pub fn new(addr: SocketAddr, pod: Option<&str>) -> Self {
+        EndpointLabels {
+            address: addr.to_string(),
+            pod: pod.unwrap_or_default().to_string(),
+            retired: AtomicBool::new(false),
+        }
+    }
+
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+}
+
 // === impl EjectReason ===
 
 impl EjectReason {
+    /// Every reason, in declaration order (`index` is the position here).
+    pub const ALL: [EjectReason; 4] = [
+        EjectReason::ConnectRefused,
+        EjectReason::ConsecutiveGatewayErrors,
+        EjectReason::Consecutive5xx,
+        EjectReason::ProbationFailure,
+    ];
+
+    /// The position in `ALL`, for series kept per reason.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             EjectReason::ConnectRefused => "connect_refused",
@@ -600,6 +633,32 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(e.inflight(), 0);
+    }
+
+    #[test]
+    fn every_eject_reason_is_listed_once_at_its_index() {
+        for (i, r) in EjectReason::ALL.into_iter().enumerate() {
+            assert_eq!(r.index(), i, "{}", r.as_str());
+        }
+    }
+
+    #[test]
+    fn labels_name_the_address_and_pod_and_retiring_marks_them() {
+        let e = Endpoint::new(
+            "10.0.0.7:8080".parse().unwrap(),
+            Some("web-1".into()),
+            EndpointState::Ready,
+            PoolConfig::default(),
+            0,
+        );
+        assert_eq!(
+            (e.labels.address.as_str(), e.labels.pod.as_str()),
+            ("10.0.0.7:8080", "web-1")
+        );
+        assert!(!e.labels.is_retired());
+        e.retire();
+        assert!(e.labels.is_retired());
+        assert_eq!(ep().labels.pod, "", "no pod: an empty label");
     }
 
     #[test]

@@ -34,19 +34,6 @@ pub enum Cause {
     ProxyInternalError,
 }
 
-pub const ALL_CAUSES: [Cause; 10] = [
-    Cause::ProxyInternalError,
-    Cause::ConnectionRefused,
-    Cause::ConnectionTimeout,
-    Cause::ConnectionTerminated,
-    Cause::KeepaliveRace,
-    Cause::HttpResponseTimeout,
-    Cause::HttpResponseIncomplete,
-    Cause::HttpProtocolError,
-    Cause::DestinationUnavailable,
-    Cause::UpstreamStatus,
-];
-
 /// How far a failed attempt got, which decides whether it may be retried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reach {
@@ -78,6 +65,25 @@ pub struct ProxyError {
 // === impl Cause ===
 
 impl Cause {
+    /// Every cause, in declaration order (`index` is the position here).
+    pub const ALL: [Cause; 10] = [
+        Cause::ConnectionRefused,
+        Cause::ConnectionTimeout,
+        Cause::ConnectionTerminated,
+        Cause::KeepaliveRace,
+        Cause::HttpResponseTimeout,
+        Cause::HttpResponseIncomplete,
+        Cause::HttpProtocolError,
+        Cause::DestinationUnavailable,
+        Cause::UpstreamStatus,
+        Cause::ProxyInternalError,
+    ];
+
+    /// The position in `ALL`, for series kept per cause.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The metric label and, for final errors, the RFC 9209 `error` parameter.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -139,12 +145,13 @@ impl AttemptError {
 
     /// Classifies a connect failure. The request never left.
     pub fn connect(err: &io::Error) -> Self {
-        // EADDRNOTAVAIL, EMFILE, ENFILE, ENOBUFS, ENOMEM: our own resources ran out.
-        const LOCAL: [i32; 5] = [99, 24, 23, 105, 12];
         let cause = match err.kind() {
             io::ErrorKind::TimedOut => Cause::ConnectionTimeout,
             io::ErrorKind::AddrNotAvailable => Cause::ProxyInternalError,
-            _ if err.raw_os_error().is_some_and(|c| LOCAL.contains(&c)) => {
+            _ if err
+                .raw_os_error()
+                .is_some_and(|c| errno::OWN_RESOURCES.contains(&c)) =>
+            {
                 Cause::ProxyInternalError
             }
             // Refused, unreachable, reset during the handshake: the endpoint cannot be reached.
@@ -157,7 +164,7 @@ impl AttemptError {
     /// served a request before; a failure with no response byte on such a connection is the
     /// keep-alive race.
     pub fn from_h1(err: &h1::Error, reused: bool) -> Self {
-        let detail = error_chain(err);
+        let detail = err.detail();
         let (cause, reach) = match err {
             h1::Error::Write { source, sent } => {
                 let reach = if *sent {
@@ -190,6 +197,17 @@ impl AttemptError {
     }
 }
 
+/// Linux errno values of a connect that failed because the sidecar's own resources ran out
+/// (std names no error kind for most of them).
+mod errno {
+    const ENOMEM: i32 = 12;
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    const EADDRNOTAVAIL: i32 = 99;
+    const ENOBUFS: i32 = 105;
+    pub const OWN_RESOURCES: [i32; 5] = [EADDRNOTAVAIL, EMFILE, ENFILE, ENOBUFS, ENOMEM];
+}
+
 fn is_reset(err: &(dyn StdError + 'static)) -> bool {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
@@ -205,21 +223,6 @@ fn is_reset(err: &(dyn StdError + 'static)) -> bool {
         cur = e.source();
     }
     false
-}
-
-/// `outer: inner: innermost`, for logs and `Proxy-Status` details.
-pub fn error_chain(err: &(dyn StdError + 'static)) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        let t = e.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = e.source();
-    }
-    s
 }
 
 // === impl ProxyError ===
@@ -352,8 +355,24 @@ mod tests {
     #[test]
     fn labels_are_unique() {
         let mut seen = std::collections::HashSet::new();
-        for c in ALL_CAUSES {
+        for c in Cause::ALL {
             assert!(seen.insert(c.as_str()));
+        }
+    }
+
+    #[test]
+    fn every_cause_is_listed_once_at_its_index() {
+        for (i, c) in Cause::ALL.into_iter().enumerate() {
+            assert_eq!(c.index(), i, "{c}");
+        }
+    }
+
+    #[test]
+    fn running_out_of_our_own_resources_is_not_the_endpoints_fault() {
+        for code in errno::OWN_RESOURCES {
+            let e = AttemptError::connect(&io::Error::from_raw_os_error(code));
+            assert_eq!(e.cause, Cause::ProxyInternalError, "errno {code}");
+            assert_eq!(e.reach, Reach::NotSent);
         }
     }
 }

@@ -12,19 +12,24 @@
 //! trailers, and those of a streamed request body). No pipelining and no HTTP/1.0 keep-alive:
 //! such connections are used once. A response head may be up to 64 KiB (Envoy's default limit
 //! is 60 KiB, NGINX's `proxy_buffer_size` 4-8 KiB; hyper's client allowed about 400 KiB).
+//!
+//! The codec knows nothing else of the sidecar (`tests/layering.rs` holds it to that): it sends
+//! any body that says how much of it is held ([`SendBody`]), and the per-try timer that travels
+//! with a pooled connection is its own [`Timer`].
 
 use std::{
+    error::Error as StdError,
     io,
     mem::MaybeUninit,
+    pin::Pin,
     task::{Context, Poll},
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use http_body::Body;
 use http_body_util::BodyExt;
-use tokio::{io::AsyncWriteExt, net::TcpStream};
-
-use super::{body::ReqBody, pool::Timer};
+use tokio::{io::AsyncWriteExt, net::TcpStream, time::Sleep};
 
 /// A response head larger than this is refused (real upstreams send a few hundred bytes).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -38,6 +43,35 @@ const EARLY_ANSWER_LIMIT: usize = 1 << 20;
 /// A chunk-size line or trailer field longer than this is a protocol error.
 const MAX_LINE: usize = 4096;
 
+/// A per-try timer that travels with its connection. Moving a timer's deadline later is one
+/// atomic store while it is still armed (tokio extends it in place), where a new timer per
+/// request costs a timer-wheel insertion and removal.
+pub type Timer = Pin<Box<Sleep>>;
+
+/// A request body as the codec sends it: a body held whole in memory goes out with a
+/// `Content-Length` (a small one in the same write as the head), a streamed one as it comes.
+pub trait SendBody: Body<Data = Bytes, Error: StdError + 'static> + Unpin {
+    fn held(&self) -> Held<'_>;
+}
+
+/// How much of a request body is in memory before it is sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Held<'a> {
+    /// No body bytes: the head's own `Content-Length`, if any, is kept (`POST` with
+    /// `Content-Length: 0`).
+    Nothing,
+    /// The whole body.
+    Whole(&'a Bytes),
+    /// Some or none of it: the rest comes from the client.
+    Streamed,
+}
+
+impl SendBody for http_body_util::Empty<Bytes> {
+    fn held(&self) -> Held<'_> {
+        Held::Nothing
+    }
+}
+
 /// One upstream connection, idle or serving one request.
 #[derive(Debug)]
 pub struct Conn {
@@ -45,11 +79,11 @@ pub struct Conn {
     /// Bytes read from the upstream and not yet used.
     buf: BytesMut,
     /// The request head being written; kept to save an allocation per request.
-    wbuf: Vec<u8>,
+    head_buf: Vec<u8>,
     /// Bytes of interim (1xx) heads consumed in the current exchange: a connection that
     /// answered anything at all did not just close under us (not a keep-alive race).
     consumed: usize,
-    /// The per-try timer that travels with the connection (see `pool::Timer`).
+    /// The per-try timer that travels with the connection.
     pub timer: Option<Timer>,
     /// The upstream's `Keep-Alive: timeout=N` on its last response: how long it keeps this
     /// connection open while idle.
@@ -76,11 +110,18 @@ pub enum Error {
     ClientBody(String),
 }
 
+impl Error {
+    /// The error with its sources, `outer: inner`, for logs and `Proxy-Status` details.
+    pub fn detail(&self) -> String {
+        error_chain(self)
+    }
+}
+
 /// A failed exchange, with the request body when none of it was sent (it can go elsewhere).
 #[derive(Debug)]
-pub struct Failed {
+pub struct Failed<B> {
     pub error: Error,
-    pub unsent: Option<ReqBody>,
+    pub unsent: Option<B>,
 }
 
 /// Why a response body could not be read to its end.
@@ -97,11 +138,12 @@ pub enum BodyError {
 /// A response head and what follows it.
 pub struct Received {
     pub head: http::response::Parts,
-    pub body: Incoming,
+    pub body: ResponseBody,
 }
 
-/// The response body as the exchange left it.
-pub enum Incoming {
+/// The response body as the exchange left it (not hyper's `Incoming`: this one may be whole
+/// already, or an upgraded connection).
+pub enum ResponseBody {
     /// The whole body came with the head (the common small response). `idle` is the connection,
     /// ready for its next request, unless it must close.
     Done {
@@ -156,7 +198,7 @@ impl Conn {
         Ok(Conn {
             io,
             buf: BytesMut::new(),
-            wbuf: Vec::new(),
+            head_buf: Vec::new(),
             consumed: 0,
             timer: None,
             keep_alive_timeout: None,
@@ -200,25 +242,27 @@ impl Conn {
     /// Sends one request and reads the response head. `parts` is the head as it goes upstream
     /// (origin-form target, hop-by-hop headers removed); `host` is used when it has no `Host`.
     /// With `upgrade`, a `101` response hands over the connection.
-    pub async fn send(
+    pub async fn send<B: SendBody>(
         mut self,
         parts: &Parts,
         host: &HeaderValue,
-        body: ReqBody,
+        body: B,
         upgrade: bool,
-    ) -> Result<Received, Failed> {
+    ) -> Result<Received, Failed<B>> {
         self.consumed = 0;
-        let mut head = std::mem::take(&mut self.wbuf);
-        let framing = encode_head(parts, host, &body, &mut head);
-        let coalesce =
-            matches!(&body, ReqBody::Full(b) if b.as_ref().is_none_or(|b| b.len() <= COALESCE));
-        if coalesce {
-            if let ReqBody::Full(Some(b)) = &body {
+        let mut head = std::mem::take(&mut self.head_buf);
+        let held = body.held();
+        let framing = encode_head(parts, host, held, &mut head);
+        let coalesce = match held {
+            Held::Nothing => true,
+            Held::Whole(b) if b.len() <= COALESCE => {
                 head.extend_from_slice(b);
+                true
             }
-        }
+            _ => false,
+        };
         let written = self.write_head(&head).await;
-        self.keep_wbuf(head);
+        self.keep_head_buf(head);
         match written {
             Ok(()) => {}
             Err(error @ Error::Write { sent: false, .. }) => {
@@ -258,12 +302,12 @@ impl Conn {
     /// next write fail: its answer is already in the socket, ahead of the reset, and is what the
     /// client should get. Without one, the write error stands. The connection is dead either way,
     /// so the read ends at once (and the attempt's timer bounds it regardless).
-    async fn answer_after(
+    async fn answer_after<B>(
         self,
         error: Error,
         parts: &Parts,
         upgrade: bool,
-    ) -> Result<Received, Failed> {
+    ) -> Result<Received, Failed<B>> {
         match self.read_response(&parts.method, upgrade, false).await {
             Ok(received) => Ok(received),
             Err(parse @ Error::Parse(_)) => Err(Failed {
@@ -278,9 +322,9 @@ impl Conn {
     }
 
     /// An idle connection keeps a head-sized write buffer, not a large body's.
-    fn keep_wbuf(&mut self, buf: Vec<u8>) {
+    fn keep_head_buf(&mut self, buf: Vec<u8>) {
         if buf.capacity() <= 4096 {
-            self.wbuf = buf;
+            self.head_buf = buf;
         }
     }
 
@@ -310,47 +354,12 @@ impl Conn {
     /// Streams a body after its head. An upstream that answers before it has the whole body
     /// (a 413, an early error) gets no more of it: the response is read, and the connection is
     /// not used again. Returns whether the whole body was sent.
-    async fn send_body(&mut self, mut body: ReqBody, framing: BodyOut) -> Result<bool, Error> {
+    async fn send_body<B: SendBody>(&mut self, body: B, framing: BodyOut) -> Result<bool, Error> {
         let (mut rd, mut wr) = self.io.split();
         let mut probe = [0u8; 1];
-        let sending = async {
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| Error::ClientBody(super::errors::error_chain(&e)))?;
-                let Ok(data) = frame.into_data() else {
-                    continue;
-                };
-                if data.is_empty() {
-                    continue;
-                }
-                let w = if framing == BodyOut::Chunked {
-                    let mut out = BytesMut::with_capacity(data.len() + 12);
-                    out.put_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                    out.put_slice(&data);
-                    out.put_slice(b"\r\n");
-                    wr.write_all(&out).await
-                } else {
-                    wr.write_all(&data).await
-                };
-                w.map_err(|e| Error::Write {
-                    source: e,
-                    sent: true,
-                })?;
-            }
-            if framing == BodyOut::Chunked {
-                wr.write_all(b"0\r\n\r\n").await.map_err(|e| Error::Write {
-                    source: e,
-                    sent: true,
-                })?;
-            }
-            Ok::<(), Error>(())
-        };
-        let buf = &mut self.buf;
-        let consumed = &mut self.consumed;
-        let mut sending = std::pin::pin!(sending);
-        // A final 2xx came while the body was going out (a full-duplex upstream answering as it
-        // reads): the body goes on, and what the upstream sends meanwhile is read into the
-        // buffer, so an upstream that streams its answer never blocks on us and stops reading.
-        let mut answered = false;
+        let mut sending = std::pin::pin!(write_body(&mut wr, body, framing));
+        let (buf, consumed) = (&mut self.buf, &mut self.consumed);
+        let mut early = EarlyAnswer::default();
         loop {
             tokio::select! {
                 biased;
@@ -368,29 +377,8 @@ impl Conn {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                         Err(_) => return Ok(false),
                     }
-                    if answered {
-                        if buf.len() > EARLY_ANSWER_LIMIT {
-                            // Too much to hold: the body is cut short, the answer goes on.
-                            return Ok(false);
-                        }
-                        continue;
-                    }
-                    loop {
-                        match early_head(buf) {
-                            // `100 Continue` (asked for by the client's `Expect`) and other
-                            // interim answers: the body goes on.
-                            Early::Interim(len) => {
-                                let _ = buf.split_to(len);
-                                *consumed += len;
-                            }
-                            Early::Partial if buf.len() < MAX_HEAD => break,
-                            Early::Final(status) if status.is_success() => {
-                                answered = true;
-                                break;
-                            }
-                            // Refused (413, 401, a redirect...) or garbage: no more body.
-                            _ => return Ok(false),
-                        }
+                    if !early.body_goes_on(buf, consumed) {
+                        return Ok(false);
                     }
                 }
             }
@@ -415,7 +403,7 @@ impl Conn {
                 let early = self.buf.split().freeze();
                 return Ok(Received {
                     head,
-                    body: Incoming::Upgraded { io: self.io, early },
+                    body: ResponseBody::Upgraded { io: self.io, early },
                 });
             }
             if status.is_informational() {
@@ -440,13 +428,13 @@ impl Conn {
                     let idle = (keep_alive && self.buf.is_empty()).then_some(self);
                     return Ok(Received {
                         head,
-                        body: Incoming::Done { data, idle },
+                        body: ResponseBody::Done { data, idle },
                     });
                 }
             }
             return Ok(Received {
                 head,
-                body: Incoming::Streaming(BodyStream {
+                body: ResponseBody::Streaming(BodyStream {
                     conn: Some(self),
                     framing,
                     keep_alive,
@@ -475,6 +463,73 @@ impl Conn {
                 Ok(0) => return Err(Error::Closed { received }),
                 Ok(_) => {}
                 Err(source) => return Err(Error::Read { source, received }),
+            }
+        }
+    }
+}
+
+/// Writes a streamed request body, chunk-encoded when the head said so.
+async fn write_body<B: SendBody>(
+    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    mut body: B,
+    framing: BodyOut,
+) -> Result<(), Error> {
+    let failed = |source| Error::Write { source, sent: true };
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Error::ClientBody(error_chain(&e)))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        let written = if framing == BodyOut::Chunked {
+            let mut out = BytesMut::with_capacity(data.len() + 12);
+            out.put_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            out.put_slice(&data);
+            out.put_slice(b"\r\n");
+            wr.write_all(&out).await
+        } else {
+            wr.write_all(&data).await
+        };
+        written.map_err(failed)?;
+    }
+    if framing == BodyOut::Chunked {
+        wr.write_all(b"0\r\n\r\n").await.map_err(failed)?;
+    }
+    Ok(())
+}
+
+/// What the upstream answered so far while the request body goes out.
+#[derive(Default)]
+struct EarlyAnswer {
+    /// A final 2xx came (a full-duplex upstream answering as it reads): the body goes on, and
+    /// what the upstream sends meanwhile is held in the buffer, so an upstream that streams its
+    /// answer never blocks on us and stops reading.
+    answered: bool,
+}
+
+impl EarlyAnswer {
+    /// New bytes from the upstream are in `buf`: does the body go on? Interim heads (`100
+    /// Continue`, asked for by the client's `Expect`) are taken off and counted in `consumed`;
+    /// a refusal (413, 401, a redirect...) or garbage ends the body.
+    fn body_goes_on(&mut self, buf: &mut BytesMut, consumed: &mut usize) -> bool {
+        if self.answered {
+            // Past the limit the body is cut short; the answer goes on.
+            return buf.len() <= EARLY_ANSWER_LIMIT;
+        }
+        loop {
+            match early_head(buf) {
+                Early::Interim(len) => {
+                    let _ = buf.split_to(len);
+                    *consumed += len;
+                }
+                Early::Partial => return buf.len() < MAX_HEAD,
+                Early::Final(status) if status.is_success() => {
+                    self.answered = true;
+                    return true;
+                }
+                Early::Final(_) => return false,
             }
         }
     }
@@ -520,7 +575,7 @@ enum BodyOut {
 }
 
 /// Writes the request head in wire form into `out` (cleared first); says how its body follows.
-fn encode_head(parts: &Parts, host: &HeaderValue, body: &ReqBody, out: &mut Vec<u8>) -> BodyOut {
+fn encode_head(parts: &Parts, host: &HeaderValue, body: Held<'_>, out: &mut Vec<u8>) -> BodyOut {
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     out.clear();
     out.reserve(256 + parts.headers.len() * 32);
@@ -539,11 +594,11 @@ fn encode_head(parts: &Parts, host: &HeaderValue, body: &ReqBody, out: &mut Vec<
     }
     let declared = parts.headers.get(header::CONTENT_LENGTH);
     let framing = match body {
-        ReqBody::Full(Some(b)) => {
+        Held::Whole(b) => {
             put_header(out, b"content-length", b.len().to_string().as_bytes());
             BodyOut::Sized
         }
-        ReqBody::Full(None) => {
+        Held::Nothing => {
             // `POST` with `Content-Length: 0` keeps saying so.
             if let Some(v) = declared {
                 put_header(out, b"content-length", v.as_bytes());
@@ -551,7 +606,7 @@ fn encode_head(parts: &Parts, host: &HeaderValue, body: &ReqBody, out: &mut Vec<
             BodyOut::Sized
         }
         // hyper's server checked the client's framing: a declared length is exact.
-        ReqBody::Stream(_) | ReqBody::Prefixed(..) => match declared {
+        Held::Streamed => match declared {
             Some(v) => {
                 put_header(out, b"content-length", v.as_bytes());
                 BodyOut::Sized
@@ -642,6 +697,35 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
         .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
+/// Is the message's `Transfer-Encoding` (over all its field lines) exactly `chunked`?
+pub fn is_chunked_only(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty());
+    matches!(
+        (codings.next(), codings.next()),
+        (Some(t), None) if t.eq_ignore_ascii_case(b"chunked")
+    )
+}
+
+/// `outer: inner: innermost`, for logs and `Proxy-Status` details.
+fn error_chain(err: &(dyn StdError + 'static)) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let t = e.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = e.source();
+    }
+    s
+}
+
 /// `Keep-Alive: timeout=5, max=100` → 5 s (RFC 2068 §19.7.1.1; Node.js and Apache send it).
 fn keep_alive_timeout(headers: &HeaderMap) -> Option<std::time::Duration> {
     let v = headers.get("keep-alive")?.to_str().ok()?;
@@ -673,7 +757,7 @@ fn body_framing(
         // its coding dropped (`Transfer-Encoding` is hop-by-hop) would hand the client gzip
         // bytes labelled as plain content; a body "read until close" under an unknown coding
         // is no better.
-        if super::headers::is_chunked_only(headers) {
+        if is_chunked_only(headers) {
             return Ok(Framing::Chunked(Chunk::Size));
         }
         let codings: Vec<_> = headers
@@ -1098,6 +1182,43 @@ mod tests {
     }
 
     #[test]
+    fn an_early_answer_decides_whether_the_request_body_goes_on() {
+        let goes_on = |early: &mut EarlyAnswer, wire: &[u8]| {
+            let mut buf = BytesMut::from(wire);
+            let mut consumed = 0;
+            let on = early.body_goes_on(&mut buf, &mut consumed);
+            (on, consumed, buf.len())
+        };
+        let fresh = EarlyAnswer::default;
+        let cont = b"HTTP/1.1 100 Continue\r\n\r\n";
+        assert_eq!(goes_on(&mut fresh(), cont), (true, cont.len(), 0));
+        assert_eq!(
+            goes_on(&mut fresh(), b"HTTP/1.1 2"),
+            (true, 0, 10),
+            "partial"
+        );
+        let big_partial = vec![b'x'; MAX_HEAD];
+        assert!(
+            !goes_on(&mut fresh(), &big_partial).0,
+            "no head within MAX_HEAD"
+        );
+        let refused = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 Too Large\r\n\r\n";
+        assert_eq!(
+            goes_on(&mut fresh(), refused),
+            (false, cont.len(), refused.len() - cont.len())
+        );
+        assert!(!goes_on(&mut fresh(), b"garbage\r\n\r\n").0);
+
+        // A 2xx while the body goes out: the body goes on, what follows is held, up to a limit.
+        let mut early = fresh();
+        let ok = b"HTTP/1.1 200 OK\r\n\r\n";
+        assert_eq!(goes_on(&mut early, ok), (true, 0, ok.len()));
+        assert!(early.answered);
+        assert!(goes_on(&mut early, &vec![b'x'; EARLY_ANSWER_LIMIT]).0);
+        assert!(!goes_on(&mut early, &vec![b'x'; EARLY_ANSWER_LIMIT + 1]).0);
+    }
+
+    #[test]
     fn request_heads_carry_their_framing() {
         let req = |method: &str, headers: &[(&str, &str)]| {
             let mut b = http::Request::builder().method(method).uri("/p?q=1");
@@ -1107,18 +1228,18 @@ mod tests {
             b.body(()).unwrap().into_parts().0
         };
         let host = HeaderValue::from_static("10.0.0.1:80");
-        let enc = |parts: &Parts, body: &ReqBody| {
+        let enc = |parts: &Parts, body: Held<'_>| {
             let mut out = b"left over".to_vec();
             let f = encode_head(parts, &host, body, &mut out);
             (out, f)
         };
-        let (wire, f) = enc(&req("GET", &[]), &ReqBody::empty());
+        let (wire, f) = enc(&req("GET", &[]), Held::Nothing);
         assert_eq!(wire, b"GET /p?q=1 HTTP/1.1\r\nhost: 10.0.0.1:80\r\n\r\n");
         assert!(f == BodyOut::Sized);
 
         let (wire, _) = enc(
             &req("POST", &[("host", "app"), ("content-length", "99")]),
-            &ReqBody::Full(Some(Bytes::from_static(b"abc"))),
+            Held::Whole(&Bytes::from_static(b"abc")),
         );
         assert_eq!(
             wire,
@@ -1126,7 +1247,7 @@ mod tests {
         );
         let (wire, _) = enc(
             &req("POST", &[("host", "app"), ("content-length", "0")]),
-            &ReqBody::empty(),
+            Held::Nothing,
         );
         assert_eq!(
             wire,

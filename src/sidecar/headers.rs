@@ -3,6 +3,8 @@
 
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 
+use super::h1::is_chunked_only;
+
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1 plus the legacy ones).
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -122,20 +124,6 @@ pub fn refuse_request(headers: &HeaderMap) -> Option<(http::StatusCode, &'static
         ));
     }
     None
-}
-
-/// Is the message's `Transfer-Encoding` (over all its field lines) exactly `chunked`?
-pub fn is_chunked_only(headers: &HeaderMap) -> bool {
-    let mut codings = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty());
-    matches!(
-        (codings.next(), codings.next()),
-        (Some(t), None) if t.eq_ignore_ascii_case(b"chunked")
-    )
 }
 
 /// Methods that are safe to send twice (RFC 9110 §9.2.2).

@@ -1,8 +1,10 @@
 //! `detour sidecar`: the reverse-proxy data plane.
 //!
-//! A request flows listener (`runtime`) → `proxy::handle` → `balancer::pick` → `pool` →
-//! upstream, and failures flow back through `errors` (one response, one cause label) and
-//! `upstream::record_failure` (outlier detection). Config changes flow from a `source` (a file, or
+//! A request flows listener (`runtime`) → `proxy::handle` → `balancer::pick` → `pool` → the
+//! HTTP/1.1 codec `h1` → upstream, and failures flow back through `errors` (one response, one
+//! cause label) and `upstream::record_failure` (outlier detection); a response body broken off
+//! after its head reports through `body::BodyFailure`. Modules depend one way, in the layers
+//! `tests/layering.rs` lists. Config changes flow from a `source` (a file, or
 //! the `detour-config` ConfigMap watched through the API) → `SidecarHandle::apply`, which swaps
 //! each listener's upstream atomically.
 
@@ -27,10 +29,10 @@ mod workers;
 use std::{net::SocketAddr, path::PathBuf};
 
 pub use self::endpoint::{EndpointSnapshot, Health};
-pub use self::errors::Cause;
-pub use self::labels::{matches as selector_matches, parse_downward_labels};
+pub use self::labels::matches as selector_matches;
+use self::labels::parse_downward_labels;
 pub use self::runtime::{Options, Sidecar, SidecarHandle, UpstreamView};
-pub use self::source::{ConfigSource, Update};
+pub use self::source::ConfigSource;
 use crate::config::{ConfigError, FieldErrors, CONFIG_MAP};
 
 /// Flags of `detour sidecar`.

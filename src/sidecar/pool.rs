@@ -13,7 +13,6 @@ use std::{
     collections::VecDeque,
     io,
     net::SocketAddr,
-    pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -23,7 +22,7 @@ use std::{
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use super::h1;
 
@@ -44,13 +43,8 @@ impl Default for PoolConfig {
     }
 }
 
-/// Cheap to clone: all clones share one set of idle connections.
-#[derive(Clone)]
+/// The idle connections of one endpoint on one worker thread.
 pub struct Pool {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
     addr: SocketAddr,
     /// One lock for both: checkout and release need the config's timings anyway.
     state: Mutex<State>,
@@ -71,13 +65,8 @@ struct Idle {
     seen_open: Duration,
 }
 
-/// A per-try timer that travels with its connection. Moving a timer's deadline later is one
-/// atomic store while it is still armed (tokio extends it in place), where a new timer per
-/// request costs a timer-wheel insertion and removal.
-pub type Timer = Pin<Box<Sleep>>;
-
-/// A connection ready to send one request.
-pub struct Conn {
+/// A connection taken from the pool, ready to send one request, with what the pool knows of it.
+pub struct Checkout {
     pub conn: h1::Conn,
     /// It served a request before (a failure with no response byte is then a keep-alive race).
     pub reused: bool,
@@ -100,50 +89,48 @@ pub enum Reuse {
 impl Pool {
     pub fn new(addr: SocketAddr, config: PoolConfig) -> Self {
         Pool {
-            inner: Arc::new(Inner {
-                addr,
-                state: Mutex::new(State {
-                    config,
-                    idle: Vec::new(),
-                    learner: None,
-                }),
+            addr,
+            state: Mutex::new(State {
+                config,
+                idle: Vec::new(),
+                learner: None,
             }),
         }
     }
 
     pub fn set_config(&self, config: PoolConfig) {
-        self.inner.state.lock().config = config;
+        self.state.lock().config = config;
     }
 
     pub fn config(&self) -> PoolConfig {
-        self.inner.state.lock().config
+        self.state.lock().config
     }
 
     /// The upstream's learner, which this pool reports to and takes its limit from.
     pub fn set_learner(&self, learner: Arc<IdleLearner>) {
-        self.inner.state.lock().learner = Some(learner);
+        self.state.lock().learner = Some(learner);
     }
 
     pub fn idle_len(&self) -> usize {
-        self.inner.state.lock().idle.len()
+        self.state.lock().idle.len()
     }
 
     /// The most recently used idle connection that is still open and fresh enough. `now` is the
     /// caller's clock reading (one read per request is enough).
-    pub fn checkout(&self, now: Instant, reuse: Reuse) -> Option<Conn> {
+    pub fn checkout(&self, now: Instant, reuse: Reuse) -> Option<Checkout> {
         loop {
             let (found, learner) = self.pop_usable(now);
-            let c = found?;
-            if reuse == Reuse::Replayable || c.conn.is_open_now() {
-                return Some(Conn {
-                    seen_open: now.saturating_duration_since(c.since),
-                    conn: c.conn,
+            let idle = found?;
+            if reuse == Reuse::Replayable || idle.conn.is_open_now() {
+                return Some(Checkout {
+                    seen_open: now.saturating_duration_since(idle.since),
+                    conn: idle.conn,
                     reused: true,
                 });
             }
             // Closed, and the reactor had not noticed yet: the next one.
             if let Some(l) = learner {
-                l.observe_close(c.seen_open, now);
+                l.observe_close(idle.seen_open, now);
             }
         }
     }
@@ -152,7 +139,7 @@ impl Pool {
     /// closes the others on the way (after the lock is let go: closing is a system call).
     fn pop_usable(&self, now: Instant) -> (Option<Idle>, Option<Arc<IdleLearner>>) {
         let mut dead: Vec<Idle> = Vec::new();
-        let mut state = self.inner.state.lock();
+        let mut state = self.state.lock();
         let limit = state.idle_limit();
         let learner = state.learner.clone();
         let idle = &mut state.idle;
@@ -188,7 +175,7 @@ impl Pool {
     /// Opens a new connection, within `connect_timeout`.
     pub async fn connect(&self) -> io::Result<h1::Conn> {
         let cfg = self.config();
-        tokio::time::timeout(cfg.connect_timeout, h1::Conn::connect(self.inner.addr))
+        tokio::time::timeout(cfg.connect_timeout, h1::Conn::connect(self.addr))
             .await
             .map_err(|_| {
                 io::Error::new(
@@ -202,7 +189,7 @@ impl Pool {
     pub fn release(&self, mut conn: h1::Conn) {
         conn.make_idle();
         let since = Instant::now();
-        let mut state = self.inner.state.lock();
+        let mut state = self.state.lock();
         if let (Some(l), Some(t)) = (&state.learner, conn.keep_alive_timeout()) {
             l.observe_header(t);
         }
@@ -220,7 +207,7 @@ impl Pool {
     /// A reused connection turned out closed as a request went out on it (the keep-alive race):
     /// the upstream closed it after `seen_open` of idleness.
     pub fn observe_race(&self, seen_open: Duration) {
-        let learner = self.inner.state.lock().learner.clone();
+        let learner = self.state.lock().learner.clone();
         if let Some(l) = learner {
             l.observe_close(seen_open, Instant::now());
         }
@@ -231,7 +218,7 @@ impl Pool {
     /// sidecar.
     pub fn purge(&self) {
         let now = Instant::now();
-        let mut state = self.inner.state.lock();
+        let mut state = self.state.lock();
         let limit = state.idle_limit();
         let learner = state.learner.clone();
         let mut closed = Vec::new();
@@ -293,9 +280,9 @@ impl Idle {
 /// Observations kept per upstream; the estimate is their median, so one odd close (a pod that
 /// restarted, closing every connection at once) does not move it.
 const CLOSES: usize = 5;
-/// Observations needed before closes are trusted: one. Waiting for a second cost 4 POSTs in the
-/// benchmark's first run (bursts 1 s apart against a 1 s idle timeout: the burst between the
-/// first and the second observation met connections being closed).
+/// Observations needed before closes are trusted: one. Waiting for a second lets requests meet
+/// connections being closed in between (bursts 1 s apart against a 1 s idle timeout: the burst
+/// between the first and the second observation did).
 const CLOSES_NEEDED: usize = 1;
 /// Closes seen closer together than this count once: a restart closes every connection at once.
 const CLOSE_SPACING: Duration = Duration::from_millis(500);
@@ -499,17 +486,96 @@ fn fmt_secs(d: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::{future::poll_fn, time::Duration};
+    use std::{
+        future::poll_fn,
+        sync::atomic::{AtomicUsize, Ordering},
+        time::Duration,
+    };
 
+    use bytes::Bytes;
     use http::HeaderValue;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+        sync::watch,
+    };
 
     use super::*;
-    use crate::demo::pod::SimPod;
-    use crate::sidecar::body::ReqBody;
 
-    fn pool(pod: &SimPod, idle_timeout: Duration) -> Pool {
+    /// A keep-alive HTTP/1.1 server on 127.0.0.1 that answers every request `200 ok`, counts
+    /// requests and connections, and closes its connections when told to.
+    struct Server {
+        addr: SocketAddr,
+        requests: Arc<AtomicUsize>,
+        connections: Arc<AtomicUsize>,
+        close: watch::Sender<u64>,
+    }
+
+    impl Server {
+        async fn start() -> Server {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let server = Server {
+                addr: listener.local_addr().unwrap(),
+                requests: Arc::default(),
+                connections: Arc::default(),
+                close: watch::channel(0).0,
+            };
+            let (requests, connections) = (server.requests.clone(), server.connections.clone());
+            let close = server.close.clone();
+            tokio::spawn(async move {
+                while let Ok((io, _)) = listener.accept().await {
+                    connections.fetch_add(1, Ordering::SeqCst);
+                    let mut closing = close.subscribe();
+                    closing.mark_unchanged();
+                    let requests = requests.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = serve(io, &requests) => {}
+                            _ = closing.changed() => {}
+                        }
+                    });
+                }
+            });
+            server
+        }
+
+        fn requests(&self) -> usize {
+            self.requests.load(Ordering::SeqCst)
+        }
+
+        fn connections(&self) -> usize {
+            self.connections.load(Ordering::SeqCst)
+        }
+
+        /// Closes every connection open now.
+        fn close_connections(&self) {
+            self.close.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Answers each bodiless request on `io` until the client closes.
+    async fn serve(mut io: TcpStream, requests: &AtomicUsize) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                buf.drain(..end + 4);
+                requests.fetch_add(1, Ordering::SeqCst);
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if io.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+            match io.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    fn pool(server: &Server, idle_timeout: Duration) -> Pool {
         Pool::new(
-            pod.addr(),
+            server.addr,
             PoolConfig {
                 idle_timeout,
                 max_idle: 2,
@@ -522,29 +588,29 @@ mod tests {
     /// pool, as the proxy does.
     async fn exchange(pool: &Pool, conn: h1::Conn) {
         let parts = http::Request::get("/").body(()).unwrap().into_parts().0;
-        let host = HeaderValue::from_static("pod");
+        let host = HeaderValue::from_static("server");
         let got = conn
-            .send(&parts, &host, ReqBody::empty(), false)
+            .send(&parts, &host, http_body_util::Empty::<Bytes>::new(), false)
             .await
             .expect("response head");
         assert_eq!(got.head.status, http::StatusCode::OK);
         let idle = match got.body {
-            h1::Incoming::Done { idle, .. } => idle,
-            h1::Incoming::Streaming(mut body) => {
+            h1::ResponseBody::Done { idle, .. } => idle,
+            h1::ResponseBody::Streaming(mut body) => {
                 while let Some(chunk) = poll_fn(|cx| body.poll_data(cx)).await {
                     chunk.expect("body");
                 }
                 body.take_idle()
             }
-            h1::Incoming::Upgraded { .. } => panic!("no upgrade asked"),
+            h1::ResponseBody::Upgraded { .. } => panic!("no upgrade asked"),
         };
         pool.release(idle.expect("a keep-alive connection"));
     }
 
     #[tokio::test]
     async fn a_finished_connection_is_reused_and_max_idle_bounds_the_pool() {
-        let pod = SimPod::start("p").await.unwrap();
-        let pool = pool(&pod, Duration::from_secs(60));
+        let server = Server::start().await;
+        let pool = pool(&server, Duration::from_secs(60));
         assert!(
             pool.checkout(Instant::now(), Reuse::Replayable).is_none(),
             "nothing pooled yet"
@@ -560,8 +626,8 @@ mod tests {
         assert!(first.reused);
         exchange(&pool, first.conn).await;
         // Three requests, two connections: the pool never opened a third.
-        assert_eq!(pod.requests(), 3);
-        assert_eq!(pod.connections(), 2);
+        assert_eq!(server.requests(), 3);
+        assert_eq!(server.connections(), 2);
         // max_idle 2: a third release pushes out the oldest.
         let c = pool.connect().await.unwrap();
         exchange(&pool, c).await;
@@ -570,8 +636,8 @@ mod tests {
 
     #[tokio::test]
     async fn expired_and_closed_connections_are_never_handed_out() {
-        let pod = SimPod::start("p").await.unwrap();
-        let short = pool(&pod, Duration::from_millis(50));
+        let server = Server::start().await;
+        let short = pool(&server, Duration::from_millis(50));
         let conn = short.connect().await.unwrap();
         exchange(&short, conn).await;
         // Generous: only "later than 50 ms" matters.
@@ -582,12 +648,12 @@ mod tests {
         );
         assert_eq!(short.idle_len(), 0);
 
-        let long = pool(&pod, Duration::from_secs(60));
+        let long = pool(&server, Duration::from_secs(60));
         let conn = long.connect().await.unwrap();
         exchange(&long, conn).await;
         assert_eq!(long.idle_len(), 1);
         // The upstream closes its side: the connection is forgotten, by checkout or purge.
-        pod.close_connections();
+        server.close_connections();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while long.idle_len() > 0 {
             assert!(
@@ -602,7 +668,7 @@ mod tests {
         // Checkout alone notices a closed connection too, and hands out none.
         let conn = long.connect().await.unwrap();
         exchange(&long, conn).await;
-        pod.close_connections();
+        server.close_connections();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             // A connection handed out while the close is still in flight goes back.

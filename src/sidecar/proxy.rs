@@ -18,9 +18,10 @@ use super::{
     body::{ReqBody, RespBody},
     endpoint::{Endpoint, Failure, InflightGuard},
     errors::{AttemptError, Cause, ProxyError, Reach},
-    h1, headers,
+    h1::{self, Timer},
+    headers,
     metrics::NoRetry,
-    pool::{Conn, Reuse, Timer},
+    pool::{Checkout, Reuse},
     upstream::UpstreamRt,
 };
 use crate::config::{LoadBalancer, RetryOn};
@@ -104,7 +105,7 @@ enum Mode {
 enum Attempt {
     Response {
         head: http::response::Parts,
-        body: h1::Incoming,
+        body: h1::ResponseBody,
         timer: Timer,
         guard: InflightGuard,
     },
@@ -265,7 +266,7 @@ async fn forward(
                     ep.observe_latency(now.elapsed(), Instant::now());
                 }
                 let resp_body = match resp_body {
-                    h1::Incoming::Upgraded { io, early } => {
+                    h1::ResponseBody::Upgraded { io, early } => {
                         // h1 hands over a connection only for a 101 to an upgrade request.
                         let on_client = on_client_upgrade
                             .take()
@@ -277,7 +278,7 @@ async fn forward(
                 };
                 let gateway = matches!(status.as_u16(), 502..=504);
                 if gateway {
-                    m.attempt_failure(ep, Cause::UpstreamStatus);
+                    m.attempt_failure(&ep.labels, Cause::UpstreamStatus);
                     up.record_failure(ep, Failure::Gateway, Instant::now());
                     let can = may_retry(
                         up,
@@ -293,7 +294,7 @@ async fn forward(
                             m.retry(Cause::UpstreamStatus);
                             failed_before = true;
                             // A short 502 read whole leaves its connection usable.
-                            if let h1::Incoming::Done {
+                            if let h1::ResponseBody::Done {
                                 idle: Some(conn), ..
                             } = resp_body
                             {
@@ -325,7 +326,7 @@ async fn forward(
                 err,
                 body: returned,
             } => {
-                m.attempt_failure(ep, err.cause);
+                m.attempt_failure(&ep.labels, err.cause);
                 if returned.is_some() {
                     body = returned;
                 }
@@ -410,14 +411,14 @@ async fn attempt(
         None => tokio::time::timeout_at(until, ep.pool().connect())
             .await
             .map(|r| {
-                r.map(|conn| Conn {
+                r.map(|conn| Checkout {
                     conn,
                     reused: false,
                     seen_open: Duration::ZERO,
                 })
             }),
     };
-    let Conn {
+    let Checkout {
         mut conn,
         reused,
         seen_open,
@@ -615,7 +616,7 @@ async fn buffer_body(mut body: Incoming, limit: usize) -> Result<ReqBody, hyper:
 /// `handle` hands the body its upstream once the metrics are recorded.
 fn client_response(
     mut parts: http::response::Parts,
-    body: h1::Incoming,
+    body: h1::ResponseBody,
     ep: &Endpoint,
     timer: Timer,
     guard: InflightGuard,
@@ -630,14 +631,14 @@ fn client_response(
         }
     }
     let body = match body {
-        h1::Incoming::Done { data, idle } => {
+        h1::ResponseBody::Done { data, idle } => {
             if let Some(conn) = idle {
                 release(ep, conn, timer);
             }
             drop(guard);
             RespBody::Full(data)
         }
-        h1::Incoming::Streaming(mut body) => {
+        h1::ResponseBody::Streaming(mut body) => {
             body.keep_timer(timer);
             RespBody::Upstream {
                 body,
@@ -645,7 +646,7 @@ fn client_response(
                 upstream: None,
             }
         }
-        h1::Incoming::Upgraded { .. } => unreachable!("an upgraded connection is tunnelled"),
+        h1::ResponseBody::Upgraded { .. } => unreachable!("an upgraded connection is tunnelled"),
     };
     Response::from_parts(parts, body)
 }

@@ -7,14 +7,14 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 use tokio::time::Instant;
 
 use super::{
+    body::BodyFailure,
     budget::Budget,
     endpoint::{Endpoint, EndpointSnapshot, Failure},
     errors::Cause,
-    metrics::UpstreamMetrics,
+    metrics::{EndpointCounts, UpstreamMetrics},
     pool::{IdleLearner, IdleReport, IdleView, PoolConfig},
 };
 use crate::config::{Policy, Upstream};
-use crate::report::LiveState;
 
 pub struct UpstreamRt {
     pub name: String,
@@ -105,7 +105,7 @@ impl UpstreamRt {
         for old in &prev.endpoints {
             if !self.endpoints.iter().any(|e| Arc::ptr_eq(e, old)) {
                 old.retire();
-                self.metrics.remove_endpoint(old);
+                self.metrics.remove_endpoint(&old.labels);
             }
         }
     }
@@ -133,40 +133,25 @@ impl UpstreamRt {
             tracing::debug!(upstream = %self.name, endpoint = %ep.addr, "ejection skipped: maxEjectionPercent reached");
             return;
         }
-        let d = ep.eject(od, now);
-        self.metrics.ejection(ep, reason);
+        let ejected_for = ep.eject(od, now);
+        self.metrics.ejection(&ep.labels, reason);
         tracing::warn!(
             upstream = %self.name,
             endpoint = %ep.addr,
             pod = ep.pod.as_deref().unwrap_or(""),
             reason = reason.as_str(),
-            ejected_for_ms = d.as_millis() as u64,
+            ejected_for_ms = ejected_for.as_millis() as u64,
             "endpoint ejected"
         );
     }
 
-    /// The endpoint broke a response body off after its headers were sent: too late to retry,
-    /// but a failure all the same (counted, and held against the endpoint).
-    pub fn body_failed(&self, ep: &Endpoint) {
-        self.metrics.incomplete_bodies.inc();
-        self.metrics
-            .attempt_failure(ep, Cause::HttpResponseIncomplete);
-        self.record_failure(ep, Failure::Gateway, Instant::now());
-    }
-
-    /// Healthy (eligible), unhealthy, ejected, terminating.
-    pub fn endpoint_counts(&self, now: Instant) -> [i64; 4] {
-        let mut c = [0i64; 4];
+    /// How many endpoints are in each state.
+    pub fn endpoint_counts(&self, now: Instant) -> EndpointCounts {
+        let mut counts = EndpointCounts::default();
         for e in &self.endpoints {
-            let i = match e.live_state(now) {
-                LiveState::Healthy | LiveState::Unknown => 0,
-                LiveState::Unhealthy => 1,
-                LiveState::Ejected => 2,
-                LiveState::Terminating => 3,
-            };
-            c[i] += 1;
+            counts.add(e.live_state(now));
         }
-        c
+        counts
     }
 
     /// How long the upstream keeps idle connections open, as far as detour knows, for `/config`.
@@ -179,10 +164,21 @@ impl UpstreamRt {
     }
 }
 
-pub fn pool_config(p: &Policy) -> PoolConfig {
+impl BodyFailure for UpstreamRt {
+    /// The endpoint broke a response body off after its headers were sent: counted, and held
+    /// against the endpoint.
+    fn body_failed(&self, ep: &Endpoint) {
+        self.metrics.incomplete_bodies.inc();
+        self.metrics
+            .attempt_failure(&ep.labels, Cause::HttpResponseIncomplete);
+        self.record_failure(ep, Failure::Gateway, Instant::now());
+    }
+}
+
+pub fn pool_config(policy: &Policy) -> PoolConfig {
     PoolConfig {
-        connect_timeout: p.timeouts.connect.get(),
-        idle_timeout: p.timeouts.pool_idle.get(),
+        connect_timeout: policy.timeouts.connect.get(),
+        idle_timeout: policy.timeouts.pool_idle.get(),
         ..PoolConfig::default()
     }
 }
