@@ -38,7 +38,10 @@ use super::{
     workers::{self, Workers},
     Error,
 };
-use crate::config::{Config, FieldErrors, HealthCheck, Upstream};
+use crate::{
+    admin_server,
+    config::{Config, FieldErrors, HealthCheck, Upstream},
+};
 
 /// How the sidecar runs (as opposed to what it proxies, which is the `Config`).
 #[derive(Clone, Debug)]
@@ -65,6 +68,16 @@ impl Default for Options {
     }
 }
 
+/// `--threads`: a whole number of at least 1. (`Options::workers` 0, for programs that embed
+/// the sidecar, serves on their runtime; the command line always has worker threads.)
+pub(super) fn parse_threads(arg: &str) -> Result<usize, String> {
+    match arg.parse::<usize>() {
+        Ok(0) => Err("at least 1 worker thread is needed".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Starts sidecars.
 pub struct Sidecar;
 
@@ -72,6 +85,7 @@ pub struct Sidecar;
 pub struct SidecarHandle {
     shared: Arc<Shared>,
     admin_addr: SocketAddr,
+    admin_stop: Arc<Notify>,
     admin_task: JoinHandle<()>,
 }
 
@@ -174,11 +188,17 @@ impl Sidecar {
             stop_accepting: watch::channel(false).0,
             conns: ConnTracker::default(),
         });
-        let admin_task = tokio::spawn(admin::serve(admin_listener, shared.clone()));
+        let admin_stop = Arc::new(Notify::new());
+        let admin_task = tokio::spawn(admin::serve(
+            admin_listener,
+            shared.clone(),
+            admin_stop.clone(),
+        ));
         tokio::spawn(reap_idle_connections(Arc::downgrade(&shared)));
         Ok(SidecarHandle {
             shared,
             admin_addr,
+            admin_stop,
             admin_task,
         })
     }
@@ -269,7 +289,8 @@ impl SidecarHandle {
         }
         // Ends the worker threads and whatever they still run.
         self.shared.workers.lock().take();
-        self.admin_task.abort();
+        self.admin_stop.notify_one();
+        let _ = self.admin_task.await;
     }
 }
 
@@ -624,7 +645,7 @@ async fn accept_loop(
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(admin_server::ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             },
@@ -893,6 +914,15 @@ mod tests {
 
     fn names(selected: &[(usize, &Upstream)]) -> Vec<(usize, String)> {
         selected.iter().map(|(i, u)| (*i, u.name.clone())).collect()
+    }
+
+    #[test]
+    fn threads_are_a_whole_number_of_at_least_one() {
+        assert_eq!(parse_threads("1"), Ok(1));
+        assert_eq!(parse_threads("16"), Ok(16));
+        assert!(parse_threads("0").unwrap_err().contains("at least 1"));
+        assert!(parse_threads("-1").is_err());
+        assert!(parse_threads("two").is_err());
     }
 
     #[test]
