@@ -110,8 +110,8 @@ struct Plan<'a> {
     window: Duration,
 }
 
-/// The result of one attempt.
-enum Attempt {
+/// How one attempt ended.
+enum Outcome {
     Response(Answer),
     Failed {
         err: AttemptError,
@@ -152,37 +152,33 @@ async fn forward(
     // the per-try timeout nor the endpoint's latency, so a request with a body reads the clock
     // afresh.
     let first = if has_body { Instant::now() } else { start };
-    let mut tries = Attempts::new(&up.policy, &up.budget, idempotent, deadline, first);
+    let mut attempts = Attempts::new(&up.policy, &up.budget, idempotent, deadline, first);
     loop {
-        let plan = tries.plan(up, connection_mode(upgrade, idempotent, &body))?;
-        let this_body = match body.as_ref().and_then(ReqBody::try_clone) {
-            Some(copy) => copy,
-            None => body.take().unwrap_or_else(ReqBody::empty),
-        };
-        match attempt(&plan, &parts, this_body).await {
-            Attempt::Response(answer) => {
+        let plan = attempts.plan(up, connection_mode(upgrade, idempotent, &body))?;
+        match attempt(&plan, &parts, body_for_attempt(&mut body)).await {
+            Outcome::Response(answer) => {
                 let have_body = body.is_some();
-                let upgrade = &mut on_client_upgrade;
+                let client_upgrade = &mut on_client_upgrade;
                 if let Some(resp) =
-                    settle_response(up, &mut tries, &plan, answer, upgrade, have_body)
+                    settle_response(up, &mut attempts, &plan, answer, client_upgrade, have_body)
                 {
                     return Ok(resp);
                 }
             }
-            Attempt::ClientAborted(msg) => {
+            Outcome::ClientAborted(msg) => {
                 return Err(Reject::Client(
                     StatusCode::BAD_REQUEST,
                     format!("request body failed: {msg}"),
                 ))
             }
-            Attempt::Failed {
+            Outcome::Failed {
                 err,
                 body: returned,
             } => {
                 if returned.is_some() {
                     body = returned;
                 }
-                settle_failure(up, &mut tries, &plan, err, body.is_some())?;
+                settle_failure(up, &mut attempts, &plan, err, body.is_some())?;
             }
         }
     }
@@ -226,6 +222,15 @@ async fn read_body(body: Incoming, deadline: Instant, policy: &Policy) -> Result
         })
 }
 
+/// The body an attempt sends: a copy of a buffered one (a reference count), so a retry can
+/// send it again; a streamed one goes, once (`None` is left).
+fn body_for_attempt(body: &mut Option<ReqBody>) -> ReqBody {
+    match body.as_ref().and_then(ReqBody::try_clone) {
+        Some(copy) => copy,
+        None => body.take().unwrap_or_else(ReqBody::empty),
+    }
+}
+
 /// How a newly picked endpoint is connected to.
 fn connection_mode(upgrade: bool, idempotent: bool, body: &Option<ReqBody>) -> Mode {
     if upgrade {
@@ -243,7 +248,7 @@ fn connection_mode(upgrade: bool, idempotent: bool, body: &Option<ReqBody>) -> M
 /// the retry rules retry the upstream's 502-504 (its connection goes back to the pool).
 fn settle_response(
     up: &UpstreamRt,
-    tries: &mut Attempts,
+    attempts: &mut Attempts,
     plan: &Plan,
     answer: Answer,
     on_client_upgrade: &mut Option<OnUpgrade>,
@@ -280,7 +285,7 @@ fn settle_response(
     } else {
         ep.record_success();
     }
-    match tries.on_response(status, have_body) {
+    match attempts.on_response(status, have_body) {
         AfterResponse::Retry => {
             m.retry(Cause::UpstreamStatus);
             // A short 502 read whole leaves its connection usable.
@@ -299,7 +304,7 @@ fn settle_response(
         }
         AfterResponse::Answer => {}
     }
-    if tries.rescued(status) {
+    if attempts.rescued(status) {
         m.rescued.inc();
     }
     Some(client_response(head, body, ep, timer, guard, gateway))
@@ -309,7 +314,7 @@ fn settle_response(
 /// asks the retry rules whether to go on: `Ok` to try again, the client's error otherwise.
 fn settle_failure(
     up: &UpstreamRt,
-    tries: &mut Attempts,
+    attempts: &mut Attempts,
     plan: &Plan,
     err: AttemptError,
     have_body: bool,
@@ -331,7 +336,7 @@ fn settle_failure(
         };
         up.record_failure(ep, failure, Instant::now());
     }
-    match tries.on_failure(&err, have_body) {
+    match attempts.on_failure(&err, have_body) {
         AfterFailure::RetryFresh => {
             m.keepalive_race_retries.inc();
             Ok(())
@@ -348,7 +353,7 @@ fn settle_failure(
                 cause: err.cause,
                 endpoint: Some(ep.addr),
                 pod: ep.pod.clone(),
-                attempts: tries.picked,
+                attempts: attempts.picked,
                 detail,
             })
         }
@@ -596,7 +601,7 @@ fn retry_kind(cause: Cause) -> RetryOn {
 
 /// One try on one endpoint: a connection, the request, the response head, all within the
 /// plan's window. Running out of time while connecting means the request never left.
-async fn attempt(plan: &Plan<'_>, parts: &Parts, body: ReqBody) -> Attempt {
+async fn attempt(plan: &Plan<'_>, parts: &Parts, body: ReqBody) -> Outcome {
     let until = plan.start + plan.window;
     let guard = plan.ep.start_request();
     let Conn {
@@ -606,7 +611,7 @@ async fn attempt(plan: &Plan<'_>, parts: &Parts, body: ReqBody) -> Attempt {
     } = match connection(plan, until).await {
         Ok(c) => c,
         Err(err) => {
-            return Attempt::Failed {
+            return Outcome::Failed {
                 err,
                 body: Some(body),
             }
@@ -616,7 +621,7 @@ async fn attempt(plan: &Plan<'_>, parts: &Parts, body: ReqBody) -> Attempt {
     let host = plan.ep.host_header();
     let send = conn.send(parts, host, body, plan.mode == Mode::Upgrade);
     match within(send, &mut timer, until).await {
-        Some(Ok(received)) => Attempt::Response(Answer {
+        Some(Ok(received)) => Outcome::Response(Answer {
             head: received.head,
             body: received.body,
             timer,
@@ -624,18 +629,18 @@ async fn attempt(plan: &Plan<'_>, parts: &Parts, body: ReqBody) -> Attempt {
         }),
         Some(Err(failed)) => {
             if let h1::Error::ClientBody(msg) = failed.error {
-                return Attempt::ClientAborted(msg);
+                return Outcome::ClientAborted(msg);
             }
             let err = AttemptError::from_h1(&failed.error, reused);
             if err.cause == Cause::KeepaliveRace {
                 plan.ep.pool().observe_race(seen_open);
             }
-            Attempt::Failed {
+            Outcome::Failed {
                 err,
                 body: failed.unsent,
             }
         }
-        None => Attempt::Failed {
+        None => Outcome::Failed {
             err: AttemptError::new(
                 Cause::HttpResponseTimeout,
                 Reach::MaybeProcessed,
@@ -875,7 +880,12 @@ mod tests {
     }
 
     /// A request's state after `picked` endpoints were tried.
-    fn tries<'a>(p: &'a Policy, b: &'a Budget, idempotent: bool, picked: u32) -> Attempts<'a> {
+    fn after_picks<'a>(
+        p: &'a Policy,
+        b: &'a Budget,
+        idempotent: bool,
+        picked: u32,
+    ) -> Attempts<'a> {
         let now = Instant::now();
         let mut t = Attempts::new(p, b, idempotent, now + Duration::from_secs(15), now);
         t.picked = picked;
@@ -891,7 +901,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_response_that_is_not_a_gateway_error_is_answered() {
         let (p, b) = (policy(&ALL_ON, 2), budget(0, 0));
-        let mut t = tries(&p, &b, true, 1);
+        let mut t = after_picks(&p, &b, true, 1);
         for status in [
             StatusCode::OK,
             StatusCode::NOT_FOUND,
@@ -906,7 +916,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_good_response_after_a_retry_is_a_rescue() {
         let (p, b) = (policy(&ALL_ON, 2), budget(0, 10));
-        let mut t = tries(&p, &b, true, 1);
+        let mut t = after_picks(&p, &b, true, 1);
         assert_eq!(t.on_response(BAD_GATEWAY, true), AfterResponse::Retry);
         t.picked = 2;
         assert_eq!(t.on_response(StatusCode::OK, true), AfterResponse::Answer);
@@ -918,7 +928,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn what_may_have_been_processed_is_retried_only_when_idempotent() {
         let (p, b) = (policy(&ALL_ON, 2), budget(0, 10));
-        let mut post = tries(&p, &b, false, 1);
+        let mut post = after_picks(&p, &b, false, 1);
         assert_eq!(
             post.on_response(StatusCode::SERVICE_UNAVAILABLE, true),
             AfterResponse::PassOn(NoRetry::NonIdempotent)
@@ -932,7 +942,7 @@ mod tests {
         let refused = failure(Cause::ConnectionRefused, Reach::NotSent);
         assert_eq!(post.on_failure(&refused, true), AfterFailure::Retry);
 
-        let mut get = tries(&p, &b, true, 1);
+        let mut get = after_picks(&p, &b, true, 1);
         assert_eq!(get.on_failure(&reset, true), AfterFailure::Retry);
         assert_eq!(
             get.on_response(StatusCode::GATEWAY_TIMEOUT, true),
@@ -946,14 +956,14 @@ mod tests {
         let refused = failure(Cause::ConnectionRefused, Reach::NotSent);
         // The first attempt and two retries.
         for picked in 1..=2 {
-            let mut t = tries(&p, &b, true, picked);
+            let mut t = after_picks(&p, &b, true, picked);
             assert_eq!(
                 t.on_failure(&refused, true),
                 AfterFailure::Retry,
                 "{picked}"
             );
         }
-        let mut t = tries(&p, &b, true, 3);
+        let mut t = after_picks(&p, &b, true, 3);
         assert_eq!(
             t.on_failure(&refused, true),
             AfterFailure::Fail(NoRetry::AttemptsExhausted)
@@ -963,7 +973,7 @@ mod tests {
             AfterResponse::PassOn(NoRetry::AttemptsExhausted)
         );
         let (none, b) = (policy(&ALL_ON, 0), budget(0, 100));
-        let mut t = tries(&none, &b, true, 1);
+        let mut t = after_picks(&none, &b, true, 1);
         assert_eq!(
             t.on_failure(&refused, true),
             AfterFailure::Fail(NoRetry::AttemptsExhausted)
@@ -973,7 +983,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn only_the_kinds_listed_in_retries_on_are_retried() {
         let (p, b) = (policy(&[RetryOn::ConnectFailure], 2), budget(0, 100));
-        let mut t = tries(&p, &b, true, 1);
+        let mut t = after_picks(&p, &b, true, 1);
         for cause in [
             Cause::HttpResponseTimeout,
             Cause::ConnectionTerminated,
@@ -1005,7 +1015,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_body_that_was_streamed_is_not_sent_again() {
         let (p, b) = (policy(&ALL_ON, 2), budget(0, 100));
-        let mut t = tries(&p, &b, true, 1);
+        let mut t = after_picks(&p, &b, true, 1);
         let refused = failure(Cause::ConnectionRefused, Reach::NotSent);
         assert_eq!(
             t.on_failure(&refused, false),
@@ -1025,7 +1035,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn nothing_is_retried_once_the_deadline_passed() {
         let (p, b) = (policy(&ALL_ON, 2), budget(0, 100));
-        let mut t = tries(&p, &b, true, 1);
+        let mut t = after_picks(&p, &b, true, 1);
         let refused = failure(Cause::ConnectionRefused, Reach::NotSent);
         tokio::time::advance(Duration::from_secs(14)).await;
         assert_eq!(t.on_failure(&refused, true), AfterFailure::Retry);
@@ -1047,16 +1057,16 @@ mod tests {
         let refused = failure(Cause::ConnectionRefused, Reach::NotSent);
         let empty = budget(0, 0);
         assert_eq!(
-            tries(&p, &empty, true, 1).on_failure(&refused, true),
+            after_picks(&p, &empty, true, 1).on_failure(&refused, true),
             AfterFailure::Fail(NoRetry::BudgetExhausted)
         );
         assert_eq!(
-            tries(&p, &empty, true, 1).on_response(BAD_GATEWAY, true),
+            after_picks(&p, &empty, true, 1).on_response(BAD_GATEWAY, true),
             AfterResponse::PassOn(NoRetry::BudgetExhausted)
         );
         // One retry a second: the second in the same second is refused.
         let one = budget(0, 1);
-        let mut t = tries(&p, &one, true, 1);
+        let mut t = after_picks(&p, &one, true, 1);
         assert_eq!(t.on_failure(&refused, true), AfterFailure::Retry);
         assert_eq!(
             t.on_failure(&refused, true),
@@ -1064,7 +1074,7 @@ mod tests {
         );
         // A rule that refuses first does not spend the budget.
         let one = budget(0, 1);
-        let mut post = tries(&p, &one, false, 1);
+        let mut post = after_picks(&p, &one, false, 1);
         let reset = failure(Cause::ConnectionTerminated, Reach::MaybeProcessed);
         assert_eq!(
             post.on_failure(&reset, true),
@@ -1077,7 +1087,7 @@ mod tests {
     async fn a_keepalive_race_gets_one_free_retry_on_a_fresh_connection() {
         let (p, b) = (policy(&ALL_ON, 2), budget(0, 0));
         // Free: neither an attempt (all used up here) nor paid from the (empty) budget.
-        let mut t = tries(&p, &b, true, 3);
+        let mut t = after_picks(&p, &b, true, 3);
         let race = failure(Cause::KeepaliveRace, Reach::MaybeProcessed);
         assert_eq!(t.on_failure(&race, true), AfterFailure::RetryFresh);
         assert!(t.fresh, "the same endpoint next");
@@ -1089,13 +1099,13 @@ mod tests {
         );
 
         // A request that may have been processed is resent only when idempotent...
-        let mut post = tries(&p, &b, false, 1);
+        let mut post = after_picks(&p, &b, false, 1);
         assert_eq!(
             post.on_failure(&race, true),
             AfterFailure::Fail(NoRetry::NonIdempotent)
         );
         // ...but one that never left is resent whatever the method.
-        let mut post = tries(&p, &b, false, 1);
+        let mut post = after_picks(&p, &b, false, 1);
         let unsent = failure(Cause::KeepaliveRace, Reach::NotSent);
         assert_eq!(post.on_failure(&unsent, true), AfterFailure::RetryFresh);
     }
@@ -1106,16 +1116,19 @@ mod tests {
         let per_try = Duration::from_secs(3);
         let b = budget(0, 0);
         let p = policy(&ALL_ON, 2);
-        assert_eq!(tries(&p, &b, true, 0).try_window(left), per_try);
+        assert_eq!(after_picks(&p, &b, true, 0).try_window(left), per_try);
         assert_eq!(
-            tries(&p, &b, true, 0).try_window(Duration::from_secs(1)),
+            after_picks(&p, &b, true, 0).try_window(Duration::from_secs(1)),
             Duration::from_secs(1),
             "never past the deadline"
         );
-        assert_eq!(tries(&p, &b, false, 0).try_window(left), left);
+        assert_eq!(after_picks(&p, &b, false, 0).try_window(left), left);
         let no_timeouts = policy(&[RetryOn::ConnectFailure], 2);
-        assert_eq!(tries(&no_timeouts, &b, true, 0).try_window(left), left);
+        assert_eq!(
+            after_picks(&no_timeouts, &b, true, 0).try_window(left),
+            left
+        );
         let no_retries = policy(&ALL_ON, 0);
-        assert_eq!(tries(&no_retries, &b, true, 0).try_window(left), left);
+        assert_eq!(after_picks(&no_retries, &b, true, 0).try_window(left), left);
     }
 }

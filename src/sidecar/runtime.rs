@@ -361,11 +361,11 @@ impl Shared {
                 replaced.push((p.clone(), next.clone()));
             }
             match state.listeners.get_mut(&key) {
-                Some(l) => self.swap(l, next, &names_after),
+                Some(listener) => self.swap(listener, next, &names_after),
                 None => {
                     let (addr, sockets) = bound.remove(&key).expect("bound above");
-                    let l = self.start_listener(u, next, addr, sockets);
-                    state.listeners.insert(key.clone(), l);
+                    let listener = self.start_listener(u, next, addr, sockets);
+                    state.listeners.insert(key.clone(), listener);
                 }
             }
             keep.push(key);
@@ -421,14 +421,14 @@ impl Shared {
 
     /// Puts `next` behind a running listener; requests in flight keep the upstream they began
     /// with.
-    fn swap(&self, l: &mut ListenerRt, next: Arc<UpstreamRt>, names_after: &[&str]) {
-        let before = l.slot.load_full();
+    fn swap(&self, listener: &mut ListenerRt, next: Arc<UpstreamRt>, names_after: &[&str]) {
+        let before = listener.slot.load_full();
         if before.name != next.name && !names_after.contains(&before.name.as_str()) {
             // Renamed: the old name's series go.
             before.metrics.remove();
         }
-        self.restart_checkers(l, &next);
-        l.slot.store(next);
+        self.restart_checkers(listener, &next);
+        listener.slot.store(next);
     }
 
     /// Serves `up` on freshly bound `sockets`: one accept loop per worker.
@@ -453,16 +453,16 @@ impl Shared {
             }
         }
         drop(workers);
-        let mut l = ListenerRt {
+        let mut listener = ListenerRt {
             addr,
             slot,
             stop,
             checkers: HashMap::new(),
             health_check: u.policy.health_check.clone(),
         };
-        self.restart_checkers(&mut l, &up);
+        self.restart_checkers(&mut listener, &up);
         tracing::info!(upstream = %u.name, listen = %addr, endpoints = u.endpoints.len(), "listening");
-        l
+        listener
     }
 
     /// What `/config`, the listener lookups and `detour_config_info` show from now on.
@@ -573,11 +573,11 @@ fn select_upstreams<'c>(
             _ => true,
         })
         .collect();
-    let mut shared = FieldErrors::default();
+    let mut conflicts = FieldErrors::default();
     let mut by_key: HashMap<String, usize> = HashMap::new();
     for (i, u) in &selected {
         if let Some(j) = by_key.insert(listen_key(u), *i) {
-            shared.push(
+            conflicts.push(
                 format!("upstreams[{i}].listen"),
                 format!(
                     "{} is also the address of upstreams[{j}] ({:?}); they are told apart by their workloadSelectors, so start the sidecar with --pod-labels",
@@ -586,10 +586,10 @@ fn select_upstreams<'c>(
             );
         }
     }
-    if shared.is_empty() {
+    if conflicts.is_empty() {
         Ok(selected)
     } else {
-        Err(shared)
+        Err(conflicts)
     }
 }
 
