@@ -146,7 +146,11 @@ async fn forward(
     let idempotent = headers::is_idempotent(&parts.method, &parts.headers);
     let deadline = start + up.policy.timeouts.request.get();
     let has_body = !body.is_end_stream();
-    let mut body = Some(read_body(body, deadline, &up.policy).await?);
+    let mut body = Some(if has_body {
+        read_body(body, deadline, &up.policy).await?
+    } else {
+        ReqBody::empty()
+    });
     up.budget.deposit(start);
     // The first attempt starts now. Reading the client's body took time that belongs to neither
     // the per-try timeout nor the endpoint's latency, so a request with a body reads the clock
@@ -201,9 +205,6 @@ fn refuse(req: &Request<Incoming>) -> Result<(), Reject> {
 
 /// The client's body, buffered when it fits `retries.maxBufferedBodyBytes` (see `buffer_body`).
 async fn read_body(body: Incoming, deadline: Instant, policy: &Policy) -> Result<ReqBody, Reject> {
-    if body.is_end_stream() {
-        return Ok(ReqBody::empty());
-    }
     // A client that trickles its body must not hold the request past its deadline.
     let limit = policy.retries.max_buffered_body_bytes as usize;
     tokio::time::timeout_at(deadline, buffer_body(body, limit))
