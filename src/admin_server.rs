@@ -17,23 +17,8 @@ use tokio::{
 /// at once on every call until a descriptor is freed: without a pause the loop would spin.
 pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-/// Serves `service` on every connection `listener` accepts, until `stop` resolves or the task is
-/// aborted. Then nothing more is accepted, and each open connection finishes the request in
-/// flight and closes (an idle keep-alive connection closes at once); they are not waited for.
-pub async fn serve<S, B>(listener: TcpListener, service: S, stop: impl Future<Output = ()> + Send)
-where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn StdError + Send + Sync>>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
-{
-    accept_loop(listener, service, stop).await
-}
-
 /// Where connections come from: a TCP listener, or a stand-in in the tests.
-trait Accept {
+pub trait Accept {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
 
     fn accept(&mut self) -> impl Future<Output = io::Result<Self::Io>> + Send;
@@ -52,7 +37,10 @@ impl Accept for TcpListener {
     }
 }
 
-async fn accept_loop<L, S, B>(mut listener: L, service: S, stop: impl Future<Output = ()> + Send)
+/// Serves `service` on every connection `listener` accepts, until `stop` resolves or the task is
+/// aborted. Then nothing more is accepted, and each open connection finishes the request in
+/// flight and closes (an idle keep-alive connection closes at once); they are not waited for.
+pub async fn serve<L, S, B>(mut listener: L, service: S, stop: impl Future<Output = ()> + Send)
 where
     L: Accept + Send,
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -140,11 +128,7 @@ mod tests {
             fails: 4,
             asked: asked.clone(),
         };
-        let server = tokio::spawn(accept_loop(
-            listener,
-            service_fn(hello),
-            std::future::pending(),
-        ));
+        let server = tokio::spawn(serve(listener, service_fn(hello), std::future::pending()));
         tokio::time::sleep(Duration::from_secs(1)).await;
         server.abort();
         let asked = asked.lock().unwrap().clone();
