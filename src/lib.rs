@@ -2,6 +2,7 @@
 //! it when it happens. See `docs/architecture.md` for the map of modules.
 #![forbid(unsafe_code)]
 
+mod admin_server;
 pub mod api;
 pub mod config;
 pub mod demo;

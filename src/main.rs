@@ -126,19 +126,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    runtime_with(None)
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
 }
 
-fn runtime_with(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = match threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(0) => anyhow::bail!("--threads must be at least 1"),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_below_one_are_refused_naming_the_flag() {
+        let parse =
+            |threads: &str| Cli::try_parse_from(["detour", "sidecar", "--threads", threads]);
+        let err = parse("0")
+            .err()
+            .expect("--threads 0 is refused")
+            .to_string();
+        assert!(err.contains("--threads"), "{err}");
+        assert!(err.contains("at least 1"), "{err}");
+        match parse("3").expect("--threads 3 is fine").command {
+            Command::Sidecar(args) => assert_eq!(args.threads, Some(3)),
+            _ => panic!("not the sidecar"),
         }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    b.enable_all().build().context("starting the tokio runtime")
+    }
 }

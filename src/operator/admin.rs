@@ -12,11 +12,11 @@ use std::{
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{body::Incoming, service::service_fn};
 use tokio::net::TcpListener;
 
 use super::{certs::CertStore, metrics::Metrics};
+use crate::admin_server;
 
 /// Readiness inputs. With the webhook, a replica is ready once it serves the webhook with a
 /// valid certificate, leader or not (leadership shows in `detour_operator_leader`), so a leader
@@ -48,26 +48,13 @@ impl Readiness {
     }
 }
 
-/// Serves until the task is aborted.
+/// Serves until the task is aborted (see `admin_server::serve`).
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, readiness: Arc<Readiness>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            // Out of file descriptors and the like: pause instead of spinning.
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
-        let metrics = metrics.clone();
-        let readiness = readiness.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let res = respond(&req, &metrics, &readiness);
-                async move { Ok::<_, Infallible>(res) }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+    let svc = service_fn(move |req| {
+        let res = respond(&req, &metrics, &readiness);
+        async move { Ok::<_, Infallible>(res) }
+    });
+    admin_server::serve(listener, svc, std::future::pending()).await
 }
 
 fn respond(

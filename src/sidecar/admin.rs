@@ -3,32 +3,23 @@
 use std::{convert::Infallible, sync::atomic::Ordering, sync::Arc};
 
 use http::{header, Method, Request, Response, StatusCode};
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{body::Incoming, service::service_fn};
 use serde::Serialize;
-use tokio::{net::TcpListener, time::Instant};
+use tokio::{net::TcpListener, sync::Notify, time::Instant};
 
 use super::{body::RespBody, runtime::Shared};
-use crate::report::{EndpointsReport, ReportedEndpoint};
+use crate::{
+    admin_server,
+    report::{EndpointsReport, ReportedEndpoint},
+};
 
-pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            // Out of file descriptors and the like: back off instead of spinning.
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(req, &shared)) }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+/// Serves until `stop` is notified (see `admin_server::serve`).
+pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notify>) {
+    let svc = service_fn(move |req| {
+        let resp = route(req, &shared);
+        async move { Ok::<_, Infallible>(resp) }
+    });
+    admin_server::serve(listener, svc, async move { stop.notified().await }).await
 }
 
 fn route(req: Request<Incoming>, shared: &Shared) -> Response<RespBody> {
@@ -146,9 +137,25 @@ mod tests {
     use super::*;
     use crate::{
         config::{Config, Endpoint, EndpointState, HealthCheckProtocol, Policy, Upstream},
-        demo::pod::{Fault, SimPod},
         sidecar::{Options, Sidecar},
     };
+
+    /// A pod that answers every request with 200.
+    async fn answering_pod() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = service_fn(|_req: Request<Incoming>| async {
+            Ok::<_, Infallible>(Response::new(RespBody::full("ok\n")))
+        });
+        tokio::spawn(admin_server::serve(listener, svc, std::future::pending()));
+        addr
+    }
+
+    /// An address nothing listens on: connections are refused.
+    async fn closed_port() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap()
+    }
 
     /// One GET on a fresh connection: (status code, body).
     async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -176,10 +183,11 @@ mod tests {
 
     #[tokio::test]
     async fn endpoints_reports_each_upstreams_live_state() {
-        let good = SimPod::start("good").await.unwrap();
-        let refusing = SimPod::start("refusing").await.unwrap();
-        refusing.set_fault(Fault::Refuse).await.unwrap();
-        let leaving = SimPod::start("leaving").await.unwrap();
+        let (good, refusing, leaving) = (
+            answering_pod().await,
+            closed_port().await,
+            answering_pod().await,
+        );
         let mut policy = Policy::default();
         // Only live traffic decides here.
         policy.health_check.protocol = HealthCheckProtocol::None;
@@ -189,9 +197,9 @@ mod tests {
                 listen: "127.0.0.1:0".into(),
                 workload_selector: None,
                 endpoints: vec![
-                    endpoint(good.addr(), EndpointState::Ready),
-                    endpoint(refusing.addr(), EndpointState::Ready),
-                    endpoint(leaving.addr(), EndpointState::Terminating),
+                    endpoint(good, EndpointState::Ready),
+                    endpoint(refusing, EndpointState::Ready),
+                    endpoint(leaving, EndpointState::Terminating),
                 ],
                 policy,
             }],
@@ -216,9 +224,9 @@ mod tests {
         assert_eq!(
             states(&before),
             vec![
-                (good.addr().to_string(), LiveState::Healthy),
-                (refusing.addr().to_string(), LiveState::Healthy),
-                (leaving.addr().to_string(), LiveState::Terminating),
+                (good.to_string(), LiveState::Healthy),
+                (refusing.to_string(), LiveState::Healthy),
+                (leaving.to_string(), LiveState::Terminating),
             ]
         );
 
@@ -241,7 +249,7 @@ mod tests {
         assert_eq!(raw["upstreams"]["shop/pay"][1]["state"], "ejected");
         assert_eq!(
             raw["upstreams"]["shop/pay"][1]["address"],
-            refusing.addr().to_string()
+            refusing.to_string()
         );
         sidecar.shutdown(Duration::ZERO).await;
     }

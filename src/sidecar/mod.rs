@@ -69,7 +69,7 @@ pub struct Args {
     pub pod_labels: Option<PathBuf>,
     /// Worker threads serving traffic (thread per core: each has its own accept socket and
     /// connection pools). Default: one per CPU.
-    #[arg(long, env = "DETOUR_THREADS")]
+    #[arg(long, env = "DETOUR_THREADS", value_parser = runtime::parse_threads)]
     pub threads: Option<usize>,
 }
 

@@ -4,11 +4,14 @@
 use std::{
     collections::{BTreeMap, HashMap},
     convert::Infallible,
+    future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -35,7 +38,10 @@ use super::{
     workers::{self, Workers},
     Error,
 };
-use crate::config::{Config, FieldErrors, HealthCheck};
+use crate::{
+    admin_server,
+    config::{Config, FieldErrors, HealthCheck, Upstream},
+};
 
 /// How the sidecar runs (as opposed to what it proxies, which is the `Config`).
 #[derive(Clone, Debug)]
@@ -62,6 +68,16 @@ impl Default for Options {
     }
 }
 
+/// `--threads`: a whole number of at least 1. (`Options::workers` 0, for programs that embed
+/// the sidecar, serves on their runtime; the command line always has worker threads.)
+pub(super) fn parse_threads(arg: &str) -> Result<usize, String> {
+    match arg.parse::<usize>() {
+        Ok(0) => Err("at least 1 worker thread is needed".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Starts sidecars.
 pub struct Sidecar;
 
@@ -69,6 +85,7 @@ pub struct Sidecar;
 pub struct SidecarHandle {
     shared: Arc<Shared>,
     admin_addr: SocketAddr,
+    admin_stop: Arc<Notify>,
     admin_task: JoinHandle<()>,
 }
 
@@ -171,11 +188,17 @@ impl Sidecar {
             stop_accepting: watch::channel(false).0,
             conns: ConnTracker::default(),
         });
-        let admin_task = tokio::spawn(admin::serve(admin_listener, shared.clone()));
+        let admin_stop = Arc::new(Notify::new());
+        let admin_task = tokio::spawn(admin::serve(
+            admin_listener,
+            shared.clone(),
+            admin_stop.clone(),
+        ));
         tokio::spawn(reap_idle_connections(Arc::downgrade(&shared)));
         Ok(SidecarHandle {
             shared,
             admin_addr,
+            admin_stop,
             admin_task,
         })
     }
@@ -266,7 +289,8 @@ impl SidecarHandle {
         }
         // Ends the worker threads and whatever they still run.
         self.shared.workers.lock().take();
-        self.admin_task.abort();
+        self.admin_stop.notify_one();
+        let _ = self.admin_task.await;
     }
 }
 
@@ -314,44 +338,56 @@ impl Shared {
         res
     }
 
+    /// Validates `config`, then: selects this pod's upstreams, binds the new listeners (if one
+    /// fails, nothing changes), swaps each listener's upstream (endpoints that stay keep their
+    /// state), stops the listeners that left, publishes the view, and retires dropped endpoints.
     async fn apply(self: &Arc<Self>, config: Config) -> Result<(), Error> {
         config.validate().map_err(Error::Invalid)?;
         let mut state = self.state.lock().await;
-        let selected: Vec<(usize, &crate::config::Upstream)> = config
-            .upstreams
-            .iter()
-            .enumerate()
-            .filter(
-                |(_, u)| match (&self.opts.pod_labels, &u.workload_selector) {
-                    (Some(pod), Some(sel)) => labels::matches(sel, pod),
-                    _ => true,
-                },
-            )
-            .collect();
-        // Disjoint workloads may share a listen address; without its pod's labels a sidecar
-        // cannot tell which of them it serves.
-        let mut shared = FieldErrors::default();
-        let mut by_key: HashMap<String, usize> = HashMap::new();
-        for (i, u) in &selected {
-            if let Some(j) = by_key.insert(listen_key(u), *i) {
-                shared.push(
-                    format!("upstreams[{i}].listen"),
-                    format!(
-                        "{} is also the address of upstreams[{j}] ({:?}); they are told apart by their workloadSelectors, so start the sidecar with --pod-labels",
-                        u.listen, config.upstreams[j].name
-                    ),
-                );
-            }
-        }
-        if !shared.is_empty() {
-            return Err(Error::Invalid(shared));
-        }
-
-        // Bind every new listener first: if one fails, nothing changes.
-        let mut fresh: HashMap<String, (SocketAddr, Vec<std::net::TcpListener>)> = HashMap::new();
-        for (i, u) in &selected {
+        let selected =
+            select_upstreams(&config, self.opts.pod_labels.as_ref()).map_err(Error::Invalid)?;
+        let mut bound = self.bind_new_listeners(&state, &selected)?;
+        // Past this point nothing may fail.
+        let names_after: Vec<&str> = selected.iter().map(|(_, u)| u.name.as_str()).collect();
+        let prev_by_name = state.upstreams_by_name();
+        let mut keep = Vec::new();
+        // (before, after) of each upstream that stays, to retire the endpoints it dropped.
+        let mut replaced: Vec<(Arc<UpstreamRt>, Arc<UpstreamRt>)> = Vec::new();
+        for (_, u) in &selected {
             let key = listen_key(u);
-            if state.listeners.contains_key(&key) || fresh.contains_key(&key) {
+            let prev = prev_by_name.get(&u.name);
+            let next = self.build_upstream(u, prev);
+            if let Some(p) = prev {
+                replaced.push((p.clone(), next.clone()));
+            }
+            match state.listeners.get_mut(&key) {
+                Some(listener) => self.swap(listener, next, &names_after),
+                None => {
+                    let (addr, sockets) = bound.remove(&key).expect("bound above");
+                    let listener = self.start_listener(u, next, addr, sockets);
+                    state.listeners.insert(key.clone(), listener);
+                }
+            }
+            keep.push(key);
+        }
+        state.remove_listeners_except(&keep, &names_after);
+        self.publish(config, &state, &keep);
+        for (before, after) in &replaced {
+            after.retire_dropped(before);
+        }
+        Ok(())
+    }
+
+    /// Binds the listener of every selected upstream that has none yet.
+    fn bind_new_listeners(
+        &self,
+        state: &State,
+        selected: &[(usize, &Upstream)],
+    ) -> Result<HashMap<String, (SocketAddr, Vec<std::net::TcpListener>)>, Error> {
+        let mut bound = HashMap::new();
+        for (i, u) in selected {
+            let key = listen_key(u);
+            if state.listeners.contains_key(&key) || bound.contains_key(&key) {
                 continue;
             }
             let sockets = workers::bind_reuseport(u.listen_addr(), self.n_workers.max(1)).map_err(
@@ -361,100 +397,76 @@ impl Shared {
                     source,
                 },
             )?;
-            // Read here, not after the swap below: past this point nothing may fail.
+            // Read here, not once serving: past binding nothing may fail.
             let addr = sockets[0].local_addr().map_err(Error::Io)?;
-            fresh.insert(key, (addr, sockets));
+            bound.insert(key, (addr, sockets));
         }
+        Ok(bound)
+    }
 
-        // Endpoint state follows the upstream's name, wherever it listens now.
-        let prev_by_name: HashMap<String, Arc<UpstreamRt>> = state
-            .listeners
-            .values()
-            .map(|l| {
-                let up = l.slot.load_full();
-                (up.name.clone(), up)
-            })
-            .collect();
-        let mut keep = Vec::new();
-        // (before, after) of each upstream that stays, to retire the endpoints it dropped.
-        let mut replaced: Vec<(Arc<UpstreamRt>, Arc<UpstreamRt>)> = Vec::new();
-        let names_after: Vec<&str> = selected.iter().map(|(_, u)| u.name.as_str()).collect();
-        for (_, u) in &selected {
-            let key = listen_key(u);
-            let prev = prev_by_name.get(&u.name);
-            let metrics = match prev {
-                Some(p) => p.metrics.clone(),
-                None => Arc::new(UpstreamMetrics::new(&self.metrics, &u.name)),
-            };
-            let next = Arc::new(UpstreamRt::build(
-                u,
-                prev.map(|p| &**p),
-                metrics,
-                self.n_workers,
-            ));
-            if let Some(p) = prev {
-                replaced.push((p.clone(), next.clone()));
-            }
-            if let Some(l) = state.listeners.get_mut(&key) {
-                let before = l.slot.load_full();
-                if before.name != u.name && !names_after.contains(&before.name.as_str()) {
-                    // Renamed: the old name's series go.
-                    before.metrics.remove();
-                }
-                self.restart_checkers(l, &next);
-                l.slot.store(next);
-            } else {
-                let (addr, sockets) = fresh.remove(&key).expect("bound above");
-                let up = next;
-                let slot = Arc::new(ArcSwap::new(up.clone()));
-                let (stop, stop_rx) = watch::channel(false);
-                let workers = self.workers.lock();
-                for (i, socket) in sockets.into_iter().enumerate() {
-                    let (slot, stop_rx, shared) = (slot.clone(), stop_rx.clone(), self.clone());
-                    let run = move || accept_loop(socket, slot, stop_rx, shared);
-                    match workers.as_ref() {
-                        Some(w) => w.spawn_on(i % w.len(), run),
-                        None => {
-                            tokio::spawn(run());
-                        }
-                    }
-                }
-                drop(workers);
-                let mut l = ListenerRt {
-                    addr,
-                    slot,
-                    stop,
-                    checkers: HashMap::new(),
-                    health_check: u.policy.health_check.clone(),
-                };
-                self.restart_checkers(&mut l, &up);
-                tracing::info!(upstream = %u.name, listen = %addr, endpoints = u.endpoints.len(), "listening");
-                state.listeners.insert(key.clone(), l);
-            }
-            keep.push(key);
+    /// The upstream's runtime for `u`: endpoint state and metrics follow the upstream's name
+    /// (`prev`), wherever it listens now.
+    fn build_upstream(&self, u: &Upstream, prev: Option<&Arc<UpstreamRt>>) -> Arc<UpstreamRt> {
+        let metrics = match prev {
+            Some(p) => p.metrics.clone(),
+            None => Arc::new(UpstreamMetrics::new(&self.metrics, &u.name)),
+        };
+        Arc::new(UpstreamRt::build(
+            u,
+            prev.map(|p| &**p),
+            metrics,
+            self.n_workers,
+        ))
+    }
+
+    /// Puts `next` behind a running listener; requests in flight keep the upstream they began
+    /// with.
+    fn swap(&self, listener: &mut ListenerRt, next: Arc<UpstreamRt>, names_after: &[&str]) {
+        let before = listener.slot.load_full();
+        if before.name != next.name && !names_after.contains(&before.name.as_str()) {
+            // Renamed: the old name's series go.
+            before.metrics.remove();
         }
+        self.restart_checkers(listener, &next);
+        listener.slot.store(next);
+    }
 
-        // Listeners no longer configured stop accepting; their open connections finish.
-        let gone: Vec<String> = state
-            .listeners
-            .keys()
-            .filter(|k| !keep.contains(k))
-            .cloned()
-            .collect();
-        for key in gone {
-            if let Some(l) = state.listeners.remove(&key) {
-                let _ = l.stop.send(true);
-                for (_, (_, t)) in l.checkers {
-                    t.abort();
+    /// Serves `up` on freshly bound `sockets`: one accept loop per worker.
+    fn start_listener(
+        self: &Arc<Self>,
+        u: &Upstream,
+        up: Arc<UpstreamRt>,
+        addr: SocketAddr,
+        sockets: Vec<std::net::TcpListener>,
+    ) -> ListenerRt {
+        let slot = Arc::new(ArcSwap::new(up.clone()));
+        let (stop, stop_rx) = watch::channel(false);
+        let workers = self.workers.lock();
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let (slot, stop_rx, shared) = (slot.clone(), stop_rx.clone(), self.clone());
+            let run = move || accept_loop(socket, slot, stop_rx, shared);
+            match workers.as_ref() {
+                Some(w) => w.spawn_on(i % w.len(), run),
+                None => {
+                    tokio::spawn(run());
                 }
-                let up = l.slot.load();
-                if !names_after.contains(&up.name.as_str()) {
-                    up.metrics.remove();
-                }
-                tracing::info!(upstream = %up.name, listen = %l.addr, "listener removed");
             }
         }
+        drop(workers);
+        let mut listener = ListenerRt {
+            addr,
+            slot,
+            stop,
+            checkers: HashMap::new(),
+            health_check: u.policy.health_check.clone(),
+        };
+        self.restart_checkers(&mut listener, &up);
+        tracing::info!(upstream = %u.name, listen = %addr, endpoints = u.endpoints.len(), "listening");
+        listener
+    }
 
+    /// What `/config`, the listener lookups and `detour_config_info` show from now on.
+    fn publish(&self, config: Config, state: &State, keep: &[String]) {
         let upstreams = keep
             .iter()
             .map(|k| {
@@ -470,10 +482,6 @@ impl Shared {
             config,
             upstreams,
         }));
-        for (before, after) in &replaced {
-            after.retire_dropped(before);
-        }
-        Ok(())
     }
 
     /// Keeps the checks of endpoints that stay (same settings), stops those of removed endpoints,
@@ -510,6 +518,81 @@ impl Shared {
     }
 }
 
+// === impl State ===
+
+impl State {
+    /// The running upstreams by name.
+    fn upstreams_by_name(&self) -> HashMap<String, Arc<UpstreamRt>> {
+        self.listeners
+            .values()
+            .map(|l| {
+                let up = l.slot.load_full();
+                (up.name.clone(), up)
+            })
+            .collect()
+    }
+
+    /// Listeners not in `keep` stop accepting; their open connections finish. The series of an
+    /// upstream not in `names_after` go.
+    fn remove_listeners_except(&mut self, keep: &[String], names_after: &[&str]) {
+        let gone: Vec<String> = self
+            .listeners
+            .keys()
+            .filter(|k| !keep.contains(k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(l) = self.listeners.remove(&key) {
+                let _ = l.stop.send(true);
+                for (_, (_, t)) in l.checkers {
+                    t.abort();
+                }
+                let up = l.slot.load();
+                if !names_after.contains(&up.name.as_str()) {
+                    up.metrics.remove();
+                }
+                tracing::info!(upstream = %up.name, listen = %l.addr, "listener removed");
+            }
+        }
+    }
+}
+
+/// The upstreams this pod serves (by `workloadSelector`; all of them without pod labels), with
+/// their index in the document. Disjoint workloads may share a listen address; without its
+/// pod's labels a sidecar cannot tell which of them it serves, so that is refused.
+fn select_upstreams<'c>(
+    config: &'c Config,
+    pod_labels: Option<&BTreeMap<String, String>>,
+) -> Result<Vec<(usize, &'c Upstream)>, FieldErrors> {
+    let selected: Vec<(usize, &Upstream)> = config
+        .upstreams
+        .iter()
+        .enumerate()
+        .filter(|(_, u)| match (pod_labels, &u.workload_selector) {
+            (Some(pod), Some(sel)) => labels::matches(sel, pod),
+            _ => true,
+        })
+        .collect();
+    let mut conflicts = FieldErrors::default();
+    let mut by_key: HashMap<String, usize> = HashMap::new();
+    for (i, u) in &selected {
+        if let Some(j) = by_key.insert(listen_key(u), *i) {
+            conflicts.push(
+                format!("upstreams[{i}].listen"),
+                format!(
+                    "{} is also the address of upstreams[{j}] ({:?}); they are told apart by their workloadSelectors, so start the sidecar with --pod-labels",
+                    u.listen, config.upstreams[j].name
+                ),
+            );
+        }
+    }
+    if conflicts.is_empty() {
+        Ok(selected)
+    } else {
+        Err(conflicts)
+    }
+}
+
 /// Closes idle upstream connections after `poolIdle` even when no request comes to reuse them.
 async fn reap_idle_connections(shared: std::sync::Weak<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -532,7 +615,7 @@ async fn reap_idle_connections(shared: std::sync::Weak<Shared>) {
 
 /// Listeners are identified by address, so renaming an upstream keeps its socket; port-0
 /// listeners (tests) are per upstream.
-fn listen_key(u: &crate::config::Upstream) -> String {
+fn listen_key(u: &Upstream) -> String {
     let addr = u.listen_addr();
     if addr.port() == 0 {
         format!("{}@{}", u.name, u.listen)
@@ -562,7 +645,7 @@ async fn accept_loop(
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(admin_server::ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             },
@@ -584,7 +667,7 @@ async fn serve_conn(
     stream: TcpStream,
     peer: SocketAddr,
     slot: Arc<ArcSwap<UpstreamRt>>,
-    mut listener_stop: watch::Receiver<bool>,
+    listener_stop: watch::Receiver<bool>,
     shared: Arc<Shared>,
 ) {
     let _ = stream.set_nodelay(true);
@@ -604,7 +687,7 @@ async fn serve_conn(
     // No hyper timer: its header read timeout arms and drops a timer on every request. The
     // idle check below does that job with one timer per connection.
     // writev(false): a small response is copied into one buffer and written with one plain
-    // write, cheaper than queueing its body as a second buffer for writev (S1: -5 % CPU).
+    // write, cheaper than queueing its body as a second buffer for writev.
     let conn = http1::Builder::new()
         .keep_alive(true)
         .header_read_timeout(None)
@@ -612,68 +695,42 @@ async fn serve_conn(
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     let mut conn = std::pin::pin!(conn);
-    let mut stop = shared.stop_accepting.subscribe();
+    let stop = shared.stop_accepting.subscribe();
     // Shutdown, or this listener left the config: finish the request in flight, close. The idle
     // check keeps running after that, so a client that stalls halfway through a request head is
     // not waited for without end.
-    let mut stopping = *stop.borrow() || *listener_stop.borrow();
+    let stopping = *stop.borrow() || *listener_stop.borrow();
     if stopping {
         conn.as_mut().graceful_shutdown();
     }
-    // Polling a watch's `changed()` takes the channel's lock, shared by every connection on
-    // every worker; once it has registered this task's waker, the version check of
-    // `has_changed` (an atomic load) says whether it needs polling again.
-    let (probe, listener_probe) = (stop.clone(), listener_stop.clone());
-    let mut stopped = std::pin::pin!(async move {
+    let probes = (stop.clone(), listener_stop.clone());
+    let (mut stop, mut listener_stop) = (stop, listener_stop);
+    let either = std::pin::pin!(async move {
         tokio::select! {
             _ = stop.changed() => {}
             _ = listener_stop.changed() => {}
         }
     });
-    let mut idle_check = std::pin::pin!(tokio::time::sleep(CLIENT_IDLE_CHECK));
-    let mut last_started = 0;
-    let mut idle_for = Duration::ZERO;
-    let mut armed = false;
-    let mut idle_armed = false;
+    let mut stop = StopCheck {
+        either,
+        probes,
+        armed: false,
+        stopping,
+    };
+    let mut idle = IdleCheck {
+        timer: std::pin::pin!(tokio::time::sleep(CLIENT_IDLE_CHECK)),
+        armed: false,
+        last_started: 0,
+        idle_for: Duration::ZERO,
+    };
     // Ends when the connection does, or when it has been idle for `CLIENT_IDLE`: nothing is in
     // flight then, and dropping the connection closes it.
     std::future::poll_fn(|cx| {
-        use std::{future::Future, task::Poll};
-        if !stopping
-            && (!armed
-                || probe.has_changed().unwrap_or(true)
-                || listener_probe.has_changed().unwrap_or(true))
-        {
-            armed = true;
-            if stopped.as_mut().poll(cx).is_ready() {
-                stopping = true;
-                conn.as_mut().graceful_shutdown();
-            }
+        if stop.poll_stop(cx) {
+            conn.as_mut().graceful_shutdown();
         }
-        // The timer is polled to register this task's waker, and again only once it has fired
-        // (an atomic load): re-registering on every wake-up of a busy connection cost ~3 % of
-        // the proxy's CPU in S1. Polled outside tokio's cooperative budget: with the budget
-        // used up, a poll returns Pending without registering, and the timer would never be
-        // polled again.
-        if (!idle_armed || idle_check.is_elapsed()) && {
-            idle_armed = true;
-            poll_unbudgeted(idle_check.as_mut(), cx).is_ready()
-        } {
-            let started = seen.started.load(Ordering::Relaxed);
-            if started != last_started || seen.busy.load(Ordering::Relaxed) > 0 {
-                idle_for = Duration::ZERO;
-            } else {
-                idle_for += CLIENT_IDLE_CHECK;
-            }
-            last_started = started;
-            if idle_for >= CLIENT_IDLE {
-                return Poll::Ready(());
-            }
-            // From now, not from the old deadline: a late poll must not leave it unarmed.
-            idle_check
-                .as_mut()
-                .reset(tokio::time::Instant::now() + CLIENT_IDLE_CHECK);
-            let _ = poll_unbudgeted(idle_check.as_mut(), cx);
+        if idle.poll_expired(cx, &seen) {
+            return std::task::Poll::Ready(());
         }
         conn.as_mut().poll(cx).map(|_| ())
     })
@@ -683,14 +740,87 @@ async fn serve_conn(
     }
 }
 
+/// Tells a client connection when to stop taking requests: on shutdown, or when its listener
+/// left the config.
+struct StopCheck<'a, F> {
+    /// Either watch changed.
+    either: Pin<&'a mut F>,
+    /// The same two watches, to ask whether `either` needs polling.
+    probes: (watch::Receiver<bool>, watch::Receiver<bool>),
+    armed: bool,
+    stopping: bool,
+}
+
+impl<F: Future<Output = ()>> StopCheck<'_, F> {
+    /// True once, when the connection must stop. Polling a watch's `changed()` takes the
+    /// channel's lock, shared by every connection on every worker; once it has registered this
+    /// task's waker, the version check of `has_changed` (an atomic load) says whether it needs
+    /// polling again.
+    fn poll_stop(&mut self, cx: &mut Context<'_>) -> bool {
+        let (stop, listener_stop) = &self.probes;
+        if self.stopping
+            || (self.armed
+                && !stop.has_changed().unwrap_or(true)
+                && !listener_stop.has_changed().unwrap_or(true))
+        {
+            return false;
+        }
+        self.armed = true;
+        if self.either.as_mut().poll(cx).is_ready() {
+            self.stopping = true;
+            return true;
+        }
+        false
+    }
+}
+
+/// Notices a client connection on which no request started and none was in flight for
+/// `CLIENT_IDLE`, with one timer per connection.
+struct IdleCheck<'a> {
+    timer: Pin<&'a mut tokio::time::Sleep>,
+    armed: bool,
+    /// `Activity::started` at the last check.
+    last_started: u64,
+    idle_for: Duration,
+}
+
+impl IdleCheck<'_> {
+    /// Whether the connection has been idle for `CLIENT_IDLE`. The timer is polled to register
+    /// this task's waker, and again only once it has fired (an atomic load): re-registering on
+    /// every wake-up of a busy connection is costly. Polled outside tokio's cooperative budget:
+    /// with the budget used up, a poll returns Pending without registering, and the timer would
+    /// never be polled again.
+    fn poll_expired(&mut self, cx: &mut Context<'_>, activity: &Activity) -> bool {
+        if self.armed && !self.timer.is_elapsed() {
+            return false;
+        }
+        self.armed = true;
+        if poll_unbudgeted(self.timer.as_mut(), cx).is_pending() {
+            return false;
+        }
+        let started = activity.started.load(Ordering::Relaxed);
+        if started != self.last_started || activity.busy.load(Ordering::Relaxed) > 0 {
+            self.idle_for = Duration::ZERO;
+        } else {
+            self.idle_for += CLIENT_IDLE_CHECK;
+        }
+        self.last_started = started;
+        if self.idle_for >= CLIENT_IDLE {
+            return true;
+        }
+        // From now, not from the old deadline: a late poll must not leave it unarmed.
+        self.timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + CLIENT_IDLE_CHECK);
+        let _ = poll_unbudgeted(self.timer.as_mut(), cx);
+        false
+    }
+}
+
 /// Polls a timer outside tokio's cooperative budget, so the poll always registers the waker.
-fn poll_unbudgeted(
-    timer: std::pin::Pin<&mut tokio::time::Sleep>,
-    cx: &mut std::task::Context<'_>,
-) -> std::task::Poll<()> {
-    use std::future::Future;
+fn poll_unbudgeted(timer: Pin<&mut tokio::time::Sleep>, cx: &mut Context<'_>) -> Poll<()> {
     let mut f = tokio::task::unconstrained(timer);
-    std::pin::Pin::new(&mut f).poll(cx)
+    Pin::new(&mut f).poll(cx)
 }
 
 /// A client connection on which no request started and none was in flight for this long is
@@ -752,5 +882,80 @@ impl http_body::Body for TrackedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+    use super::*;
+    use crate::config::Policy;
+
+    fn upstream(name: &str, listen: &str, app: Option<&str>) -> Upstream {
+        Upstream {
+            name: name.into(),
+            listen: listen.into(),
+            workload_selector: app.map(|app| LabelSelector {
+                match_labels: Some([("app".to_string(), app.to_string())].into()),
+                match_expressions: None,
+            }),
+            endpoints: Vec::new(),
+            policy: Policy::default(),
+        }
+    }
+
+    fn config(upstreams: Vec<Upstream>) -> Config {
+        Config {
+            upstreams,
+            ..Config::empty()
+        }
+    }
+
+    fn names(selected: &[(usize, &Upstream)]) -> Vec<(usize, String)> {
+        selected.iter().map(|(i, u)| (*i, u.name.clone())).collect()
+    }
+
+    #[test]
+    fn threads_are_a_whole_number_of_at_least_one() {
+        assert_eq!(parse_threads("1"), Ok(1));
+        assert_eq!(parse_threads("16"), Ok(16));
+        assert!(parse_threads("0").unwrap_err().contains("at least 1"));
+        assert!(parse_threads("-1").is_err());
+        assert!(parse_threads("two").is_err());
+    }
+
+    #[test]
+    fn a_pod_serves_the_upstreams_that_select_it_and_those_without_a_selector() {
+        let cfg = config(vec![
+            upstream("shop/web", "127.0.0.1:9001", Some("web")),
+            upstream("shop/pay", "127.0.0.1:9001", Some("pay")),
+            upstream("shop/all", "127.0.0.1:9002", None),
+        ]);
+        let pod = labels::parse_downward_labels("app=\"pay\"\n");
+        let selected = select_upstreams(&cfg, Some(&pod)).unwrap();
+        assert_eq!(
+            names(&selected),
+            vec![(1, "shop/pay".to_string()), (2, "shop/all".to_string())]
+        );
+    }
+
+    #[test]
+    fn without_pod_labels_upstreams_sharing_an_address_are_refused() {
+        let cfg = config(vec![
+            upstream("shop/web", "127.0.0.1:9001", Some("web")),
+            upstream("shop/other", "127.0.0.1:9003", None),
+            upstream("shop/pay", "127.0.0.1:9001", Some("pay")),
+        ]);
+        let err = select_upstreams(&cfg, None).unwrap_err().to_string();
+        assert!(err.contains("upstreams[2].listen"), "{err}");
+        assert!(err.contains("upstreams[0] (\"shop/web\")"), "{err}");
+        assert!(err.contains("--pod-labels"), "{err}");
+        // Port 0 (tests) is per upstream: never shared.
+        let cfg = config(vec![
+            upstream("a/a", "127.0.0.1:0", None),
+            upstream("a/b", "127.0.0.1:0", None),
+        ]);
+        assert_eq!(select_upstreams(&cfg, None).unwrap().len(), 2);
     }
 }

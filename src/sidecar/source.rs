@@ -78,27 +78,27 @@ impl ConfigSource {
 
     /// Reports updates until `tx` closes.
     async fn run(self, tx: mpsc::Sender<Update>) {
-        match self {
+        let _ = match self {
             ConfigSource::File { path, interval } => watch_file(path, interval, tx).await,
             ConfigSource::Kubernetes {
                 client,
                 namespace,
                 name,
             } => watch_config_map(client, namespace, name, tx).await,
-        }
+        };
     }
 }
 
 // === sources ===
 
-async fn watch_file(path: PathBuf, interval: Duration, tx: mpsc::Sender<Update>) {
+async fn watch_file(path: PathBuf, interval: Duration, tx: mpsc::Sender<Update>) -> Sent {
     let mut hup =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(|e| {
             tracing::warn!(error = %e, "SIGHUP not available; the config file is still polled");
         });
     let mut tick = tokio::time::interval(interval.max(Duration::from_millis(50)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last: Option<Update> = None;
+    let mut reports = Reports::new(tx);
     loop {
         match &mut hup {
             Ok(hup) => tokio::select! {
@@ -116,12 +116,7 @@ async fn watch_file(path: PathBuf, interval: Duration, tx: mpsc::Sender<Update>)
             },
             Err(e) => Update::Missing(format!("{} cannot be read: {e}", path.display())),
         };
-        if last.as_ref() != Some(&update) {
-            last = Some(update.clone());
-            if tx.send(update).await.is_err() {
-                return;
-            }
-        }
+        reports.content(update).await?;
     }
 }
 
@@ -130,14 +125,13 @@ async fn watch_config_map(
     namespace: String,
     name: String,
     tx: mpsc::Sender<Update>,
-) {
+) -> Sent {
     let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut events = watcher(api.clone(), config)
         .backoff(Retry::default())
         .boxed();
-    let mut connected: Option<bool> = None;
-    let mut last: Option<Update> = None;
+    let mut reports = Reports::new(tx);
     let mut seen_in_list = false;
     let what = format!("configmap {namespace}/{name}");
     // A watch that resumed yields nothing until something changes: while disconnected, a
@@ -148,82 +142,123 @@ async fn watch_config_map(
         let event = tokio::select! {
             e = events.next() => match e {
                 Some(e) => e,
-                None => return,
+                None => return Ok(()),
             },
-            _ = probe.tick(), if connected == Some(false) => {
+            _ = probe.tick(), if reports.connected == Some(false) => {
                 if api.get_metadata_opt(&name).await.is_ok() {
-                    connected = Some(true);
-                    if tx.send(Update::Connected).await.is_err() {
-                        return;
-                    }
+                    reports.link(Link::Up).await?;
                 }
                 continue;
             }
         };
-        let update = match event {
-            // The watch outlived the history the server keeps: the watcher lists again. The
-            // server answered, so this is not a lost connection.
-            Err(watcher::Error::WatchError(s)) if s.code == 410 => continue,
-            // The server answered but may not let us read it: the operator grants access with
-            // the namespace's first policy. Nothing to serve yet, and the API is there.
-            Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 403 => {
-                if connected != Some(true) {
-                    connected = Some(true);
-                    if tx.send(Update::Connected).await.is_err() {
-                        return;
-                    }
-                }
-                Update::Missing(format!(
-                    "{what} cannot be read ({}): no UpstreamPolicy in this namespace yet?",
-                    s.message
-                ))
-            }
-            Err(e) => {
-                if connected != Some(false) {
-                    connected = Some(false);
-                    if tx.send(Update::Disconnected(e.to_string())).await.is_err() {
-                        return;
-                    }
-                }
-                continue;
-            }
-            Ok(event) => {
-                if connected != Some(true) {
-                    connected = Some(true);
-                    if tx.send(Update::Connected).await.is_err() {
-                        return;
-                    }
-                }
-                match event {
-                    watcher::Event::Init => {
-                        seen_in_list = false;
-                        continue;
-                    }
-                    watcher::Event::InitApply(cm) | watcher::Event::Apply(cm) => {
-                        seen_in_list = true;
-                        document_of(&what, cm)
-                    }
-                    watcher::Event::InitDone if !seen_in_list => {
-                        Update::Missing(format!("{what} does not exist"))
-                    }
-                    watcher::Event::InitDone => continue,
-                    watcher::Event::Delete(_) => Update::Missing(format!("{what} was deleted")),
-                }
-            }
-        };
-        if last.as_ref() != Some(&update) {
-            last = Some(update.clone());
-            if tx.send(update).await.is_err() {
-                return;
-            }
+        let (link, update) = read_event(event, &what, &mut seen_in_list);
+        reports.link(link).await?;
+        if let Some(update) = update {
+            reports.content(update).await?;
         }
     }
+}
+
+/// What a watch event says of the API server (`link`) and of the ConfigMap (an update, or
+/// nothing new). `seen_in_list` is whether the current list showed the ConfigMap.
+fn read_event(
+    event: Result<watcher::Event<ConfigMap>, watcher::Error>,
+    what: &str,
+    seen_in_list: &mut bool,
+) -> (Link, Option<Update>) {
+    let event = match event {
+        Ok(event) => event,
+        // The watch outlived the history the server keeps: the watcher lists again. The
+        // server answered, so this is not a lost connection.
+        Err(watcher::Error::WatchError(s)) if s.code == 410 => return (Link::Same, None),
+        // The server answered but may not let us read it: the operator grants access with
+        // the namespace's first policy. Nothing to serve yet, and the API is there.
+        Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 403 => {
+            let why = format!(
+                "{what} cannot be read ({}): no UpstreamPolicy in this namespace yet?",
+                s.message
+            );
+            return (Link::Up, Some(Update::Missing(why)));
+        }
+        Err(e) => return (Link::Down(e.to_string()), None),
+    };
+    let update = match event {
+        watcher::Event::Init => {
+            *seen_in_list = false;
+            None
+        }
+        watcher::Event::InitApply(cm) | watcher::Event::Apply(cm) => {
+            *seen_in_list = true;
+            Some(document_of(what, cm))
+        }
+        watcher::Event::InitDone if !*seen_in_list => {
+            Some(Update::Missing(format!("{what} does not exist")))
+        }
+        watcher::Event::InitDone => None,
+        watcher::Event::Delete(_) => Some(Update::Missing(format!("{what} was deleted"))),
+    };
+    (Link::Up, update)
 }
 
 fn document_of(what: &str, cm: ConfigMap) -> Update {
     match cm.data.and_then(|mut d| d.remove(CONFIG_KEY)) {
         Some(text) => Update::Document(text),
         None => Update::Unusable(format!("{what} has no key {CONFIG_KEY}")),
+    }
+}
+
+/// What an event says of the source's connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Link {
+    Up,
+    Down(String),
+    /// Nothing either way.
+    Same,
+}
+
+/// The follower is gone: the source stops.
+struct Closed;
+
+/// `Ok` when the source ended by itself, `Err` when nobody listens any more.
+type Sent = Result<(), Closed>;
+
+/// A source's side of the channel: a change of connection is reported once, and content only
+/// when it differs from the last reported.
+struct Reports {
+    tx: mpsc::Sender<Update>,
+    /// Unknown until the first event.
+    connected: Option<bool>,
+    last: Option<Update>,
+}
+
+impl Reports {
+    fn new(tx: mpsc::Sender<Update>) -> Self {
+        Reports {
+            tx,
+            connected: None,
+            last: None,
+        }
+    }
+
+    async fn link(&mut self, link: Link) -> Sent {
+        let (up, update) = match link {
+            Link::Same => return Ok(()),
+            Link::Up => (true, Update::Connected),
+            Link::Down(why) => (false, Update::Disconnected(why)),
+        };
+        if self.connected == Some(up) {
+            return Ok(());
+        }
+        self.connected = Some(up);
+        self.tx.send(update).await.map_err(|_| Closed)
+    }
+
+    async fn content(&mut self, update: Update) -> Sent {
+        if self.last.as_ref() == Some(&update) {
+            return Ok(());
+        }
+        self.last = Some(update.clone());
+        self.tx.send(update).await.map_err(|_| Closed)
     }
 }
 
@@ -492,5 +527,122 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    const WHAT: &str = "configmap shop/detour-config";
+
+    fn cm(data: &[(&str, &str)]) -> ConfigMap {
+        let data: BTreeMap<String, String> = data
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        ConfigMap {
+            data: Some(data),
+            ..Default::default()
+        }
+    }
+
+    fn status(code: u16) -> Box<kube::core::Status> {
+        Box::new(
+            serde_json::from_value(serde_json::json!({"code": code, "message": "said the server"}))
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_list_without_the_config_map_says_it_does_not_exist() {
+        let mut seen = true;
+        let read = |e, seen: &mut bool| read_event(Ok(e), WHAT, seen);
+        assert_eq!(read(watcher::Event::Init, &mut seen), (Link::Up, None));
+        assert!(!seen, "a new list starts");
+        assert_eq!(
+            read(watcher::Event::InitDone, &mut seen),
+            (
+                Link::Up,
+                Some(Update::Missing(format!("{WHAT} does not exist")))
+            )
+        );
+        // Listed: its document, and the end of the list adds nothing.
+        let listed = read(
+            watcher::Event::InitApply(cm(&[(CONFIG_KEY, "doc")])),
+            &mut seen,
+        );
+        assert_eq!(listed, (Link::Up, Some(Update::Document("doc".into()))));
+        assert_eq!(read(watcher::Event::InitDone, &mut seen), (Link::Up, None));
+        assert_eq!(
+            read(watcher::Event::Apply(cm(&[("other", "x")])), &mut seen),
+            (
+                Link::Up,
+                Some(Update::Unusable(format!("{WHAT} has no key {CONFIG_KEY}")))
+            )
+        );
+        assert_eq!(
+            read(watcher::Event::Delete(cm(&[])), &mut seen),
+            (
+                Link::Up,
+                Some(Update::Missing(format!("{WHAT} was deleted")))
+            )
+        );
+    }
+
+    #[test]
+    fn errors_tell_a_lost_server_from_one_that_answered() {
+        let mut seen = false;
+        let gone = watcher::Error::WatchError(status(410));
+        assert_eq!(read_event(Err(gone), WHAT, &mut seen), (Link::Same, None));
+        let forbidden = watcher::Error::InitialListFailed(kube::Error::Api(status(403)));
+        let (link, update) = read_event(Err(forbidden), WHAT, &mut seen);
+        assert_eq!(link, Link::Up);
+        assert!(
+            matches!(&update, Some(Update::Missing(why)) if why.contains("said the server")),
+            "{update:?}"
+        );
+        let lost = watcher::Error::WatchError(status(500));
+        let (link, update) = read_event(Err(lost), WHAT, &mut seen);
+        assert!(matches!(link, Link::Down(_)), "{link:?}");
+        assert_eq!(update, None);
+    }
+
+    #[tokio::test]
+    async fn reports_send_changes_only() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut reports = Reports::new(tx);
+        for link in [
+            Link::Up,
+            Link::Up,
+            Link::Same,
+            Link::Down("x".into()),
+            Link::Down("y".into()),
+        ] {
+            assert!(reports.link(link).await.is_ok());
+        }
+        for doc in ["a", "a", "b"] {
+            assert!(reports.content(Update::Document(doc.into())).await.is_ok());
+        }
+        drop(reports);
+        let mut got = Vec::new();
+        while let Some(u) = rx.recv().await {
+            got.push(u);
+        }
+        assert_eq!(
+            got,
+            vec![
+                Update::Connected,
+                Update::Disconnected("x".into()),
+                Update::Document("a".into()),
+                Update::Document("b".into()),
+            ]
+        );
+        // Nobody listening: the source stops.
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        assert!(Reports::new(tx).content(Update::Connected).await.is_err());
     }
 }
