@@ -163,18 +163,15 @@ const SIDECAR_LAYERS: &[(&str, &[&str])] = &[
     ("upstream", &["upstream", "balancer", "health_check"]),
     // One request end to end: attempts, retries, the answer.
     ("request", &["proxy"]),
-    // The running sidecar: listeners, reloads, the admin server and the config source.
+    // The running sidecar: listeners and reloads (`runtime`), the admin server reading its
+    // state, where configs come from (`source`).
     ("listener", &["runtime", "admin", "source"]),
+    // The sidecar as a program embeds it: starts the parts above and wires them together.
+    ("front", &["handle"]),
 ];
 
 /// Items of `mod.rs` that modules may use.
 const FRONT_ITEMS: &[&str] = &["Error"];
-
-/// Imports that close a cycle and are let stand for now, each the only one of its kind: the
-/// admin server and the config source reach the running sidecar through `runtime::Shared`,
-/// which `runtime` hands them. Untie by moving `Shared` into a module of its own below the
-/// three; then delete the entry (the test says so when it no longer exists).
-const KNOWN_CYCLES: &[(&str, &str)] = &[("admin", "runtime"), ("source", "runtime")];
 
 /// Which module of the sidecar imports which, from the sources.
 fn sidecar_imports() -> BTreeMap<String, Vec<(usize, String)>> {
@@ -196,7 +193,6 @@ fn sidecar_imports() -> BTreeMap<String, Vec<(usize, String)>> {
 fn layering_violations(
     layers: &[(&str, &[&str])],
     imports: &BTreeMap<String, Vec<(usize, String)>>,
-    known_cycles: &[(&str, &str)],
 ) -> Vec<String> {
     let layer_of = |m: &str| layers.iter().position(|(_, ms)| ms.contains(&m));
     let mut bad = Vec::new();
@@ -217,21 +213,11 @@ fn layering_violations(
                     "{module}:{line}: uses {name}, of the higher layer {}",
                     layers[l].0
                 )),
-                Some(l) if l == own && !known_cycles.contains(&(module, name)) => {
+                Some(l) if l == own => {
                     same.entry(module).or_default().insert(name);
                 }
                 Some(_) => {}
             }
-        }
-    }
-    for (module, name) in known_cycles {
-        let exists = imports
-            .get(*module)
-            .is_some_and(|u| u.iter().any(|(_, n)| n == name));
-        if !exists {
-            bad.push(format!(
-                "{module} no longer uses {name}: delete the entry from KNOWN_CYCLES"
-            ));
         }
     }
     if let Some(cycle) = find_cycle(&same) {
@@ -274,7 +260,7 @@ fn find_cycle<'a>(edges: &BTreeMap<&'a str, BTreeSet<&'a str>>) -> Option<Vec<&'
 #[test]
 fn the_sidecars_modules_depend_one_way() {
     let imports = sidecar_imports();
-    let mut bad = layering_violations(SIDECAR_LAYERS, &imports, KNOWN_CYCLES);
+    let mut bad = layering_violations(SIDECAR_LAYERS, &imports);
     for (_, modules) in SIDECAR_LAYERS {
         for m in *modules {
             if !imports.contains_key(*m) {
@@ -311,22 +297,15 @@ fn the_layer_checker_sees_sidecar_paths_and_refuses_what_it_must() {
         g
     };
     let ok = graph(&[("c", "a"), ("c", "b"), ("a", "b"), ("a", "Error")]);
-    assert_eq!(layering_violations(layers, &ok, &[]), Vec::<String>::new());
-    let up = layering_violations(layers, &graph(&[("a", "c")]), &[]);
+    assert_eq!(layering_violations(layers, &ok), Vec::<String>::new());
+    let up = layering_violations(layers, &graph(&[("a", "c")]));
     assert_eq!(up, ["a:1: uses c, of the higher layer high"]);
-    let cycle = layering_violations(layers, &graph(&[("a", "b"), ("b", "a")]), &[]);
+    let cycle = layering_violations(layers, &graph(&[("a", "b"), ("b", "a")]));
     assert_eq!(cycle, ["a cycle within a layer: a → b → a"]);
-    let known = layering_violations(layers, &graph(&[("a", "b"), ("b", "a")]), &[("b", "a")]);
-    assert_eq!(known, Vec::<String>::new());
-    let stale = layering_violations(layers, &graph(&[]), &[("b", "a")]);
-    assert_eq!(
-        stale,
-        ["b no longer uses a: delete the entry from KNOWN_CYCLES"]
-    );
     let mut unknown = graph(&[("a", "nothing")]);
     unknown.insert("d".into(), Vec::new());
     assert_eq!(
-        layering_violations(layers, &unknown, &[]),
+        layering_violations(layers, &unknown),
         [
             "a:1: uses super::nothing, no module",
             "d: in no layer of SIDECAR_LAYERS"

@@ -15,6 +15,7 @@ mod budget;
 mod endpoint;
 mod errors;
 mod h1;
+mod handle;
 mod headers;
 mod health_check;
 mod labels;
@@ -29,9 +30,10 @@ mod workers;
 use std::{net::SocketAddr, path::PathBuf};
 
 pub use self::endpoint::{EndpointSnapshot, Health};
+pub use self::handle::{Sidecar, SidecarHandle};
 pub use self::labels::matches as selector_matches;
 use self::labels::parse_downward_labels;
-pub use self::runtime::{Options, Sidecar, SidecarHandle, UpstreamView};
+pub use self::runtime::{Options, UpstreamView};
 pub use self::source::ConfigSource;
 use crate::config::{ConfigError, FieldErrors, CONFIG_MAP};
 

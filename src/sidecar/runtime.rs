@@ -27,13 +27,12 @@ use tokio::{
 };
 
 use super::{
-    admin,
     body::RespBody,
     endpoint::{Endpoint, EndpointSnapshot},
     health_check, labels,
     metrics::{Metrics, UpstreamMetrics},
     proxy,
-    source::{self, ConfigSource, SourceStatus},
+    source::SourceStatus,
     upstream::UpstreamRt,
     workers::{self, Workers},
     Error,
@@ -76,17 +75,6 @@ pub(super) fn parse_threads(arg: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(e) => Err(e.to_string()),
     }
-}
-
-/// Starts sidecars.
-pub struct Sidecar;
-
-/// A running sidecar. Dropping it does not stop it; call `shutdown`.
-pub struct SidecarHandle {
-    shared: Arc<Shared>,
-    admin_addr: SocketAddr,
-    admin_stop: Arc<Notify>,
-    admin_task: JoinHandle<()>,
 }
 
 pub(super) struct Shared {
@@ -143,27 +131,13 @@ struct ConnTracker {
     idle: Notify,
 }
 
-// === impl Sidecar ===
+// === impl Shared ===
 
-impl Sidecar {
-    /// Validates `config`, binds the admin server and every listener, and starts serving.
-    pub async fn start(config: Config, opts: Options) -> Result<SidecarHandle, Error> {
-        let handle = Self::start_empty(opts).await?;
-        handle.apply(config).await?;
-        Ok(handle)
-    }
-
-    /// Starts with no upstreams and not ready (`/ready` answers 503) until a config is applied.
-    pub async fn start_empty(opts: Options) -> Result<SidecarHandle, Error> {
+impl Shared {
+    /// The sidecar's state with no upstreams, not ready; starts the worker threads (if any) and
+    /// the idle-connection reaper.
+    pub(super) fn new(opts: Options) -> Result<Arc<Shared>, Error> {
         let metrics = Metrics::new();
-        let admin_listener = TcpListener::bind(opts.admin)
-            .await
-            .map_err(|source| Error::Bind {
-                what: "--admin".into(),
-                addr: opts.admin.to_string(),
-                source,
-            })?;
-        let admin_addr = admin_listener.local_addr().map_err(Error::Io)?;
         let workers = match opts.workers {
             0 => None,
             n => Some(Workers::start(n).map_err(Error::Io)?),
@@ -188,84 +162,16 @@ impl Sidecar {
             stop_accepting: watch::channel(false).0,
             conns: ConnTracker::default(),
         });
-        let admin_stop = Arc::new(Notify::new());
-        let admin_task = tokio::spawn(admin::serve(
-            admin_listener,
-            shared.clone(),
-            admin_stop.clone(),
-        ));
         tokio::spawn(reap_idle_connections(Arc::downgrade(&shared)));
-        Ok(SidecarHandle {
-            shared,
-            admin_addr,
-            admin_stop,
-            admin_task,
-        })
-    }
-}
-
-// === impl SidecarHandle ===
-
-impl SidecarHandle {
-    pub fn admin_addr(&self) -> SocketAddr {
-        self.admin_addr
+        Ok(shared)
     }
 
-    /// The bound address of an upstream's listener (useful with `listen: 127.0.0.1:0`).
-    pub fn listener_addr(&self, upstream: &str) -> Option<SocketAddr> {
-        self.shared
-            .view
-            .load()
-            .upstreams
-            .iter()
-            .find(|(n, _, _)| n == upstream)
-            .map(|(_, a, _)| *a)
-    }
-
-    pub fn metrics_text(&self) -> String {
-        self.shared.metrics_text()
-    }
-
-    /// The running config.
-    pub fn config(&self) -> Config {
-        self.shared.view.load().config.clone()
-    }
-
-    /// Live endpoint state per upstream, as `/config` shows it.
-    pub fn upstreams(&self) -> Vec<UpstreamView> {
-        self.shared.upstream_views()
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.shared.ready.load(Ordering::Relaxed)
-    }
-
-    /// Applies a new config. An invalid one (or one whose listener cannot be bound) is refused
-    /// with every problem named, and the running config keeps serving.
-    pub async fn apply(&self, config: Config) -> Result<(), Error> {
-        self.shared.apply_counted(config).await
-    }
-
-    /// Follows `source` in a task: every valid document it reports is applied as [`apply`]
-    /// does; whatever goes wrong with the source leaves the running config in place (see
-    /// `sidecar::source`). Abort the task to stop following.
-    ///
-    /// [`apply`]: Self::apply
-    pub fn follow(&self, source: ConfigSource) -> JoinHandle<()> {
-        tokio::spawn(source::follow(self.shared.clone(), source))
-    }
-
-    /// Counts a config that failed before it could be applied (unreadable or unparsable file).
-    pub fn record_rejected(&self, err: &dyn std::error::Error) {
-        self.shared.metrics.reloads_failure.inc();
-        tracing::error!(error = %err, "config rejected; the running config stays in place");
-    }
-
-    /// Stops accepting, lets in-flight requests finish (up to `drain`), then stops.
-    pub async fn shutdown(self, drain: Duration) {
-        self.shared.ready.store(false, Ordering::Relaxed);
-        let _ = self.shared.stop_accepting.send(true);
-        let mut state = self.shared.state.lock().await;
+    /// Stops accepting, lets in-flight requests finish (up to `drain`), then ends the worker
+    /// threads and whatever they still run.
+    pub(super) async fn drain(&self, drain: Duration) {
+        self.ready.store(false, Ordering::Relaxed);
+        let _ = self.stop_accepting.send(true);
+        let mut state = self.state.lock().await;
         for (_, l) in state.listeners.drain() {
             let _ = l.stop.send(true);
             for (_, (_, t)) in l.checkers {
@@ -275,28 +181,21 @@ impl SidecarHandle {
         drop(state);
         let deadline = Instant::now() + drain;
         loop {
-            let notified = self.shared.conns.idle.notified();
-            if self.shared.conns.open.load(Ordering::SeqCst) == 0 {
+            let notified = self.conns.idle.notified();
+            if self.conns.open.load(Ordering::SeqCst) == 0 {
                 break;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 tracing::warn!(
-                    open = self.shared.conns.open.load(Ordering::SeqCst),
+                    open = self.conns.open.load(Ordering::SeqCst),
                     "drain timeout: closing remaining connections"
                 );
                 break;
             }
         }
-        // Ends the worker threads and whatever they still run.
-        self.shared.workers.lock().take();
-        self.admin_stop.notify_one();
-        let _ = self.admin_task.await;
+        self.workers.lock().take();
     }
-}
 
-// === impl Shared ===
-
-impl Shared {
     pub fn metrics_text(&self) -> String {
         let now = Instant::now();
         for (_, _, slot) in self.view.load().upstreams.iter() {

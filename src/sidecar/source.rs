@@ -1,6 +1,6 @@
 //! Where the sidecar's config comes from, and how each update reaches the running sidecar.
 //!
-//! One seam: a [`ConfigSource`] only *reports* what it holds ([`Update`]); [`follow`] validates
+//! One seam: a [`ConfigSource`] only *reports* what it holds ([`Update`]); `handle::follow` validates
 //! and applies it through the same `apply` a file reload uses (endpoints that stay keep their
 //! health, ejections and pooled connections). A new source (say, a push stream from the
 //! operator) is one more arm of `ConfigSource::run`; the data plane does not change.
@@ -12,7 +12,6 @@
 
 use std::{
     path::PathBuf,
-    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -25,8 +24,7 @@ use kube::{
 use prometheus::{Gauge, IntGauge, IntGaugeVec, Opts, Registry};
 use tokio::sync::mpsc;
 
-use super::{runtime::Shared, Error};
-use crate::config::{Config, CONFIG_KEY};
+use crate::config::CONFIG_KEY;
 
 /// Where the sidecar's config comes from.
 pub enum ConfigSource {
@@ -77,7 +75,7 @@ impl ConfigSource {
     }
 
     /// Reports updates until `tx` closes.
-    async fn run(self, tx: mpsc::Sender<Update>) {
+    pub(super) async fn run(self, tx: mpsc::Sender<Update>) {
         let _ = match self {
             ConfigSource::File { path, interval } => watch_file(path, interval, tx).await,
             ConfigSource::Kubernetes {
@@ -298,10 +296,10 @@ impl Backoff for Retry {
 pub(super) struct SourceStatus {
     /// `file`, `kubernetes`, or `api` when configs are only applied by the embedding program.
     kind: &'static str,
-    origin: String,
-    connected: bool,
+    pub(super) origin: String,
+    pub(super) connected: bool,
     /// Why the running config may not be what the source holds now.
-    problem: Option<String>,
+    pub(super) problem: Option<String>,
     applied_at: Option<SystemTime>,
     metrics: SourceMetrics,
 }
@@ -353,14 +351,14 @@ impl SourceStatus {
         }
     }
 
-    fn set_source(&mut self, kind: &'static str, origin: String) {
+    pub(super) fn set_source(&mut self, kind: &'static str, origin: String) {
         self.kind = kind;
         self.origin = origin;
         // A file is always "connected"; the API is once it answered.
         self.set_connected(kind != "kubernetes");
     }
 
-    fn set_connected(&mut self, up: bool) {
+    pub(super) fn set_connected(&mut self, up: bool) {
         self.connected = up;
         self.metrics
             .connected
@@ -369,7 +367,7 @@ impl SourceStatus {
         self.update_stale();
     }
 
-    fn set_problem(&mut self, problem: Option<String>) {
+    pub(super) fn set_problem(&mut self, problem: Option<String>) {
         self.problem = problem;
         self.update_stale();
     }
@@ -415,118 +413,6 @@ impl SourceStatus {
             }
         }
         out
-    }
-}
-
-/// Applies what `source` reports to the sidecar until the source ends or the task is aborted.
-pub(super) async fn follow(shared: Arc<Shared>, source: ConfigSource) {
-    shared
-        .source
-        .lock()
-        .set_source(source.kind(), source.describe());
-    let (tx, mut rx) = mpsc::channel(8);
-    let task = tokio::spawn(source.run(tx));
-    let _stop = AbortOnDrop(task);
-    // A document refused only because its listener's port is still taken (an old process
-    // draining) is tried again.
-    let mut retry: Option<String> = None;
-    let mut last_applied: Option<String> = None;
-    loop {
-        let update = tokio::select! {
-            u = rx.recv() => match u {
-                Some(u) => u,
-                None => return,
-            },
-            _ = tokio::time::sleep(Duration::from_secs(1)), if retry.is_some() => {
-                Update::Document(retry.take().expect("checked"))
-            }
-        };
-        match update {
-            Update::Document(text) => {
-                retry = None;
-                if last_applied.as_deref() == Some(text.as_str()) {
-                    // The same document again (a ConfigMap restored after a deletion): nothing
-                    // to apply, but the source is fine again.
-                    resolve(&shared);
-                    continue;
-                }
-                match Config::from_str_validated(&text) {
-                    Err(e) => {
-                        shared.metrics.reloads_failure.inc();
-                        refuse(&shared, &e, "holds an invalid config");
-                    }
-                    Ok(cfg) => match shared.apply_counted(cfg).await {
-                        Ok(()) => {
-                            last_applied = Some(text);
-                            resolve(&shared);
-                        }
-                        Err(e @ Error::Bind { .. }) => {
-                            refuse(&shared, &e, "cannot be applied yet");
-                            retry = Some(text);
-                        }
-                        Err(e) => refuse(&shared, &e, "holds an invalid config"),
-                    },
-                }
-            }
-            Update::Unusable(why) => {
-                retry = None;
-                shared.metrics.reloads_failure.inc();
-                problem(&shared, why);
-            }
-            Update::Missing(why) => {
-                retry = None;
-                if !shared.ready.load(std::sync::atomic::Ordering::Relaxed) {
-                    // No config for this namespace at all (no policy yet, or none left): serve
-                    // nothing rather than keep the pod from starting (the startupProbe waits
-                    // on /ready).
-                    let _ = shared.apply_counted(Config::empty()).await;
-                }
-                problem(&shared, why);
-            }
-            Update::Disconnected(error) => {
-                let mut s = shared.source.lock();
-                s.set_connected(false);
-                tracing::warn!(source = %s.origin, %error, hash = %shared.view.load().hash,
-                    "config source unreachable: serving the last good config, retrying");
-            }
-            Update::Connected => {
-                let mut s = shared.source.lock();
-                if !s.connected {
-                    s.set_connected(true);
-                    tracing::info!(source = %s.origin, "config source reachable again");
-                }
-            }
-        }
-    }
-}
-
-fn refuse(shared: &Shared, err: &dyn std::error::Error, what: &str) {
-    let origin = shared.source.lock().origin.clone();
-    problem(shared, format!("{origin} {what}: {err}"));
-}
-
-fn problem(shared: &Shared, why: String) {
-    let mut s = shared.source.lock();
-    if s.problem.as_deref() != Some(why.as_str()) {
-        tracing::warn!(source = %s.origin, problem = %why, hash = %shared.view.load().hash,
-            "the running config stays in place");
-    }
-    s.set_problem(Some(why));
-}
-
-fn resolve(shared: &Shared) {
-    let mut s = shared.source.lock();
-    if let Some(p) = s.problem.take() {
-        tracing::info!(source = %s.origin, was = %p, "config source is fine again");
-    }
-    s.set_problem(None);
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
