@@ -539,13 +539,16 @@ async fn an_operator_restarted_mid_rollout_picks_up_where_it_stopped() {
     // What the operator wrote just before it stopped may still be on its way to the sidecars.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = w.clients[0].sidecar.config().hash();
+    let written = w.server.get(CONFIG_MAPS, NS, "detour-config").unwrap();
     w.set_pod("pay-1", (false, true, true));
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // Read at the source, so a slow watch cannot hide a write.
+    let now = w.server.get(CONFIG_MAPS, NS, "detour-config").unwrap();
     assert_eq!(
-        w.clients[0].sidecar.config().hash(),
-        before,
+        now["metadata"]["resourceVersion"], written["metadata"]["resourceVersion"],
         "nobody renders while the operator is away"
     );
+    assert_eq!(w.clients[0].sidecar.config().hash(), before);
     let restarted = Instant::now();
     w.operator = Some(
         Operator::start(w.server.client(), options())

@@ -6,9 +6,9 @@
 //! them). Without them the test fails when `CI=true` and skips with a notice otherwise.
 #![forbid(unsafe_code)]
 
-mod support;
 #[path = "support/prometheus.rs"]
 mod real_prometheus;
+mod support;
 
 use std::{fs, io::Write, net::SocketAddr, process::Command, process::Stdio, time::Duration};
 
