@@ -120,10 +120,12 @@ async fn config_freshness() {
         .collect();
     let started = Instant::now();
     for p in &procs {
-        while !ready(p).await {
+        // Ready alone is not enough: a sidecar is ready, serving nothing, before the operator
+        // has written detour-config.
+        while !(ready(p).await && shows(p, "10.1.0.1:8080", "healthy").await) {
             assert!(
                 started.elapsed() < Duration::from_secs(60),
-                "sidecar not ready in 60 s"
+                "sidecar not running the rendered config in 60 s"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

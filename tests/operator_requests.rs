@@ -33,6 +33,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use support::{config_in, service, slice};
+use tokio::task::JoinHandle;
 use tower_test::mock::{self, Handle};
 
 type Policy = DeserializeGuard<UpstreamPolicy>;
@@ -151,6 +152,26 @@ async fn expect(
             .unwrap(),
     );
     body
+}
+
+/// One reconcile that must make no request: the mock answers none, so a request would hang it.
+async fn reconcile_without_requests(ctx: &Arc<Context>) {
+    let action = tokio::time::timeout(Duration::from_secs(1), run(ctx))
+        .await
+        .expect("reconcile made a request")
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+}
+
+/// The reconcile `task` ends well within a second and waits for the next change; `what` names
+/// what it would otherwise be stuck on.
+async fn ends_awaiting_change(task: JoinHandle<Result<Action, reconcile::Error>>, what: &str) {
+    let action = tokio::time::timeout(Duration::from_secs(1), task)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(action, Action::await_change());
 }
 
 const ROLE_PATH: &str = "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/detour-sidecar";
@@ -321,12 +342,7 @@ async fn first_reconcile() -> (Value, Value) {
     assert_eq!(ev["regarding"]["name"], "pay");
     assert_eq!(ev["regarding"]["kind"], "UpstreamPolicy");
 
-    let action = tokio::time::timeout(Duration::from_secs(1), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(action, Action::await_change());
+    ends_awaiting_change(task, "the reconcile to end").await;
     (cm, status)
 }
 
@@ -342,11 +358,7 @@ async fn up_to_date_namespace_makes_no_requests() {
     let p = policy(json!({"finalizers": ["detour.dev/config"]}), Some(status));
     let Fixture { ctx, handle } = fixture(&[p], &[cm]);
     // Any request would wait forever for the mock to answer.
-    let action = tokio::time::timeout(Duration::from_secs(1), run(&ctx))
-        .await
-        .expect("reconcile made a request")
-        .unwrap();
-    assert_eq!(action, Action::await_change());
+    reconcile_without_requests(&ctx).await;
     drop(handle);
 }
 
@@ -361,12 +373,7 @@ async fn a_restarted_operator_only_reads_the_sidecar_access_of_an_up_to_date_nam
         async move { run(&ctx).await }
     });
     expect_access(&mut handle, true).await;
-    let action = tokio::time::timeout(Duration::from_secs(1), task)
-        .await
-        .expect("no request after the two reads")
-        .unwrap()
-        .unwrap();
-    assert_eq!(action, Action::await_change());
+    ends_awaiting_change(task, "a request after the two reads").await;
 }
 
 /// The namespace as `first_reconcile` left it: ConfigMap and status in the cache.
@@ -411,12 +418,7 @@ async fn sidecar_reports_reach_the_status_in_one_write() {
         json!({"total": 2, "ready": 1, "serving": 2, "terminating": 1, "ejected": 1})
     );
     assert_eq!(body["status"]["sidecars"], 2);
-    let action = tokio::time::timeout(Duration::from_secs(1), task)
-        .await
-        .expect("a request after the status write")
-        .unwrap()
-        .unwrap();
-    assert_eq!(action, Action::await_change());
+    ends_awaiting_change(task, "a request after the status write").await;
 }
 
 #[tokio::test]
@@ -428,21 +430,13 @@ async fn unchanged_sidecar_reports_and_no_report_yet_make_no_requests() {
     // Same figures as the status shows: nothing to write.
     let Fixture { ctx, handle } = converged(shown).await;
     ctx.reports.set(sidecar_figures(3, &["10.0.0.1:8080"]));
-    let action = tokio::time::timeout(Duration::from_secs(1), run(&ctx))
-        .await
-        .expect("reconcile made a request")
-        .unwrap();
-    assert_eq!(action, Action::await_change());
+    reconcile_without_requests(&ctx).await;
     drop(handle);
 
     // Just started, no scrape round done: the status keeps its figures instead of flapping to 0.
     let Fixture { ctx, handle } = converged(shown).await;
     assert!(ctx.reports.latest().is_none());
-    let action = tokio::time::timeout(Duration::from_secs(1), run(&ctx))
-        .await
-        .expect("reconcile made a request")
-        .unwrap();
-    assert_eq!(action, Action::await_change());
+    reconcile_without_requests(&ctx).await;
     drop(handle);
 }
 
@@ -496,12 +490,7 @@ async fn deleting_the_last_policy_deletes_the_config_then_releases_the_finalizer
             {"op": "remove", "path": "/metadata/finalizers/1"},
         ])
     );
-    let action = tokio::time::timeout(Duration::from_secs(1), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(action, Action::await_change());
+    ends_awaiting_change(task, "the reconcile to end").await;
 }
 
 #[tokio::test]

@@ -19,16 +19,8 @@ async fn a_body_cut_short_reaches_the_client_as_a_break_and_is_counted() {
         res.is_err(),
         "a truncated body reached the client whole: {res:?}"
     );
-    eventually(PATIENCE, "the broken body is counted", || {
-        (d(
-            &h.metrics(),
-            &before,
-            "detour_response_body_errors_total",
-            &[],
-        ) == 1.0)
-            .then_some(())
-    })
-    .await;
+    h.counted(&before, "detour_response_body_errors_total", &[], 1.0)
+        .await;
     let after = h.metrics();
     assert_eq!(d(&after, &before, "detour_retries_total", &[]), 0.0);
     assert_eq!(
@@ -44,16 +36,8 @@ async fn a_body_cut_short_is_a_failed_attempt_with_cause_http_response_incomplet
     h.pods[0].set_fault(Fault::TruncatedBody).await.unwrap();
     let before = h.metrics();
     let _ = send_fresh(h.addr(), request(Method::GET, "/")).await;
-    eventually(PATIENCE, "the broken body is counted", || {
-        (d(
-            &h.metrics(),
-            &before,
-            "detour_response_body_errors_total",
-            &[],
-        ) == 1.0)
-            .then_some(())
-    })
-    .await;
+    h.counted(&before, "detour_response_body_errors_total", &[], 1.0)
+        .await;
     let after = h.metrics();
     assert_eq!(
         d(

@@ -7,9 +7,10 @@
 //!   counts request ids; [`http_client`]: a plain GET; [`webhooks`]: the chart's injector;
 //!   [`yaml`]: YAML as Kubernetes reads it; [`bench`]: what the benchmark tests share.
 //!
-//! Files that need tools or heavy dependencies only a few tests have are included by path
-//! instead (`#[path = "support/promql.rs"]`, `prometheus.rs`, `validate.rs`), so that the other
-//! tests do not build them.
+//! Some files are included by path instead, alone (`#[path = "support/validate.rs"]`): the
+//! Prometheus and PromQL helpers (`prometheus.rs`, `promql.rs`), which only a few tests need,
+//! and `validate.rs`, `yaml.rs`, `webhooks.rs` for the chart and injection tests that need
+//! nothing else from here.
 #![allow(dead_code)]
 
 pub mod admission;
@@ -34,6 +35,16 @@ pub use apiserver::ApiServer;
 // Not every test crate calls both.
 #[allow(unused_imports)]
 pub use http_client::{http_get, try_http_get};
+
+/// Resources of the in-memory API server.
+pub const POLICIES: &str = "detour.dev/v1alpha1/upstreampolicies";
+pub const CONFIG_MAPS: &str = "v1/configmaps";
+pub const SERVICES: &str = "v1/services";
+pub const SLICES: &str = "discovery.k8s.io/v1/endpointslices";
+pub const LEASES: &str = "coordination.k8s.io/v1/leases";
+
+/// The leader-election Lease of the operator (the chart's name for it).
+pub const LEASE_NAME: &str = "detour-operator";
 
 /// Wall-clock bound for anything that should happen "soon" on a slow shared machine.
 pub const PATIENCE: Duration = Duration::from_secs(10);
@@ -97,15 +108,6 @@ pub fn rendered_config(server: &ApiServer, ns: &str) -> Option<(Config, Value)> 
     let cm = server.get(CONFIG_MAPS, ns, "detour-config")?;
     Some((config_in(&cm)?, cm))
 }
-
-pub const POLICIES: &str = "detour.dev/v1alpha1/upstreampolicies";
-pub const CONFIG_MAPS: &str = "v1/configmaps";
-pub const SERVICES: &str = "v1/services";
-pub const SLICES: &str = "discovery.k8s.io/v1/endpointslices";
-pub const LEASES: &str = "coordination.k8s.io/v1/leases";
-
-/// The leader-election Lease of the operator (the chart's name for it).
-pub const LEASE_NAME: &str = "detour-operator";
 
 /// A Service with named TCP ports `(name, port)`.
 pub fn service(ns: &str, name: &str, ports: &[(&str, i32)]) -> Value {

@@ -142,6 +142,16 @@ impl Harness {
             .await;
     }
 
+    /// Waits until the upstream metric `name{labels}` has grown by exactly `by` since `before`
+    /// (what is counted once a response has ended may come a moment after the client saw it).
+    pub async fn counted(&self, before: &Metrics, name: &str, labels: &[(&str, &str)], by: f64) {
+        let what = format!("{name}{labels:?} to grow by {by}");
+        super::eventually(PATIENCE, &what, || {
+            (d(&self.metrics(), before, name, labels) == by).then_some(())
+        })
+        .await;
+    }
+
     /// Live state of the endpoint at `addr` as the sidecar sees it.
     pub fn endpoint(&self, addr: SocketAddr) -> detour::sidecar::EndpointSnapshot {
         let want = addr.to_string();
