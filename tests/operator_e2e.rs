@@ -9,7 +9,7 @@ use detour::{
     config::EndpointState,
     operator::{Operator, Options},
 };
-use serde_json::json;
+use serde_json::{json, Value};
 use support::*;
 
 const T: Duration = Duration::from_secs(10);
@@ -31,6 +31,18 @@ fn seed(server: &ApiServer) {
     ));
     server.put(policy("shop", "pay", "pay", json!("http"), 18080));
     server.put(policy("shop", "ghost", "nope", json!(80), 18081));
+}
+
+/// The one EndpointSlice of Service other/db: 10.1.0.1 ready.
+fn db_slice() -> Value {
+    slice(
+        "other",
+        "db-1",
+        "db",
+        "pg",
+        5432,
+        &[("10.1.0.1", true, true, false)],
+    )
 }
 
 /// shop/pay's endpoints are replaced by the one at `ip` (a rollout, in one step).
@@ -258,14 +270,7 @@ async fn restart_rebuilds_state_without_duplicate_writes() {
     let server = ApiServer::new();
     seed(&server);
     server.put(service("other", "db", &[("pg", 5432)]));
-    server.put(slice(
-        "other",
-        "db-1",
-        "db",
-        "pg",
-        5432,
-        &[("10.1.0.1", true, true, false)],
-    ));
+    server.put(db_slice());
     server.put(policy("other", "db", "db", json!(5432), 15432));
     let op = Operator::start(server.client(), operator_options())
         .await
@@ -378,14 +383,7 @@ async fn watched_namespaces_limit_the_scope() {
     eventually(T, "ready", || op.is_ready().then_some(())).await;
     // A later change in `other` renders: whatever the first list brought, shop included had it
     // been in scope, was worked through before.
-    server.put(slice(
-        "other",
-        "db-1",
-        "db",
-        "pg",
-        5432,
-        &[("10.1.0.1", true, true, false)],
-    ));
+    server.put(db_slice());
     eventually(T, "the change in other renders", || {
         let (cfg, _) = rendered_config(&server, "other")?;
         (cfg.upstreams[0].endpoints.len() == 1).then_some(())

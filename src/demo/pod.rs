@@ -799,38 +799,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_fault_answers_its_status_or_acts_on_the_socket() {
         let ms = Duration::from_millis;
+        for (fault, want) in [
+            (Fault::Healthy, Ok(StatusCode::OK)),
+            (Fault::CloseIdleAfter(ms(1)), Ok(StatusCode::OK)),
+            (Fault::Always502, Ok(StatusCode::BAD_GATEWAY)),
+            (Fault::Always503, Ok(StatusCode::SERVICE_UNAVAILABLE)),
+            (Fault::Always504, Ok(StatusCode::GATEWAY_TIMEOUT)),
+            (Fault::Refuse, Err(ConnAction::Close)),
+            (Fault::ResetAfterRequest, Err(ConnAction::Reset)),
+            (Fault::Malformed, Err(ConnAction::Malformed)),
+            (Fault::TruncatedBody, Err(ConnAction::Truncated)),
+        ] {
+            assert_eq!(answer_status(&fault, Some(ms(9))).await, want, "{fault:?}");
+        }
         let status =
             |f: Fault, idle: Option<Duration>| async move { answer_status(&f, idle).await };
-        assert_eq!(status(Fault::Healthy, None).await, Ok(StatusCode::OK));
-        assert_eq!(
-            status(Fault::CloseIdleAfter(ms(1)), Some(ms(9))).await,
-            Ok(StatusCode::OK)
-        );
-        assert_eq!(
-            status(Fault::Always502, None).await,
-            Ok(StatusCode::BAD_GATEWAY)
-        );
-        assert_eq!(
-            status(Fault::Always503, None).await,
-            Ok(StatusCode::SERVICE_UNAVAILABLE)
-        );
-        assert_eq!(
-            status(Fault::Always504, None).await,
-            Ok(StatusCode::GATEWAY_TIMEOUT)
-        );
-        assert_eq!(status(Fault::Refuse, None).await, Err(ConnAction::Close));
-        assert_eq!(
-            status(Fault::ResetAfterRequest, None).await,
-            Err(ConnAction::Reset)
-        );
-        assert_eq!(
-            status(Fault::Malformed, None).await,
-            Err(ConnAction::Malformed)
-        );
-        assert_eq!(
-            status(Fault::TruncatedBody, None).await,
-            Err(ConnAction::Truncated)
-        );
         // A stale keep-alive drops only a request on a reused connection idle past the limit.
         let stale = || Fault::StaleKeepAlive(ms(100));
         assert_eq!(status(stale(), None).await, Ok(StatusCode::OK));
