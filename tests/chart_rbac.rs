@@ -9,13 +9,9 @@ mod support;
 
 use std::{collections::BTreeSet, path::PathBuf, process::Command, time::Duration};
 
-use detour::operator::{
-    certs::{CertSource, TlsOptions},
-    inject::Settings,
-    LeaseOptions, Operator, Options, WebhookOptions,
-};
+use detour::operator::{Operator, Options};
 use serde_json::{json, Value};
-use support::*;
+use support::{webhooks::*, *};
 
 const SYSTEM: &str = "detour-system";
 const T: Duration = Duration::from_secs(30);
@@ -172,31 +168,15 @@ fn rules(docs: &[Value]) -> Vec<Rule> {
 
 fn replica(identity: &str) -> Options {
     Options {
-        debounce: Duration::from_millis(20),
         report_interval: Duration::from_millis(200),
-        leader_election: Some(LeaseOptions {
-            namespace: SYSTEM.into(),
-            name: "detour-operator".into(),
-            identity: identity.into(),
-            duration: 3,
-            grace: 1,
-        }),
-        webhook: Some(WebhookOptions {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            tls: TlsOptions {
-                namespace: SYSTEM.into(),
-                service: "detour-webhook".into(),
-                secret: "detour-webhook-tls".into(),
-                webhook_config: "detour-injector".into(),
-                source: CertSource::Operator,
-                // renewed about every second
-                lifetime: Duration::from_secs(3),
-                renew_before: Duration::from_secs(2),
-            },
-            sidecar: Settings::default(),
-            excluded_namespaces: vec![SYSTEM.into(), "kube-system".into()],
-        }),
-        ..Options::default()
+        leader_election: Some(lease(SYSTEM, identity)),
+        // renewed about every second
+        webhook: Some(webhooks::chart_webhook(
+            SYSTEM,
+            Duration::from_secs(3),
+            Duration::from_secs(2),
+        )),
+        ..operator_options()
     }
 }
 
@@ -280,7 +260,7 @@ async fn the_chart_grants_exactly_the_calls_the_operator_makes() {
         T,
         "the certificate renewed twice, both replicas serving",
         || {
-            if let Some(s) = server.get("v1/secrets", SYSTEM, "detour-webhook-tls") {
+            if let Some(s) = server.get("v1/secrets", SYSTEM, WEBHOOK_SECRET) {
                 certs.insert(s["data"]["tls.crt"].to_string());
             }
             (certs.len() >= 3 && a.is_ready() && b.is_ready()).then_some(())

@@ -9,6 +9,8 @@
 mod validate;
 #[path = "support/webhooks.rs"]
 mod webhooks;
+#[path = "support/yaml.rs"]
+mod yaml;
 
 use std::{
     io::Write,
@@ -165,7 +167,7 @@ impl Rendered {
             });
         let core_yaml: String = core
             .iter()
-            .map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap()))
+            .map(|d| format!("---\n{}", yaml::to_string(d)))
             .collect();
         validate::assert_strict(&core_yaml);
         if !monitoring.is_empty() {
@@ -308,10 +310,10 @@ fn defaults_render_a_valid_ha_operator_with_its_webhook() {
 
     // The webhook: the configuration the operator's tests run with, without a caBundle (the
     // operator's leader keeps it), behind a Service 443 -> the named webhook port.
-    let mwc = r.named("MutatingWebhookConfiguration", "detour-injector");
+    let mwc = r.named("MutatingWebhookConfiguration", webhooks::WEBHOOK_CONFIG);
     assert_eq!(mwc["webhooks"], expected_webhooks("Fail", 5));
     assert!(mwc["metadata"]["annotations"].is_null());
-    let svc = r.named("Service", "detour-webhook");
+    let svc = r.named("Service", webhooks::WEBHOOK_SERVICE);
     assert_eq!(
         svc["spec"]["ports"],
         json!([{"name": "https", "port": 443, "targetPort": "webhook", "protocol": "TCP"}])
@@ -325,11 +327,11 @@ fn defaults_render_a_valid_ha_operator_with_its_webhook() {
     assert_eq!(metrics["spec"]["ports"][0]["targetPort"], "admin");
     assert_eq!(
         r.arg("--webhook-service").as_deref(),
-        Some("detour-webhook")
+        Some(webhooks::WEBHOOK_SERVICE)
     );
     assert_eq!(
         r.arg("--webhook-config").as_deref(),
-        Some("detour-injector")
+        Some(webhooks::WEBHOOK_CONFIG)
     );
 
     for kind in [
@@ -396,7 +398,7 @@ fn monitoring_on_renders_monitors_rules_and_dashboard_the_prometheus_operator_ac
             .all(|(k, v)| &svc["metadata"]["labels"][k] == v)
     };
     assert!(selects(r.named("Service", "detour-metrics")));
-    assert!(!selects(r.named("Service", "detour-webhook")));
+    assert!(!selects(r.named("Service", webhooks::WEBHOOK_SERVICE)));
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "admin");
 
     // The rules file as it is: Prometheus templates survive (.Files.Get, not tpl).
@@ -467,7 +469,7 @@ fn cert_manager_issues_the_certificate_and_injects_the_ca() {
         .find(|rule| rule["resources"] == json!(["secrets"]))
         .expect("a rule for the Secret");
     assert_eq!(secrets["verbs"], json!(["get", "list", "watch"]));
-    assert_eq!(secrets["resourceNames"], json!(["detour-webhook-tls"]));
+    assert_eq!(secrets["resourceNames"], json!([webhooks::WEBHOOK_SECRET]));
     let issuer = r.one("Issuer");
     assert_eq!(
         cert["spec"]["issuerRef"]["name"],

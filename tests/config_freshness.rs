@@ -16,31 +16,9 @@ use std::{
 
 use detour::operator::{Operator, Options};
 use serde_json::{json, Value};
-use support::*;
+use support::{bench::*, *};
 
 const NS: &str = "bench";
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
 
 /// The Service's one slice: `n` endpoints, `terminating` one of them terminating.
 fn slice_with(n: usize, terminating: Option<usize>) -> Value {
@@ -50,11 +28,7 @@ fn slice_with(n: usize, terminating: Option<usize>) -> Value {
             (format!("10.1.0.{}", e + 1), !t, true, t)
         })
         .collect();
-    let refs: Vec<(&str, bool, bool, bool)> = eps
-        .iter()
-        .map(|(a, r, s, t)| (a.as_str(), *r, *s, *t))
-        .collect();
-    slice(NS, "pay-1", "pay", "http", 8080, &refs)
+    slice(NS, "pay-1", "pay", "http", 8080, &eps)
 }
 
 struct Proc {
@@ -111,9 +85,9 @@ async fn ready(p: &Proc) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run bench/config-freshness/run.sh"]
 async fn config_freshness() {
-    let n_sidecars = env("DETOUR_BENCH_SIDECARS", 10);
-    let samples = env("DETOUR_BENCH_SAMPLES", 200);
-    let n_eps = env("DETOUR_BENCH_ENDPOINTS", 20);
+    let n_sidecars = env_or("DETOUR_BENCH_SIDECARS", 10);
+    let samples = env_or("DETOUR_BENCH_SAMPLES", 200);
+    let n_eps = env_or("DETOUR_BENCH_ENDPOINTS", 20);
 
     let server = ApiServer::new();
     server.set_logging(false);
@@ -130,14 +104,7 @@ async fn config_freshness() {
     let addr = server.serve_http("127.0.0.1:0".parse().unwrap()).await;
     let dir = std::env::temp_dir().join(format!("detour-freshness-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: mem\n  cluster:\n    server: http://{addr}\nusers:\n- name: mem\n  user: {{}}\ncontexts:\n- name: mem\n  context:\n    cluster: mem\n    user: mem\n    namespace: {NS}\ncurrent-context: mem\n"
-        ),
-    )
-    .unwrap();
+    let kubeconfig = write_kubeconfig(&dir, addr, NS);
     let operator = Operator::start(
         server.client(),
         Options {
@@ -153,10 +120,12 @@ async fn config_freshness() {
         .collect();
     let started = Instant::now();
     for p in &procs {
-        while !ready(p).await {
+        // Ready alone is not enough: a sidecar is ready, serving nothing, before the operator
+        // has written detour-config.
+        while !(ready(p).await && shows(p, "10.1.0.1:8080", "healthy").await) {
             assert!(
                 started.elapsed() < Duration::from_secs(60),
-                "sidecar not ready in 60 s"
+                "sidecar not running the rendered config in 60 s"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -165,11 +134,12 @@ async fn config_freshness() {
     let cm = server.get(CONFIG_MAPS, NS, "detour-config").unwrap();
     let file = dir.join("config.yaml");
     // Its own listener port: the kubernetes-mode sidecar 0 holds the rendered one.
-    let mut doc: Value = serde_yaml::from_str(cm["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    let mut doc: Value =
+        support::yaml::from_str(cm["data"]["config.yaml"].as_str().unwrap()).unwrap();
     for u in doc["upstreams"].as_array_mut().unwrap() {
         u["listen"] = json!(format!("127.0.0.1:{}", free_port()));
     }
-    std::fs::write(&file, serde_yaml::to_string(&doc).unwrap()).unwrap();
+    std::fs::write(&file, support::yaml::to_string(&doc)).unwrap();
     let file_mode = sidecar(
         &dir,
         0,
@@ -186,8 +156,8 @@ async fn config_freshness() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_kubernetes = kib(procs[0].child.id(), "VmRSS:");
-    let rss_file = kib(file_mode.child.id(), "VmRSS:");
+    let rss_kubernetes = proc_status_kib(procs[0].child.id(), "VmRSS:");
+    let rss_file = proc_status_kib(file_mode.child.id(), "VmRSS:");
 
     let mut latencies = Vec::with_capacity(samples);
     for i in 0..samples {
@@ -222,10 +192,10 @@ async fn config_freshness() {
         }
     }
     latencies.sort_by(f64::total_cmp);
-    let peak_kubernetes = kib(procs[0].child.id(), "VmHWM:");
-    let peak_file = kib(file_mode.child.id(), "VmHWM:");
-    let rss_kubernetes_end = kib(procs[0].child.id(), "VmRSS:");
-    let rss_file_end = kib(file_mode.child.id(), "VmRSS:");
+    let peak_kubernetes = proc_status_kib(procs[0].child.id(), "VmHWM:");
+    let peak_file = proc_status_kib(file_mode.child.id(), "VmHWM:");
+    let rss_kubernetes_end = proc_status_kib(procs[0].child.id(), "VmRSS:");
+    let rss_file_end = proc_status_kib(file_mode.child.id(), "VmRSS:");
     drop(procs);
     drop(file_mode);
     operator.shutdown().await.unwrap();

@@ -54,11 +54,10 @@ struct World {
     next_pod: usize,
 }
 
-fn operator_options() -> Options {
+fn options() -> Options {
     Options {
-        debounce: Duration::from_millis(20),
         report_interval: Duration::from_millis(200),
-        ..Options::default()
+        ..operator_options()
     }
 }
 
@@ -126,7 +125,7 @@ impl World {
             w.server.put(client_policy(app, free_port()));
         }
         w.operator = Some(
-            Operator::start(w.server.client(), operator_options())
+            Operator::start(w.server.client(), options())
                 .await
                 .expect("operator starts"),
         );
@@ -493,7 +492,12 @@ async fn the_api_server_down_for_30s_changes_nothing_and_the_loop_resumes() {
     let (code, body) = http_get(w.clients[0].sidecar.admin_addr(), "/ready").await;
     assert_eq!(code, 200, "still ready on the last good config: {body}");
     assert!(body.contains("not connected"), "{body}");
+    let refused = w.server.refused();
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(down.elapsed())).await;
+    assert!(
+        w.server.refused() > refused,
+        "the sidecars kept trying through the outage"
+    );
     for c in &w.clients {
         assert_eq!(c.sidecar.config().hash(), hash, "the last good config runs");
         assert!(c.sidecar.is_ready());
@@ -535,16 +539,19 @@ async fn an_operator_restarted_mid_rollout_picks_up_where_it_stopped() {
     // What the operator wrote just before it stopped may still be on its way to the sidecars.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = w.clients[0].sidecar.config().hash();
+    let written = w.server.get(CONFIG_MAPS, NS, "detour-config").unwrap();
     w.set_pod("pay-1", (false, true, true));
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // Read at the source, so a slow watch cannot hide a write.
+    let now = w.server.get(CONFIG_MAPS, NS, "detour-config").unwrap();
     assert_eq!(
-        w.clients[0].sidecar.config().hash(),
-        before,
+        now["metadata"]["resourceVersion"], written["metadata"]["resourceVersion"],
         "nobody renders while the operator is away"
     );
+    assert_eq!(w.clients[0].sidecar.config().hash(), before);
     let restarted = Instant::now();
     w.operator = Some(
-        Operator::start(w.server.client(), operator_options())
+        Operator::start(w.server.client(), options())
             .await
             .expect("operator starts"),
     );
@@ -712,7 +719,10 @@ async fn the_sidecar_serves_only_after_a_valid_config_and_keeps_it_through_every
     // Unreachable at first: not ready, and it says why.
     server.set_down(true);
     let (sc, following) = lone_sidecar(&server).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(T, "the sidecar to try the API server, and again", || {
+        (server.refused() >= 2).then_some(())
+    })
+    .await;
     let (code, body) = http_get(sc.admin_addr(), "/ready").await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("not connected"), "{body}");

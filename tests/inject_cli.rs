@@ -4,6 +4,8 @@
 
 #[path = "support/validate.rs"]
 mod validate;
+#[path = "support/yaml.rs"]
+mod yaml;
 
 use std::process::{Command, Output};
 
@@ -83,7 +85,7 @@ fn flags_and_environment_set_the_sidecar() {
         ],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let pod: serde_json::Value = serde_yaml::from_str(&text(&out.stdout)).unwrap();
+    let pod: serde_json::Value = yaml::from_str(&text(&out.stdout)).unwrap();
     let c = &pod["spec"]["initContainers"][0];
     assert_eq!(c["image"], "registry.example/detour:pinned");
     assert_eq!(

@@ -4,6 +4,8 @@
 
 #[path = "support/validate.rs"]
 mod validate;
+#[path = "support/yaml.rs"]
+mod yaml;
 
 use detour::operator::inject::{
     inject_manifests, inject_manifests_with_report, pod_patch, Outcome, Settings, Skip,
@@ -28,12 +30,8 @@ fn settings() -> Settings {
     }
 }
 
-fn documents(yaml: &str) -> Vec<Value> {
-    use serde::Deserialize;
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|d| Value::deserialize(d).unwrap())
-        .filter(|v| !v.is_null())
-        .collect()
+fn documents(text: &str) -> Vec<Value> {
+    yaml::documents(text)
 }
 
 /// The pod template of a workload (the object itself for a Pod).
@@ -297,8 +295,8 @@ fn patched_pods_are_injected_exactly_as_detour_inject_does_and_validate() {
         assert_eq!(sidecar_token_mounts, 1, "{case}");
 
         // one code path: detour inject on the same pod gives the same pod
-        let yaml = serde_yaml::to_string(&pod).unwrap();
-        let injected = documents(&inject_manifests(&yaml, &s).unwrap()).remove(0);
+        let text = yaml::to_string(&pod);
+        let injected = documents(&inject_manifests(&text, &s).unwrap()).remove(0);
         assert_eq!(injected, patched, "{case}");
 
         // idempotent: the patched pod gets an empty patch
@@ -308,7 +306,7 @@ fn patched_pods_are_injected_exactly_as_detour_inject_does_and_validate() {
         // kubernetes-validate names what it checks: give the pod the name the API server
         // generates from generateName after admission
         patched["metadata"]["name"] = format!("web-{}", patched_all.len()).into();
-        patched_all.push(serde_yaml::to_string(&patched).unwrap());
+        patched_all.push(yaml::to_string(&patched));
     }
     if validate::available("patched_pods_validate") {
         let all = patched_all.join("---\n");

@@ -10,15 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use detour::operator::{
-    certs::{CertSource, TlsOptions},
-    inject::Settings,
-    LeaseOptions, Operator, Options, WebhookOptions,
-};
+use detour::operator::{Operator, Options, WebhookOptions};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{api::PostParams, Api};
 use serde_json::{json, Value};
-use support::*;
+use support::{webhooks::*, *};
 
 const SYSTEM: &str = "detour-system";
 const T: Duration = Duration::from_secs(30);
@@ -32,33 +28,19 @@ fn webhook_configuration() -> Value {
     json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": "detour-injector"},
+        "metadata": {"name": WEBHOOK_CONFIG},
         "webhooks": webhooks::injector_webhooks(SYSTEM, "Fail", 5),
     })
 }
 
 fn webhook_options(lifetime: Duration, renew_before: Duration) -> WebhookOptions {
-    WebhookOptions {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        tls: TlsOptions {
-            namespace: SYSTEM.into(),
-            service: "detour-webhook".into(),
-            secret: "detour-webhook-tls".into(),
-            webhook_config: "detour-injector".into(),
-            source: CertSource::Operator,
-            lifetime,
-            renew_before,
-        },
-        sidecar: Settings::default(),
-        excluded_namespaces: vec![SYSTEM.into(), "kube-system".into()],
-    }
+    webhooks::chart_webhook(SYSTEM, lifetime, renew_before)
 }
 
 fn options(webhook: WebhookOptions) -> Options {
     Options {
-        debounce: Duration::from_millis(20),
         webhook: Some(webhook),
-        ..Options::default()
+        ..operator_options()
     }
 }
 
@@ -85,7 +67,7 @@ fn ca_bundles(server: &ApiServer) -> Vec<Value> {
         .get(
             "admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
             "",
-            "detour-injector",
+            WEBHOOK_CONFIG,
         )
         .map(|c| {
             c["webhooks"]
@@ -133,7 +115,7 @@ async fn certificate_ca_bundle_and_injection_hold_together_through_renewals() {
     )
     .await
     .unwrap();
-    server.set_service_endpoints(SYSTEM, "detour-webhook", vec![op.webhook_addr().unwrap()]);
+    server.set_service_endpoints(SYSTEM, WEBHOOK_SERVICE, vec![op.webhook_addr().unwrap()]);
     eventually(T, "the caBundle on both webhooks", || {
         let b = ca_bundles(&server);
         (b.len() == 2 && b.iter().all(|c| c.is_string())).then_some(())
@@ -189,7 +171,7 @@ async fn certificate_ca_bundle_and_injection_hold_together_through_renewals() {
             .as_object_mut()
             .unwrap()
             .retain(|k, _| k == "name" || k == "namespace" || k == "labels");
-        validate::assert_strict(&serde_yaml::to_string(&pod_json).unwrap());
+        validate::assert_strict(&support::yaml::to_string(&pod_json));
     }
 
     // Pods keep being created while the certificate is renewed: none is refused.
@@ -208,7 +190,7 @@ async fn certificate_ca_bundle_and_injection_hold_together_through_renewals() {
         .unwrap_or_else(|e| panic!("pod {n} refused during renewals: {e}"));
         assert!(injected(&p), "pod {n}");
         served.extend(op.webhook_certificate());
-        if let Some(s) = server.get("v1/secrets", SYSTEM, "detour-webhook-tls") {
+        if let Some(s) = server.get("v1/secrets", SYSTEM, WEBHOOK_SECRET) {
             secrets.insert(s["data"]["tls.crt"].to_string());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -242,13 +224,7 @@ async fn certificate_ca_bundle_and_injection_hold_together_through_renewals() {
 async fn pods_created_while_the_leader_fails_over_are_still_injected() {
     let server = cluster();
     let replica = |identity: &str| Options {
-        leader_election: Some(LeaseOptions {
-            namespace: SYSTEM.into(),
-            name: "detour-operator".into(),
-            identity: identity.into(),
-            duration: 3,
-            grace: 1,
-        }),
+        leader_election: Some(lease(SYSTEM, identity)),
         ..options(webhook_options(
             Duration::from_secs(3600),
             Duration::from_secs(600),
@@ -258,9 +234,7 @@ async fn pods_created_while_the_leader_fails_over_are_still_injected() {
         .await
         .unwrap();
     eventually(T, "a to lead and issue the certificate", || {
-        server
-            .get("v1/secrets", SYSTEM, "detour-webhook-tls")
-            .map(|_| ())
+        server.get("v1/secrets", SYSTEM, WEBHOOK_SECRET).map(|_| ())
     })
     .await;
     let b = Operator::start(server.client(), replica("b"))
@@ -278,7 +252,7 @@ async fn pods_created_while_the_leader_fails_over_are_still_injected() {
     );
     server.set_service_endpoints(
         SYSTEM,
-        "detour-webhook",
+        WEBHOOK_SERVICE,
         vec![a.webhook_addr().unwrap(), b.webhook_addr().unwrap()],
     );
     let p = create(&server, "shop", pod("before", json!({})))
@@ -287,7 +261,7 @@ async fn pods_created_while_the_leader_fails_over_are_still_injected() {
     assert!(injected(&p));
 
     // The leader stops; its endpoint leaves the Service as its pod terminates.
-    server.set_service_endpoints(SYSTEM, "detour-webhook", vec![b.webhook_addr().unwrap()]);
+    server.set_service_endpoints(SYSTEM, WEBHOOK_SERVICE, vec![b.webhook_addr().unwrap()]);
     a.shutdown().await.unwrap();
     let start = Instant::now();
     let mut n = 0;

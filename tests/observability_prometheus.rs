@@ -14,11 +14,11 @@
 //! `scripts/dashboard-plot/` draws the README's picture from that file.
 #![forbid(unsafe_code)]
 
-mod common;
-#[path = "common/promql.rs"]
+#[path = "support/promql.rs"]
 mod promql;
-#[path = "common/prometheus.rs"]
+#[path = "support/prometheus.rs"]
 mod real_prometheus;
+mod support;
 
 use std::{
     collections::BTreeMap,
@@ -29,11 +29,11 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use http_body_util::Full;
 
-use common::{fast_policy, request, request_with_body, send_fresh, Fault, SimPod};
 use detour::config::{Config, Endpoint, HealthCheckProtocol, Upstream};
 use detour::sidecar::{Options, Sidecar, SidecarHandle};
 use promql::{DASHBOARD, RULES};
 use real_prometheus::{scrape_config, Prometheus, Series, TempDir, Tools};
+use support::sidecar::{fast_policy, request, request_with_body, send_fresh, Fault, Resp, SimPod};
 
 const NAMESPACE: &str = "shop";
 const SIDECAR_POD: &str = "web-0";
@@ -53,7 +53,7 @@ struct Seen {
 }
 
 impl Seen {
-    fn record(&mut self, upstream: &'static str, resp: &common::Resp) {
+    fn record(&mut self, upstream: &'static str, resp: &Resp) {
         *self.requests.entry(upstream).or_default() += 1;
         let status = resp.status.as_u16();
         if !matches!(status, 502..=504) {
@@ -233,11 +233,11 @@ async fn dashboard_queries_and_alert_expressions_on_a_real_prometheus_match_the_
     );
 
     // The alerts' own expressions, and the alerts Prometheus itself evaluates from the file.
-    let rules: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(RULES).unwrap()).unwrap();
+    let rules: serde_json::Value =
+        support::yaml::from_str(&std::fs::read_to_string(RULES).unwrap()).unwrap();
     let mut by_alert: BTreeMap<String, Vec<Series>> = BTreeMap::new();
-    for g in rules["groups"].as_sequence().unwrap() {
-        for r in g["rules"].as_sequence().unwrap() {
+    for g in rules["groups"].as_array().unwrap() {
+        for r in g["rules"].as_array().unwrap() {
             if let Some(a) = r["alert"].as_str() {
                 let found = prometheus.query(r["expr"].as_str().unwrap()).await;
                 by_alert.entry(a.to_string()).or_default().extend(found);
@@ -380,7 +380,7 @@ async fn traffic(sidecar: &SidecarHandle, duration: Option<Duration>) -> Seen {
 async fn warm_up(sidecar: &SidecarHandle) {
     let pay = sidecar.listener_addr(PAY).unwrap();
     let gone = sidecar.listener_addr(GONE).unwrap();
-    let status = |r: common::Resp| r.status;
+    let status = |r: Resp| r.status;
     let get = |addr, path: &str| send_fresh(addr, request(Method::GET, path));
     assert_eq!(status(get(pay, "/warm").await.unwrap()), StatusCode::OK);
     let post = || request_with_body(Method::POST, "/orders", Bytes::from_static(b"{}"));

@@ -7,9 +7,9 @@
 //! (one unit test file per alert plus one of healthy traffic, in `charts/detour/rules/tests/`).
 #![forbid(unsafe_code)]
 
-mod common;
-#[path = "common/promql.rs"]
+#[path = "support/promql.rs"]
 mod promql;
+mod support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -17,10 +17,13 @@ use std::{
     process::Command,
 };
 
-use common::{fast_policy, Fault, Harness};
-use http::StatusCode;
 use promql::{check, legend_labels, substitute, ungrouped, Catalog, DASHBOARD, RULES};
 use serde_json::Value;
+use support::{
+    eventually,
+    sidecar::{fast_policy, Fault, Harness},
+    PATIENCE,
+};
 
 /// What the sidecar and the operator export: a sidecar whose endpoint failed (so the lazily
 /// created per-endpoint series exist) and an operator registry that counted once.
@@ -28,14 +31,7 @@ async fn exported() -> Catalog {
     let mut p = fast_policy();
     p.outlier_detection.consecutive_gateway_errors = 1;
     let h = Harness::start(2, p).await;
-    h.pods[0].set_fault(Fault::Always502).await.unwrap();
-    for n in 0..100 {
-        assert_eq!(h.get(&format!("/{n}")).await.status, StatusCode::OK);
-        if h.pods[0].requests() > 0 {
-            break;
-        }
-    }
-    assert!(h.pods[0].requests() > 0, "pod-0 never got a request");
+    h.fail_pod0_until_it_is_asked(Fault::Always502).await;
     // A config source's gauges appear once the sidecar follows one: a file holding its config
     // (one file per sidecar: the tests of this file run at the same time).
     let file = std::env::temp_dir().join(format!(
@@ -43,15 +39,16 @@ async fn exported() -> Catalog {
         std::process::id(),
         h.sidecar.admin_addr().port()
     ));
-    std::fs::write(&file, serde_yaml::to_string(&h.config()).unwrap()).unwrap();
+    std::fs::write(&file, h.config().to_yaml()).unwrap();
     let follow = h.sidecar.follow(detour::sidecar::ConfigSource::File {
         path: file.clone(),
         interval: std::time::Duration::from_millis(50),
     });
-    common::eventually("the config source's gauges", || {
-        h.sidecar
+    eventually(PATIENCE, "the config source's gauges", || {
+        (h.sidecar
             .metrics_text()
-            .contains("detour_config_source_connected{")
+            .contains("detour_config_source_connected{"))
+        .then_some(())
     })
     .await;
     follow.abort();
@@ -73,8 +70,8 @@ async fn exported() -> Catalog {
     catalog
 }
 
-fn rules() -> serde_yaml::Value {
-    serde_yaml::from_str(&std::fs::read_to_string(RULES).expect("rules file")).expect("YAML")
+fn rules() -> serde_json::Value {
+    support::yaml::from_str(&std::fs::read_to_string(RULES).expect("rules file")).expect("YAML")
 }
 
 fn dashboard() -> Value {
@@ -82,11 +79,11 @@ fn dashboard() -> Value {
 }
 
 /// Every rule of the file: (group, rule).
-fn each_rule(rules: &serde_yaml::Value) -> Vec<(String, serde_yaml::Value)> {
+fn each_rule(rules: &serde_json::Value) -> Vec<(String, serde_json::Value)> {
     let mut out = Vec::new();
-    for g in rules["groups"].as_sequence().expect("groups") {
+    for g in rules["groups"].as_array().expect("groups") {
         let name = g["name"].as_str().expect("group name").to_string();
-        for r in g["rules"].as_sequence().expect("rules") {
+        for r in g["rules"].as_array().expect("rules") {
             out.push((name.clone(), r.clone()));
         }
     }
@@ -94,7 +91,7 @@ fn each_rule(rules: &serde_yaml::Value) -> Vec<(String, serde_yaml::Value)> {
 }
 
 /// Adds the file's recording rules to the catalog (in order: a rule may use an earlier one).
-fn with_recorded(mut cat: Catalog, rules: &serde_yaml::Value) -> Catalog {
+fn with_recorded(mut cat: Catalog, rules: &serde_json::Value) -> Catalog {
     for (_, r) in each_rule(rules) {
         if let Some(name) = r["record"].as_str() {
             let c = check(r["expr"].as_str().expect("expr"), &cat);
@@ -292,13 +289,13 @@ fn promtool_checks_the_rules_and_runs_their_unit_tests() {
     let mut fired = BTreeSet::new();
     let mut silent = BTreeSet::new();
     for f in &files {
-        let t: serde_yaml::Value =
-            serde_yaml::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
+        let t: serde_json::Value =
+            support::yaml::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
         let healthy = f.file_name().unwrap() == "healthy.yaml";
-        for case in t["tests"].as_sequence().unwrap() {
-            for a in case["alert_rule_test"].as_sequence().into_iter().flatten() {
+        for case in t["tests"].as_array().unwrap() {
+            for a in case["alert_rule_test"].as_array().into_iter().flatten() {
                 let name = a["alertname"].as_str().unwrap().to_string();
-                let firing = a["exp_alerts"].as_sequence().is_some_and(|v| !v.is_empty());
+                let firing = a["exp_alerts"].as_array().is_some_and(|v| !v.is_empty());
                 if healthy {
                     assert!(!firing, "healthy.yaml expects {name} to fire");
                     silent.insert(name);

@@ -6,29 +6,13 @@ mod support;
 use std::time::Duration;
 
 use detour::{
-    config::{Config, EndpointState},
-    operator::{LeaseOptions, Operator, Options},
+    config::EndpointState,
+    operator::{Operator, Options},
 };
 use serde_json::{json, Value};
 use support::*;
 
 const T: Duration = Duration::from_secs(10);
-
-fn options() -> Options {
-    Options {
-        debounce: Duration::from_millis(20),
-        ..Options::default()
-    }
-}
-
-fn config_of(server: &ApiServer, ns: &str) -> Option<(Config, Value)> {
-    let cm = server.get(CONFIG_MAPS, ns, "detour-config")?;
-    let text = cm["data"]["config.yaml"].as_str()?;
-    Some((
-        Config::from_str_validated(text).expect("rendered config is valid"),
-        cm,
-    ))
-}
 
 fn seed(server: &ApiServer) {
     server.put(service("shop", "pay", &[("http", 80), ("admin", 81)]));
@@ -49,15 +33,52 @@ fn seed(server: &ApiServer) {
     server.put(policy("shop", "ghost", "nope", json!(80), 18081));
 }
 
+/// The one EndpointSlice of Service other/db: 10.1.0.1 ready.
+fn db_slice() -> Value {
+    slice(
+        "other",
+        "db-1",
+        "db",
+        "pg",
+        5432,
+        &[("10.1.0.1", true, true, false)],
+    )
+}
+
+/// shop/pay's endpoints are replaced by the one at `ip` (a rollout, in one step).
+fn pay_moves_to(server: &ApiServer, ip: &str) {
+    server.put(slice(
+        "shop",
+        "pay-abc",
+        "pay",
+        "http",
+        8080,
+        &[(ip, true, true, false)],
+    ));
+}
+
+/// Waits until the rendered shop/pay runs exactly the endpoint at `ip`.
+async fn pay_runs_at(server: &ApiServer, ip: &str, what: &str) {
+    let want = format!("{ip}:8080");
+    eventually(T, what, || {
+        let (cfg, _) = rendered_config(server, "shop")?;
+        let pay = cfg.upstreams.iter().find(|u| u.name == "shop/pay")?;
+        (pay.endpoints.len() == 1 && pay.endpoints[0].address == want).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converges_follows_endpoints_and_cleans_up() {
     let server = ApiServer::new();
     seed(&server);
-    let op = Operator::start(server.client(), options()).await.unwrap();
+    let op = Operator::start(server.client(), operator_options())
+        .await
+        .unwrap();
 
     // --- first convergence ---
     let (cfg, cm) = eventually(T, "detour-config with two upstreams", || {
-        config_of(&server, "shop").filter(|(c, _)| c.upstreams.len() == 2)
+        rendered_config(&server, "shop").filter(|(c, _)| c.upstreams.len() == 2)
     })
     .await;
     let pay = cfg.upstreams.iter().find(|u| u.name == "shop/pay").unwrap();
@@ -161,7 +182,7 @@ async fn converges_follows_endpoints_and_cleans_up() {
     ));
     let started = std::time::Instant::now();
     eventually(T, "10.0.0.1 terminating in the ConfigMap", || {
-        let (cfg, _) = config_of(&server, "shop")?;
+        let (cfg, _) = rendered_config(&server, "shop")?;
         let pay = cfg.upstreams.iter().find(|u| u.name == "shop/pay")?;
         (pay.endpoints[0].state == EndpointState::Terminating).then_some(())
     })
@@ -195,7 +216,7 @@ async fn converges_follows_endpoints_and_cleans_up() {
             .then_some(())
     })
     .await;
-    let (cfg, _) = config_of(&server, "shop").unwrap();
+    let (cfg, _) = rendered_config(&server, "shop").unwrap();
     assert_eq!(cfg.upstreams.len(), 2, "the loser is not rendered");
 
     // --- deleting a policy: it leaves the config, its finalizer is released ---
@@ -207,7 +228,7 @@ async fn converges_follows_endpoints_and_cleans_up() {
             .then_some(())
     })
     .await;
-    let (cfg, _) = config_of(&server, "shop").unwrap();
+    let (cfg, _) = rendered_config(&server, "shop").unwrap();
     assert_eq!(
         cfg.upstreams
             .iter()
@@ -218,7 +239,7 @@ async fn converges_follows_endpoints_and_cleans_up() {
     // Deleting the older policy frees the port for the newer one.
     assert!(server.delete(POLICIES, "shop", "pay"));
     eventually(T, "pay-copy takes over", || {
-        let (cfg, _) = config_of(&server, "shop")?;
+        let (cfg, _) = rendered_config(&server, "shop")?;
         (cfg.upstreams.len() == 1 && cfg.upstreams[0].name == "shop/pay-copy").then_some(())
     })
     .await;
@@ -249,16 +270,11 @@ async fn restart_rebuilds_state_without_duplicate_writes() {
     let server = ApiServer::new();
     seed(&server);
     server.put(service("other", "db", &[("pg", 5432)]));
-    server.put(slice(
-        "other",
-        "db-1",
-        "db",
-        "pg",
-        5432,
-        &[("10.1.0.1", true, true, false)],
-    ));
+    server.put(db_slice());
     server.put(policy("other", "db", "db", json!(5432), 15432));
-    let op = Operator::start(server.client(), options()).await.unwrap();
+    let op = Operator::start(server.client(), operator_options())
+        .await
+        .unwrap();
     eventually(T, "both namespaces converge", || {
         let a = server.get(POLICIES, "shop", "ghost")?;
         let b = server.get(POLICIES, "other", "db")?;
@@ -288,15 +304,16 @@ async fn restart_rebuilds_state_without_duplicate_writes() {
 
     server.clear_log();
     let rv = server.resource_version();
-    let op = Operator::start(server.client(), options()).await.unwrap();
+    let op = Operator::start(server.client(), operator_options())
+        .await
+        .unwrap();
     eventually(T, "ready after restart", || op.is_ready().then_some(())).await;
-    // Give it time to reconcile everything it would.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let reconciles = op.metrics_text();
-    assert!(
-        reconciles.contains("detour_operator_reconciles_total{result=\"ok\"}"),
-        "the restarted operator reconciled: {reconciles}"
-    );
+    eventually(
+        T,
+        "the restarted operator to reconcile all three policies",
+        || (reconciles_ok(&op) >= 3).then_some(()),
+    )
+    .await;
     let writes = server.writes();
     assert!(writes.is_empty(), "restart wrote: {writes:#?}");
     assert_eq!(server.resource_version(), rv);
@@ -311,9 +328,11 @@ async fn a_malformed_policy_does_not_stop_the_others() {
     let mut bad = policy("shop", "garbled", "pay", json!(80), 18090);
     bad["spec"]["listener"]["port"] = json!("eighty");
     server.put(bad);
-    let op = Operator::start(server.client(), options()).await.unwrap();
+    let op = Operator::start(server.client(), operator_options())
+        .await
+        .unwrap();
     eventually(T, "the valid policies render", || {
-        config_of(&server, "shop").filter(|(c, _)| c.upstreams.len() == 2)
+        rendered_config(&server, "shop").filter(|(c, _)| c.upstreams.len() == 2)
     })
     .await;
     let g = eventually(T, "garbled gets a status", || {
@@ -332,7 +351,16 @@ async fn a_malformed_policy_does_not_stop_the_others() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     server.clear_log();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(server.writes().is_empty(), "{:#?}", server.writes());
+    let quiet = server.writes();
+    // The operator was at work all along: a later change of a valid policy's endpoints renders.
+    pay_moves_to(&server, "10.0.0.5");
+    pay_runs_at(&server, "10.0.0.5", "the endpoint change renders").await;
+    assert!(quiet.is_empty(), "{quiet:#?}");
+    let writes = server.writes();
+    assert!(
+        writes.iter().all(|r| !r.path.contains("/garbled")),
+        "{writes:#?}"
+    );
     op.shutdown().await.unwrap();
 }
 
@@ -346,15 +374,28 @@ async fn watched_namespaces_limit_the_scope() {
         server.client(),
         Options {
             namespaces: vec!["other".into()],
-            ..options()
+            ..operator_options()
         },
     )
     .await
     .unwrap();
-    eventually(T, "other renders", || config_of(&server, "other")).await;
+    eventually(T, "other renders", || rendered_config(&server, "other")).await;
     eventually(T, "ready", || op.is_ready().then_some(())).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(config_of(&server, "shop").is_none());
+    // A later change in `other` renders: whatever the first list brought, shop included had it
+    // been in scope, was worked through before.
+    server.put(db_slice());
+    eventually(T, "the change in other renders", || {
+        let (cfg, _) = rendered_config(&server, "other")?;
+        (cfg.upstreams[0].endpoints.len() == 1).then_some(())
+    })
+    .await;
+    assert!(rendered_config(&server, "shop").is_none());
+    let in_shop: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("/namespaces/shop/"))
+        .collect();
+    assert!(in_shop.is_empty(), "{in_shop:#?}");
     assert!(server
         .get(POLICIES, "shop", "pay")
         .unwrap()
@@ -365,15 +406,17 @@ async fn watched_namespaces_limit_the_scope() {
 
 fn leader_options(identity: &str) -> Options {
     Options {
-        leader_election: Some(LeaseOptions {
-            namespace: "detour-system".into(),
-            name: "detour-operator".into(),
-            identity: identity.into(),
-            duration: 3,
-            grace: 1,
-        }),
-        ..options()
+        leader_election: Some(lease("detour-system", identity)),
+        ..operator_options()
     }
+}
+
+/// Reconciles that ended well (each policy's, and each namespace's without a policy).
+fn reconciles_ok(op: &Operator) -> u64 {
+    op.metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix("detour_operator_reconciles_total{result=\"ok\"} "))
+        .map_or(0, |v| v.parse().expect("a count"))
 }
 
 fn reconciles(op: &Operator) -> u64 {
@@ -399,25 +442,32 @@ async fn only_the_lease_holder_writes_and_a_standby_takes_over() {
         .await
         .unwrap();
     eventually(T, "pay rendered by the leader", || {
-        config_of(&server, "shop")
+        rendered_config(&server, "shop")
     })
     .await;
-    let lease = server
-        .get(
-            "coordination.k8s.io/v1/leases",
-            "detour-system",
-            "detour-operator",
-        )
-        .expect("the Lease exists");
+    let lease = lease_object(&server, "detour-system").expect("the Lease exists");
     assert_eq!(lease["spec"]["holderIdentity"], "replica-a");
     // The standby stays out: not ready, no reconciles, across several renewals.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut renewals = vec![lease["spec"]["renewTime"].clone()];
+    eventually(T, "replica-a to renew the lease twice", || {
+        let lease = lease_object(&server, "detour-system")?;
+        assert_eq!(lease["spec"]["holderIdentity"], "replica-a");
+        let renewed = &lease["spec"]["renewTime"];
+        if renewals.last() != Some(renewed) {
+            renewals.push(renewed.clone());
+        }
+        (renewals.len() > 2).then_some(())
+    })
+    .await;
     assert!(!b.is_ready());
     assert_eq!(reconciles(&b), 0);
     assert!(b.metrics_text().contains("detour_operator_leader 0"));
     assert!(a.metrics_text().contains("detour_operator_leader 1"));
     let (code, body) = http_get(b.admin_addr(), "/ready").await;
-    assert_eq!((code, body.as_str()), (503, "not ready: not the leader\n"));
+    assert_eq!(
+        (code.as_u16(), body.as_str()),
+        (503, "not ready: not the leader\n")
+    );
 
     // The leader stops and releases the Lease: the standby takes over and follows changes.
     a.shutdown().await.unwrap();
@@ -425,27 +475,9 @@ async fn only_the_lease_holder_writes_and_a_standby_takes_over() {
         b.is_ready().then_some(())
     })
     .await;
-    server.put(slice(
-        "shop",
-        "pay-abc",
-        "pay",
-        "http",
-        8080,
-        &[("10.0.0.9", true, true, false)],
-    ));
-    eventually(T, "replica-b renders the change", || {
-        let (cfg, _) = config_of(&server, "shop")?;
-        let pay = cfg.upstreams.iter().find(|u| u.name == "shop/pay")?;
-        (pay.endpoints.len() == 1 && pay.endpoints[0].address == "10.0.0.9:8080").then_some(())
-    })
-    .await;
-    let lease = server
-        .get(
-            "coordination.k8s.io/v1/leases",
-            "detour-system",
-            "detour-operator",
-        )
-        .unwrap();
+    pay_moves_to(&server, "10.0.0.9");
+    pay_runs_at(&server, "10.0.0.9", "replica-b renders the change").await;
+    let lease = lease_object(&server, "detour-system").unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "replica-b");
     b.shutdown().await.unwrap();
 }
@@ -478,7 +510,9 @@ async fn many_namespaces_converge_together() {
             ));
         }
     }
-    let op = Operator::start(server.client(), options()).await.unwrap();
+    let op = Operator::start(server.client(), operator_options())
+        .await
+        .unwrap();
     eventually(Duration::from_secs(20), "90 policies Ready", || {
         (server.count(POLICIES, |p| {
             condition(p, "Ready") == Some(("True".into(), "Ready".into()))
@@ -497,9 +531,11 @@ async fn many_namespaces_converge_together() {
 async fn an_edited_or_deleted_config_map_is_repaired() {
     let server = ApiServer::new();
     seed(&server);
-    let op = Operator::start(server.client(), options()).await.unwrap();
+    let op = Operator::start(server.client(), operator_options())
+        .await
+        .unwrap();
     let (want, _) = eventually(T, "rendered", || {
-        config_of(&server, "shop").filter(|(c, _)| c.upstreams.len() == 2)
+        rendered_config(&server, "shop").filter(|(c, _)| c.upstreams.len() == 2)
     })
     .await;
     // Someone edits it by hand.
@@ -508,13 +544,13 @@ async fn an_edited_or_deleted_config_map_is_repaired() {
     cm["metadata"]["annotations"]["detour.dev/config-hash"] = json!("0000000000000000");
     server.put(cm);
     eventually(T, "edit reverted", || {
-        config_of(&server, "shop").filter(|(c, _)| *c == want)
+        rendered_config(&server, "shop").filter(|(c, _)| *c == want)
     })
     .await;
     // Someone deletes it.
     assert!(server.delete(CONFIG_MAPS, "shop", "detour-config"));
     eventually(T, "re-created", || {
-        config_of(&server, "shop").filter(|(c, _)| *c == want)
+        rendered_config(&server, "shop").filter(|(c, _)| *c == want)
     })
     .await;
     op.shutdown().await.unwrap();
@@ -528,33 +564,21 @@ async fn endpoint_churn_is_debounced_and_the_last_state_wins() {
         server.client(),
         Options {
             debounce: Duration::from_millis(200),
-            ..options()
+            ..operator_options()
         },
     )
     .await
     .unwrap();
-    eventually(T, "rendered", || config_of(&server, "shop")).await;
+    eventually(T, "rendered", || rendered_config(&server, "shop")).await;
     eventually(T, "ready", || op.is_ready().then_some(())).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     server.clear_log();
     let ips: Vec<String> = (1..=20).map(|i| format!("10.9.0.{i}")).collect();
     for ip in &ips {
-        server.put(slice(
-            "shop",
-            "pay-abc",
-            "pay",
-            "http",
-            8080,
-            &[(ip.as_str(), true, true, false)],
-        ));
+        pay_moves_to(&server, ip);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    eventually(T, "the last endpoint set", || {
-        let (cfg, _) = config_of(&server, "shop")?;
-        let pay = cfg.upstreams.iter().find(|u| u.name == "shop/pay")?;
-        (pay.endpoints.len() == 1 && pay.endpoints[0].address == "10.9.0.20:8080").then_some(())
-    })
-    .await;
+    pay_runs_at(&server, "10.9.0.20", "the last endpoint set").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cm_writes = server
         .writes()
@@ -574,7 +598,9 @@ async fn endpoint_churn_is_debounced_and_the_last_state_wins() {
 async fn a_policy_gone_without_our_finalizer_leaves_the_config() {
     let server = ApiServer::new();
     seed(&server);
-    let op = Operator::start(server.client(), options()).await.unwrap();
+    let op = Operator::start(server.client(), operator_options())
+        .await
+        .unwrap();
     eventually(T, "two upstreams, both finalized", || {
         let both = ["pay", "ghost"].iter().all(|n| {
             server.get(POLICIES, "shop", n).is_some_and(|p| {
@@ -582,7 +608,7 @@ async fn a_policy_gone_without_our_finalizer_leaves_the_config() {
                     && condition(&p, "Ready").is_some()
             })
         });
-        config_of(&server, "shop").filter(|(c, _)| both && c.upstreams.len() == 2)
+        rendered_config(&server, "shop").filter(|(c, _)| both && c.upstreams.len() == 2)
     })
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -591,7 +617,7 @@ async fn a_policy_gone_without_our_finalizer_leaves_the_config() {
     assert!(server.delete(POLICIES, "shop", "ghost"));
     assert!(server.get(POLICIES, "shop", "ghost").is_none());
     eventually(T, "ghost out of the config", || {
-        let (cfg, _) = config_of(&server, "shop")?;
+        let (cfg, _) = rendered_config(&server, "shop")?;
         let names: Vec<&str> = cfg.upstreams.iter().map(|u| u.name.as_str()).collect();
         (names == ["shop/pay"]).then_some(())
     })
@@ -623,7 +649,9 @@ async fn an_orphaned_config_map_is_deleted_after_sync() {
         },
         "data": {"config.yaml": "apiVersion: detour.dev/v1alpha1\nkind: SidecarConfig\n"},
     }));
-    let op = Operator::start(server.client(), options()).await.unwrap();
+    let op = Operator::start(server.client(), operator_options())
+        .await
+        .unwrap();
     eventually(T, "the orphan deleted", || {
         server
             .get(CONFIG_MAPS, "empty", "detour-config")
@@ -632,7 +660,7 @@ async fn an_orphaned_config_map_is_deleted_after_sync() {
     })
     .await;
     eventually(T, "shop still rendered", || {
-        config_of(&server, "shop").filter(|(c, _)| c.upstreams.len() == 2)
+        rendered_config(&server, "shop").filter(|(c, _)| c.upstreams.len() == 2)
     })
     .await;
     op.shutdown().await.unwrap();
@@ -653,9 +681,11 @@ async fn endpoint_changes_reach_the_config_while_a_sibling_is_held_in_deletion()
             18100 + i,
         ));
     }
-    let op = Operator::start(server.client(), options()).await.unwrap();
+    let op = Operator::start(server.client(), operator_options())
+        .await
+        .unwrap();
     eventually(T, "seven upstreams", || {
-        config_of(&server, "shop").filter(|(c, _)| c.upstreams.len() == 7)
+        rendered_config(&server, "shop").filter(|(c, _)| c.upstreams.len() == 7)
     })
     .await;
     for i in 0..5u16 {
@@ -674,24 +704,12 @@ async fn endpoint_changes_reach_the_config_while_a_sibling_is_held_in_deletion()
         assert!(server.delete(POLICIES, "shop", &name));
     }
     eventually(T, "held policies out of the config", || {
-        config_of(&server, "shop").filter(|(c, _)| c.upstreams.len() == 2)
+        rendered_config(&server, "shop").filter(|(c, _)| c.upstreams.len() == 2)
     })
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    server.put(slice(
-        "shop",
-        "pay-abc",
-        "pay",
-        "http",
-        8080,
-        &[("10.0.0.77", true, true, false)],
-    ));
-    eventually(T, "the new endpoint rendered", || {
-        let (cfg, _) = config_of(&server, "shop")?;
-        let pay = cfg.upstreams.iter().find(|u| u.name == "shop/pay")?;
-        (pay.endpoints.len() == 1 && pay.endpoints[0].address == "10.0.0.77:8080").then_some(())
-    })
-    .await;
+    pay_moves_to(&server, "10.0.0.77");
+    pay_runs_at(&server, "10.0.0.77", "the new endpoint rendered").await;
     op.shutdown().await.unwrap();
 }
 
@@ -724,7 +742,9 @@ async fn a_refused_config_map_or_status_still_reports_every_policy() {
         422,
         too_long,
     );
-    let op = Operator::start(server.client(), options()).await.unwrap();
+    let op = Operator::start(server.client(), operator_options())
+        .await
+        .unwrap();
     let p = eventually(T, "pay reports the refused config", || {
         server
             .get(POLICIES, "shop", "pay")
@@ -766,7 +786,7 @@ async fn a_refused_config_map_or_status_still_reports_every_policy() {
         Duration::from_secs(20),
         "pay ready with the applied config",
         || {
-            let (cfg, _) = config_of(&server, "shop")?;
+            let (cfg, _) = rendered_config(&server, "shop")?;
             let p = server.get(POLICIES, "shop", "pay")?;
             (condition(&p, "Ready") == Some(("True".into(), "Ready".into()))
                 && p["status"]["configHash"] == cfg.hash())

@@ -30,17 +30,15 @@ const PODS: &str = "v1/pods";
 
 fn options() -> Options {
     Options {
-        debounce: Duration::from_millis(20),
         report_interval: Duration::from_millis(100),
-        ..Options::default()
+        ..operator_options()
     }
 }
 
 /// The namespace's rendered config as a sidecar runs it: same upstream names and endpoints, but
 /// listeners on ephemeral ports so sidecars and tests can run side by side.
 fn sidecar_config(server: &ApiServer, ns: &str) -> Option<Config> {
-    let cm = server.get(CONFIG_MAPS, ns, "detour-config")?;
-    let mut cfg = Config::from_str_validated(cm["data"]["config.yaml"].as_str()?).ok()?;
+    let (mut cfg, _) = rendered_config(server, ns)?;
     for u in &mut cfg.upstreams {
         u.listen = "127.0.0.1:0".into();
     }

@@ -1,11 +1,13 @@
 //! Request-level tests of one reconcile: exact paths, field manager, content types and bodies,
 //! against a `tower_test` mock API server (in the style of kube-rs controller-rs `fixtures.rs`).
 
+mod support;
+
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use detour::{
     api::UpstreamPolicy,
-    config::{Config, EndpointState},
+    config::EndpointState,
     operator::{
         access,
         reconcile::{self, Context, Shared},
@@ -30,6 +32,8 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
+use support::{config_in, service, slice};
+use tokio::task::JoinHandle;
 use tower_test::mock::{self, Handle};
 
 type Policy = DeserializeGuard<UpstreamPolicy>;
@@ -70,21 +74,18 @@ fn cold_fixture(policies: &[Value], config_maps: &[Value]) -> Fixture {
     let ctx = Arc::new(Context {
         client: client.clone(),
         policies: store::<Policy>(policies),
-        services: store::<Service>(&[json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "pay", "namespace": "shop"},
-            "spec": {"ports": [{"name": "http", "port": 80}]},
-        })]),
-        slices: store::<EndpointSlice>(&[json!({
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": "pay-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "pay"}},
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080}],
-            "endpoints": [
-                {"addresses": ["10.0.0.1"], "conditions": {"ready": true}},
-                {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+        services: store::<Service>(&[service("shop", "pay", &[("http", 80)])]),
+        slices: store::<EndpointSlice>(&[slice(
+            "shop",
+            "pay-1",
+            "pay",
+            "http",
+            8080,
+            &[
+                ("10.0.0.1", true, true, false),
+                ("10.0.0.2", false, true, true),
             ],
-        })]),
+        )]),
         config_maps: store::<ConfigMap>(config_maps),
         synced: tokio::sync::watch::channel(true).1,
         shared: Arc::new(Shared::new(client, Arc::new(Metrics::new()), None)),
@@ -153,6 +154,26 @@ async fn expect(
     body
 }
 
+/// One reconcile that must make no request: the mock answers none, so a request would hang it.
+async fn reconcile_without_requests(ctx: &Arc<Context>) {
+    let action = tokio::time::timeout(Duration::from_secs(1), run(ctx))
+        .await
+        .expect("reconcile made a request")
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+}
+
+/// The reconcile `task` ends well within a second and waits for the next change; `what` names
+/// what it would otherwise be stuck on.
+async fn ends_awaiting_change(task: JoinHandle<Result<Action, reconcile::Error>>, what: &str) {
+    let action = tokio::time::timeout(Duration::from_secs(1), task)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+}
+
 const ROLE_PATH: &str = "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles/detour-sidecar";
 const BINDING_PATH: &str =
     "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings/detour-sidecar";
@@ -171,21 +192,35 @@ async fn expect_access(handle: &mut Mock, present: bool) {
         };
         expect(handle, Method::GET, path, None, code, reply).await;
         if !present {
-            let body = expect(
-                handle,
-                Method::PATCH,
-                &format!("{path}?&force=true&fieldManager=detour-operator"),
-                APPLY,
-                200,
-                desired.clone(),
-            )
-            .await;
+            let body = expect_apply(handle, path, 200, desired.clone()).await;
             assert_eq!(body, desired);
         }
     }
 }
 
+/// A server-side apply of `path` under the operator's field manager, answered `reply` with
+/// `code`; returns the applied body.
+async fn expect_apply(handle: &mut Mock, path: &str, code: u16, reply: Value) -> Value {
+    let uri = format!("{path}?&force=true&fieldManager=detour-operator");
+    expect(handle, Method::PATCH, &uri, APPLY, code, reply).await
+}
+
+/// An Event about the policy; returns it.
+async fn expect_event(handle: &mut Mock) -> Value {
+    let uri = "/apis/events.k8s.io/v1/namespaces/shop/events?";
+    expect(
+        handle,
+        Method::POST,
+        uri,
+        Some("application/json"),
+        201,
+        json!({}),
+    )
+    .await
+}
+
 const POLICY_PATH: &str = "/apis/detour.dev/v1alpha1/namespaces/shop/upstreampolicies/pay";
+const STATUS_PATH: &str = "/apis/detour.dev/v1alpha1/namespaces/shop/upstreampolicies/pay/status";
 const CM_PATH: &str = "/api/v1/namespaces/shop/configmaps/detour-config";
 const APPLY: Option<&str> = Some("application/apply-patch+yaml");
 const JSON_PATCH: Option<&str> = Some("application/json-patch+json");
@@ -228,22 +263,14 @@ async fn first_reconcile() -> (Value, Value) {
     expect_access(&mut handle, false).await;
 
     let cm_reply = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "detour-config", "namespace": "shop", "resourceVersion": "12"}});
-    let cm = expect(
-        &mut handle,
-        Method::PATCH,
-        &format!("{CM_PATH}?&force=true&fieldManager=detour-operator"),
-        APPLY,
-        200,
-        cm_reply,
-    )
-    .await;
+    let cm = expect_apply(&mut handle, CM_PATH, 200, cm_reply).await;
     assert_eq!(cm["apiVersion"], "v1");
     assert_eq!(cm["kind"], "ConfigMap");
     assert_eq!(
         cm["metadata"]["labels"],
         json!({"app.kubernetes.io/managed-by": "detour-operator"})
     );
-    let cfg = Config::from_str_validated(cm["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    let cfg = config_in(&cm).expect("the ConfigMap carries a config");
     assert_eq!(
         cm["metadata"]["annotations"]["detour.dev/config-hash"],
         cfg.hash()
@@ -268,17 +295,10 @@ async fn first_reconcile() -> (Value, Value) {
     );
 
     let mut status_reply = with_fin.clone();
-    let status_body = expect(
-        &mut handle,
-        Method::PATCH,
-        &format!("{POLICY_PATH}/status?&force=true&fieldManager=detour-operator"),
-        APPLY,
-        200,
-        {
-            status_reply["metadata"]["resourceVersion"] = json!("13");
-            status_reply
-        },
-    )
+    let status_body = expect_apply(&mut handle, STATUS_PATH, 200, {
+        status_reply["metadata"]["resourceVersion"] = json!("13");
+        status_reply
+    })
     .await;
     assert_eq!(status_body["apiVersion"], "detour.dev/v1alpha1");
     assert_eq!(status_body["kind"], "UpstreamPolicy");
@@ -315,27 +335,14 @@ async fn first_reconcile() -> (Value, Value) {
         ]
     );
 
-    let ev = expect(
-        &mut handle,
-        Method::POST,
-        "/apis/events.k8s.io/v1/namespaces/shop/events?",
-        Some("application/json"),
-        201,
-        json!({}),
-    )
-    .await;
+    let ev = expect_event(&mut handle).await;
     assert_eq!(ev["reason"], "Ready");
     assert_eq!(ev["type"], "Normal");
     assert_eq!(ev["reportingController"], "detour-operator");
     assert_eq!(ev["regarding"]["name"], "pay");
     assert_eq!(ev["regarding"]["kind"], "UpstreamPolicy");
 
-    let action = tokio::time::timeout(Duration::from_secs(1), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(action, Action::await_change());
+    ends_awaiting_change(task, "the reconcile to end").await;
     (cm, status)
 }
 
@@ -351,11 +358,7 @@ async fn up_to_date_namespace_makes_no_requests() {
     let p = policy(json!({"finalizers": ["detour.dev/config"]}), Some(status));
     let Fixture { ctx, handle } = fixture(&[p], &[cm]);
     // Any request would wait forever for the mock to answer.
-    let action = tokio::time::timeout(Duration::from_secs(1), run(&ctx))
-        .await
-        .expect("reconcile made a request")
-        .unwrap();
-    assert_eq!(action, Action::await_change());
+    reconcile_without_requests(&ctx).await;
     drop(handle);
 }
 
@@ -370,12 +373,7 @@ async fn a_restarted_operator_only_reads_the_sidecar_access_of_an_up_to_date_nam
         async move { run(&ctx).await }
     });
     expect_access(&mut handle, true).await;
-    let action = tokio::time::timeout(Duration::from_secs(1), task)
-        .await
-        .expect("no request after the two reads")
-        .unwrap()
-        .unwrap();
-    assert_eq!(action, Action::await_change());
+    ends_awaiting_change(task, "a request after the two reads").await;
 }
 
 /// The namespace as `first_reconcile` left it: ConfigMap and status in the cache.
@@ -408,11 +406,9 @@ async fn sidecar_reports_reach_the_status_in_one_write() {
         async move { run(&ctx).await }
     });
     // No ConfigMap write (unchanged), no Event (conditions unchanged): only the status.
-    let body = expect(
+    let body = expect_apply(
         &mut handle,
-        Method::PATCH,
-        &format!("{POLICY_PATH}/status?&force=true&fieldManager=detour-operator"),
-        APPLY,
+        STATUS_PATH,
         200,
         policy(json!({"resourceVersion": "14"}), None),
     )
@@ -422,12 +418,7 @@ async fn sidecar_reports_reach_the_status_in_one_write() {
         json!({"total": 2, "ready": 1, "serving": 2, "terminating": 1, "ejected": 1})
     );
     assert_eq!(body["status"]["sidecars"], 2);
-    let action = tokio::time::timeout(Duration::from_secs(1), task)
-        .await
-        .expect("a request after the status write")
-        .unwrap()
-        .unwrap();
-    assert_eq!(action, Action::await_change());
+    ends_awaiting_change(task, "a request after the status write").await;
 }
 
 #[tokio::test]
@@ -439,21 +430,13 @@ async fn unchanged_sidecar_reports_and_no_report_yet_make_no_requests() {
     // Same figures as the status shows: nothing to write.
     let Fixture { ctx, handle } = converged(shown).await;
     ctx.reports.set(sidecar_figures(3, &["10.0.0.1:8080"]));
-    let action = tokio::time::timeout(Duration::from_secs(1), run(&ctx))
-        .await
-        .expect("reconcile made a request")
-        .unwrap();
-    assert_eq!(action, Action::await_change());
+    reconcile_without_requests(&ctx).await;
     drop(handle);
 
     // Just started, no scrape round done: the status keeps its figures instead of flapping to 0.
     let Fixture { ctx, handle } = converged(shown).await;
     assert!(ctx.reports.latest().is_none());
-    let action = tokio::time::timeout(Duration::from_secs(1), run(&ctx))
-        .await
-        .expect("reconcile made a request")
-        .unwrap();
-    assert_eq!(action, Action::await_change());
+    reconcile_without_requests(&ctx).await;
     drop(handle);
 }
 
@@ -507,12 +490,7 @@ async fn deleting_the_last_policy_deletes_the_config_then_releases_the_finalizer
             {"op": "remove", "path": "/metadata/finalizers/1"},
         ])
     );
-    let action = tokio::time::timeout(Duration::from_secs(1), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(action, Action::await_change());
+    ends_awaiting_change(task, "the reconcile to end").await;
 }
 
 #[tokio::test]
@@ -524,25 +502,9 @@ async fn api_errors_back_off_per_object_and_name_the_call() {
         async move { run(&ctx).await }
     });
     let status = json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "message": "etcd is sad", "reason": "InternalError", "code": 500});
-    expect(
-        &mut handle,
-        Method::PATCH,
-        &format!("{CM_PATH}?&force=true&fieldManager=detour-operator"),
-        APPLY,
-        500,
-        status,
-    )
-    .await;
+    expect_apply(&mut handle, CM_PATH, 500, status).await;
     // The refused ConfigMap still shows in the status, with the server's message.
-    let status_body = expect(
-        &mut handle,
-        Method::PATCH,
-        &format!("{POLICY_PATH}/status?&force=true&fieldManager=detour-operator"),
-        APPLY,
-        200,
-        p.clone(),
-    )
-    .await;
+    let status_body = expect_apply(&mut handle, STATUS_PATH, 200, p.clone()).await;
     let ready = status_body["status"]["conditions"]
         .as_array()
         .unwrap()
@@ -559,15 +521,7 @@ async fn api_errors_back_off_per_object_and_name_the_call() {
         "{ready}"
     );
     assert!(status_body["status"].get("configHash").is_none());
-    let ev = expect(
-        &mut handle,
-        Method::POST,
-        "/apis/events.k8s.io/v1/namespaces/shop/events?",
-        Some("application/json"),
-        201,
-        json!({}),
-    )
-    .await;
+    let ev = expect_event(&mut handle).await;
     assert_eq!(
         (&ev["reason"], &ev["type"]),
         (&json!("ConfigNotApplied"), &json!("Warning"))

@@ -13,14 +13,7 @@ use std::{
 };
 
 use serde_json::{json, Value};
-use support::*;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use support::{bench::*, *};
 
 fn endpoints(
     n: usize,
@@ -38,37 +31,16 @@ fn endpoints(
 }
 
 fn slice_of(ns: &str, svc: &str, eps: &[(String, bool, bool, bool)]) -> Value {
-    let refs: Vec<(&str, bool, bool, bool)> = eps
-        .iter()
-        .map(|(a, r, s, t)| (a.as_str(), *r, *s, *t))
-        .collect();
-    slice(ns, &format!("{svc}-1"), svc, "http", 8080, &refs)
-}
-
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    text.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
+    slice(ns, &format!("{svc}-1"), svc, "http", 8080, eps)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run bench/operator/run.sh"]
 async fn scale() {
-    let namespaces = env("DETOUR_BENCH_NAMESPACES", 100);
-    let per_ns = env("DETOUR_BENCH_POLICIES_PER_NS", 10);
-    let n_eps = env("DETOUR_BENCH_ENDPOINTS", 50);
-    let samples = env("DETOUR_BENCH_SAMPLES", 100);
+    let namespaces = env_or("DETOUR_BENCH_NAMESPACES", 100);
+    let per_ns = env_or("DETOUR_BENCH_POLICIES_PER_NS", 10);
+    let n_eps = env_or("DETOUR_BENCH_ENDPOINTS", 50);
+    let samples = env_or("DETOUR_BENCH_SAMPLES", 100);
     let total = namespaces * per_ns;
 
     let server = ApiServer::new();
@@ -91,14 +63,7 @@ async fn scale() {
     let addr = server.serve_http("127.0.0.1:0".parse().unwrap()).await;
     let dir = std::env::temp_dir().join(format!("detour-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: mem\n  cluster:\n    server: http://{addr}\nusers:\n- name: mem\n  user: {{}}\ncontexts:\n- name: mem\n  context:\n    cluster: mem\n    user: mem\n    namespace: default\ncurrent-context: mem\n"
-        ),
-    )
-    .unwrap();
+    let kubeconfig = write_kubeconfig(&dir, addr, "default");
 
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_detour"))
@@ -134,7 +99,7 @@ async fn scale() {
         if ready == total && cms == namespaces {
             break started.elapsed();
         }
-        if started.elapsed() > Duration::from_secs(env("DETOUR_BENCH_TIMEOUT", 300) as u64) {
+        if started.elapsed() > Duration::from_secs(env_or("DETOUR_BENCH_TIMEOUT", 300) as u64) {
             let _ = child.kill();
             for r in server.requests().iter().rev().take(10) {
                 eprintln!("{} {}?{} changed={}", r.method, r.path, r.query, r.changed);
@@ -147,7 +112,7 @@ async fn scale() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let rss_converged = rss_kib(pid, "VmRSS:");
+    let rss_converged = proc_status_kib(pid, "VmRSS:");
 
     // --- propagation: one endpoint starts terminating; time until its ConfigMap says so ---
     let mut latencies = Vec::with_capacity(samples);
@@ -190,8 +155,8 @@ async fn scale() {
         }
     }
     latencies.sort_by(f64::total_cmp);
-    let peak = rss_kib(pid, "VmHWM:");
-    let rss_end = rss_kib(pid, "VmRSS:");
+    let peak = proc_status_kib(pid, "VmHWM:");
+    let rss_end = proc_status_kib(pid, "VmRSS:");
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);

@@ -6,8 +6,9 @@
 //! them). Without them the test fails when `CI=true` and skips with a notice otherwise.
 #![forbid(unsafe_code)]
 
-#[path = "common/prometheus.rs"]
+#[path = "support/prometheus.rs"]
 mod real_prometheus;
+mod support;
 
 use std::{fs, io::Write, net::SocketAddr, process::Command, process::Stdio, time::Duration};
 
@@ -20,7 +21,8 @@ use tokio::net::TcpListener;
 
 use detour::config::Config;
 use detour::sidecar::{Options, Sidecar};
-use real_prometheus::{http_get, Prometheus, TempDir, Tools};
+use real_prometheus::{Prometheus, TempDir, Tools};
+use support::http_get;
 
 const UPSTREAM: &str = "prom-scrape";
 const REQUESTS: usize = 25;

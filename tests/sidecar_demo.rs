@@ -104,21 +104,25 @@ fn a_short_demo_absorbs_every_fault() {
     );
 }
 
+/// `detour demo` for 5 s with two connections and a patient client.
+fn short_demo_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_detour"));
+    cmd.args([
+        "demo",
+        "--duration",
+        "5s",
+        "--connections",
+        "2",
+        "--client-timeout",
+        "5s",
+    ]);
+    cmd
+}
+
 #[test]
 fn the_demo_command_exits_0_and_prints_the_summary() {
     let _one = ONE_DEMO_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let out = Command::new(env!("CARGO_BIN_EXE_detour"))
-        .args([
-            "demo",
-            "--duration",
-            "5s",
-            "--connections",
-            "2",
-            "--client-timeout",
-            "5s",
-        ])
-        .output()
-        .expect("run detour demo");
+    let out = short_demo_command().output().expect("run detour demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
@@ -142,17 +146,8 @@ fn the_demo_command_refuses_a_bad_duration() {
 fn keep_running_serves_metrics_until_interrupted() {
     use std::io::{BufRead, BufReader, Read, Write};
     let _one = ONE_DEMO_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_detour"))
-        .args([
-            "demo",
-            "--duration",
-            "5s",
-            "--connections",
-            "2",
-            "--keep-running",
-            "--client-timeout",
-            "5s",
-        ])
+    let mut child = short_demo_command()
+        .arg("--keep-running")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

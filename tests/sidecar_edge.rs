@@ -1,12 +1,12 @@
 //! Less common paths: bodies cut short, bodies too large to replay, connect timeouts,
 //! terminating endpoints, and the ejection cap.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::*;
 use http::{Method, StatusCode};
+use support::{sidecar::*, *};
 
 #[tokio::test]
 async fn a_body_cut_short_reaches_the_client_as_a_break_and_is_counted() {
@@ -19,15 +19,8 @@ async fn a_body_cut_short_reaches_the_client_as_a_break_and_is_counted() {
         res.is_err(),
         "a truncated body reached the client whole: {res:?}"
     );
-    eventually("the broken body is counted", || {
-        d(
-            &h.metrics(),
-            &before,
-            "detour_response_body_errors_total",
-            &[],
-        ) == 1.0
-    })
-    .await;
+    h.counted(&before, "detour_response_body_errors_total", &[], 1.0)
+        .await;
     let after = h.metrics();
     assert_eq!(d(&after, &before, "detour_retries_total", &[]), 0.0);
     assert_eq!(
@@ -43,15 +36,8 @@ async fn a_body_cut_short_is_a_failed_attempt_with_cause_http_response_incomplet
     h.pods[0].set_fault(Fault::TruncatedBody).await.unwrap();
     let before = h.metrics();
     let _ = send_fresh(h.addr(), request(Method::GET, "/")).await;
-    eventually("the broken body is counted", || {
-        d(
-            &h.metrics(),
-            &before,
-            "detour_response_body_errors_total",
-            &[],
-        ) == 1.0
-    })
-    .await;
+    h.counted(&before, "detour_response_body_errors_total", &[], 1.0)
+        .await;
     let after = h.metrics();
     assert_eq!(
         d(
@@ -131,21 +117,15 @@ async fn a_connect_timeout_is_retried_elsewhere() {
     let addr = sidecar.listener_addr(UPSTREAM).unwrap();
     let metrics = || Metrics::parse(&sidecar.metrics_text()).unwrap();
     let before = metrics();
-    for n in 0..100 {
-        let r = send_fresh(addr, request(Method::GET, &format!("/{n}")))
-            .await
-            .unwrap();
-        assert_eq!(r.status, StatusCode::OK, "{r:?}");
-        if d(
+    get_ok_until(addr, "/", 100, "a connect timeout", || {
+        d(
             &metrics(),
             &before,
             "detour_attempt_failures_total",
             &[("cause", "connection_timeout")],
         ) >= 1.0
-        {
-            break;
-        }
-    }
+    })
+    .await;
     let after = metrics();
     let timeouts = d(
         &after,
@@ -241,23 +221,19 @@ async fn an_endpoint_back_from_ejection_that_fails_again_is_ejected_at_once_for_
     let h = Harness::start(2, p).await;
     h.pods[0].set_fault(Fault::Always502).await.unwrap();
     let ep = h.pods[0].addr();
-    for n in 0..200 {
-        assert_eq!(h.get(&format!("/{n}")).await.status, StatusCode::OK);
-        if h.endpoint(ep).ejected {
-            break;
-        }
-    }
-    assert!(h.endpoint(ep).ejected);
+    h.get_ok_until("/", 200, "pod-0 ejected", || h.endpoint(ep).ejected)
+        .await;
     assert_eq!(h.pods[0].requests(), 3);
     let before = h.metrics();
-    eventually("the ejection ends", || !h.endpoint(ep).ejected).await;
+    eventually(PATIENCE, "the ejection ends", || {
+        (!h.endpoint(ep).ejected).then_some(())
+    })
+    .await;
     // Its first failure on return ejects it again, without waiting for 3 in a row.
-    for n in 0..200 {
-        assert_eq!(h.get(&format!("/back/{n}")).await.status, StatusCode::OK);
-        if h.pods[0].requests() > 3 {
-            break;
-        }
-    }
+    h.get_ok_until("/back/", 200, "pod-0 to get a request back", || {
+        h.pods[0].requests() > 3
+    })
+    .await;
     assert_eq!(h.pods[0].requests(), 4);
     let snap = h.endpoint(ep);
     assert!(snap.ejected, "{snap:?}");

@@ -4,12 +4,12 @@
 //! gateway error). What a single faulty endpoint makes the client see is in
 //! `sidecar_single_endpoint.rs`.
 
-mod common;
+mod support;
 
 use std::time::{Duration, Instant};
 
-use common::*;
 use http::{Method, StatusCode};
+use support::{sidecar::*, *};
 
 /// Sends GETs until the sidecar has recorded `want` failed attempts of `cause` (or `limit`
 /// requests were sent); every response must be a 200 from the healthy pod-1. Returns the number
@@ -72,6 +72,16 @@ fn assert_absorbed(after: &Metrics, before: &Metrics, cause: &str, sent: usize) 
     );
     assert_eq!(d(after, before, "detour_requests_total", &[]), sent as f64);
     failures
+}
+
+/// pod-0 of two answers with `fault`: its three failed attempts (of `cause`) are absorbed, then
+/// it is ejected, having seen only those three requests.
+async fn pod0_fault_is_absorbed_then_ejected(fault: Fault, cause: &str) {
+    let h = Harness::start(2, fast_policy()).await;
+    h.pods[0].set_fault(fault).await.unwrap();
+    let before = h.metrics();
+    assert_ejected_after_three(&h, &before, cause).await;
+    assert_eq!(h.pods[0].requests(), 3);
 }
 
 /// After `consecutiveGatewayErrors` (3) failures the faulty endpoint is ejected: further
@@ -216,20 +226,12 @@ async fn hanging_pod_is_left_after_the_per_try_timeout() {
 
 #[tokio::test]
 async fn reset_after_request_is_retried_for_idempotent_requests() {
-    let h = Harness::start(2, fast_policy()).await;
-    h.pods[0].set_fault(Fault::ResetAfterRequest).await.unwrap();
-    let before = h.metrics();
-    assert_ejected_after_three(&h, &before, "connection_terminated").await;
-    assert_eq!(h.pods[0].requests(), 3);
+    pod0_fault_is_absorbed_then_ejected(Fault::ResetAfterRequest, "connection_terminated").await;
 }
 
 #[tokio::test]
 async fn malformed_responses_are_retried_as_protocol_errors() {
-    let h = Harness::start(2, fast_policy()).await;
-    h.pods[0].set_fault(Fault::Malformed).await.unwrap();
-    let before = h.metrics();
-    assert_ejected_after_three(&h, &before, "http_protocol_error").await;
-    assert_eq!(h.pods[0].requests(), 3);
+    pod0_fault_is_absorbed_then_ejected(Fault::Malformed, "http_protocol_error").await;
 }
 
 #[tokio::test]

@@ -1,14 +1,14 @@
 //! Reverse-proxy HTTP semantics: header rewriting, upgrades passed through, graceful shutdown.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::*;
 use http::{header, Method, Request, StatusCode};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
+use support::{sidecar::*, *};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
@@ -123,8 +123,8 @@ async fn graceful_shutdown_finishes_an_in_flight_slow_request() {
         .unwrap();
     let addr = h.addr();
     let in_flight = tokio::spawn(send_fresh(addr, request(Method::GET, "/slow")));
-    eventually("the slow request reached the pod", || {
-        h.pods[0].requests() == 1
+    eventually(PATIENCE, "the slow request reached the pod", || {
+        (h.pods[0].requests() == 1).then_some(())
     })
     .await;
 
@@ -164,7 +164,10 @@ async fn shutdown_gives_up_on_requests_slower_than_the_drain_timeout() {
         .unwrap();
     let addr = h.addr();
     let _stuck = tokio::spawn(send_fresh(addr, request(Method::GET, "/stuck")));
-    eventually("the request reached the pod", || h.pods[0].requests() == 1).await;
+    eventually(PATIENCE, "the request reached the pod", || {
+        (h.pods[0].requests() == 1).then_some(())
+    })
+    .await;
     let t = std::time::Instant::now();
     h.sidecar.shutdown(Duration::from_millis(200)).await;
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());

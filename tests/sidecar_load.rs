@@ -1,7 +1,7 @@
 //! Concurrent traffic: a hung endpoint must not stall clients (per-try timeout plus
 //! in-flight-aware balancing), and large streamed bodies pass through intact.
 
-mod common;
+mod support;
 
 use std::{
     sync::{
@@ -12,9 +12,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::*;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
+use support::{sidecar::*, *};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_endpoint_does_not_stall_concurrent_clients() {
@@ -80,9 +80,11 @@ async fn idle_upstream_connections_are_closed_after_pool_idle() {
     p.timeouts.pool_idle = ms(200);
     let h = Harness::start(1, p).await;
     assert_eq!(h.get("/").await.status, StatusCode::OK);
-    eventually("the sidecar closes its idle upstream connection", || {
-        h.pods[0].open_connections() == 0
-    })
+    eventually(
+        PATIENCE,
+        "the sidecar closes its idle upstream connection",
+        || (h.pods[0].open_connections() == 0).then_some(()),
+    )
     .await;
     assert_eq!(h.get("/again").await.status, StatusCode::OK);
     assert_eq!(h.pods[0].connections(), 2);

@@ -1,23 +1,17 @@
 //! Hot reload through `SidecarHandle::apply`: endpoints that stay keep their health state, a bad
 //! config is refused and the running one keeps serving.
 
-mod common;
+mod support;
 
-use common::*;
 use http::StatusCode;
+use support::{sidecar::*, *};
 
 #[tokio::test]
 async fn an_ejected_endpoint_stays_ejected_across_a_reload() {
     let mut p = fast_policy();
     p.outlier_detection.consecutive_gateway_errors = 1;
     let mut h = Harness::start(2, p).await;
-    h.pods[0].set_fault(Fault::Always502).await.unwrap();
-    for n in 0..100 {
-        assert_eq!(h.get(&format!("/{n}")).await.status, StatusCode::OK);
-        if h.pods[0].requests() > 0 {
-            break;
-        }
-    }
+    h.fail_pod0_until_it_is_asked(Fault::Always502).await;
     assert!(
         h.endpoint(h.pods[0].addr()).ejected,
         "pod-0 was not ejected"
@@ -61,6 +55,16 @@ async fn an_ejected_endpoint_stays_ejected_across_a_reload() {
     assert!(h.pods[2].requests() > 0, "the new endpoint got no traffic");
 }
 
+/// pod-0's health checks fail until the sidecar marks it unhealthy; then they pass again.
+async fn pod0_fails_its_checks_until_unhealthy(h: &Harness) {
+    h.pods[0].set_health_fault(Some(Fault::Always503));
+    eventually(PATIENCE, "pod-0 unhealthy", || {
+        (h.endpoint(h.pods[0].addr()).health == detour::sidecar::Health::Unhealthy).then_some(())
+    })
+    .await;
+    h.pods[0].set_health_fault(None);
+}
+
 #[tokio::test]
 async fn an_unhealthy_endpoint_stays_unhealthy_across_a_reload() {
     let mut p = fast_policy();
@@ -68,12 +72,7 @@ async fn an_unhealthy_endpoint_stays_unhealthy_across_a_reload() {
     // Once unhealthy, pod-0 needs 100 passing checks (20 s) to come back.
     p.health_check.healthy_threshold = 100;
     let mut h = Harness::start(2, p).await;
-    h.pods[0].set_health_fault(Some(Fault::Always503));
-    eventually("pod-0 unhealthy", || {
-        h.endpoint(h.pods[0].addr()).health == detour::sidecar::Health::Unhealthy
-    })
-    .await;
-    h.pods[0].set_health_fault(None);
+    pod0_fails_its_checks_until_unhealthy(&h).await;
     let seen = h.pods[0].requests();
     h.pods.push(SimPod::start("pod-2").await.unwrap());
     h.sidecar
@@ -184,8 +183,8 @@ async fn a_reload_that_removes_an_endpoint_lets_its_in_flight_request_finish() {
         .unwrap();
     let addr = h.addr();
     let in_flight = tokio::spawn(send_fresh(addr, request(http::Method::GET, "/slow")));
-    eventually("the request reached a pod", || {
-        h.pods.iter().map(SimPod::requests).sum::<u64>() == 1
+    eventually(PATIENCE, "the request reached a pod", || {
+        (h.pods.iter().map(SimPod::requests).sum::<u64>() == 1).then_some(())
     })
     .await;
     // Remove the endpoint that holds the request.
@@ -220,8 +219,10 @@ async fn removing_an_upstream_closes_its_listener_and_drops_its_series() {
         .has("detour_endpoints", &[("upstream", UPSTREAM)]));
     h.sidecar.apply(Config::empty()).await.unwrap();
     assert!(h.sidecar.listener_addr(UPSTREAM).is_none());
-    eventually("the listener closes", || {
-        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(200)).is_err()
+    eventually(PATIENCE, "the listener closes", || {
+        (std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(200))
+            .is_err())
+        .then_some(())
     })
     .await;
     let m = h.metrics();
@@ -243,12 +244,7 @@ async fn health_state_survives_a_reload_that_changes_the_health_check_policy() {
     p.health_check.protocol = HealthCheckProtocol::Http;
     p.health_check.healthy_threshold = 100;
     let mut h = Harness::start(2, p).await;
-    h.pods[0].set_health_fault(Some(Fault::Always503));
-    eventually("pod-0 unhealthy", || {
-        h.endpoint(h.pods[0].addr()).health == detour::sidecar::Health::Unhealthy
-    })
-    .await;
-    h.pods[0].set_health_fault(None);
+    pod0_fails_its_checks_until_unhealthy(&h).await;
     let seen = h.pods[0].requests();
     h.policy.health_check.interval = ms(250);
     h.policy.health_check.healthy_threshold = 80;
@@ -332,14 +328,7 @@ async fn per_endpoint_series_name_the_failing_pod_and_go_when_it_leaves_the_conf
     let mut p = fast_policy();
     p.outlier_detection.consecutive_gateway_errors = 1;
     let h = Harness::start(2, p).await;
-    h.pods[0].set_fault(Fault::Always502).await.unwrap();
-    for n in 0..100 {
-        assert_eq!(h.get(&format!("/{n}")).await.status, StatusCode::OK);
-        if h.pods[0].requests() > 0 {
-            break;
-        }
-    }
-    assert!(h.pods[0].requests() > 0, "pod-0 never got a request");
+    h.fail_pod0_until_it_is_asked(Fault::Always502).await;
     let bad = h.pods[0].addr().to_string();
     let before = h.metrics();
     let on_bad = [

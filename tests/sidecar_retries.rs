@@ -2,10 +2,10 @@
 //! `Idempotency-Key` is; the retry budget stops retries from multiplying an outage; panic mode
 //! balances over every endpoint when too few are eligible.
 
-mod common;
+mod support;
 
-use common::*;
 use http::{Method, StatusCode};
+use support::{sidecar::*, *};
 
 fn post(id: usize, key: bool) -> http::Request<http_body_util::Full<bytes::Bytes>> {
     let mut r = request_with_body(Method::POST, "/orders", format!("order-{id}"));
@@ -210,8 +210,8 @@ async fn panic_mode_balances_over_all_endpoints_when_most_are_unhealthy() {
     // Two of three fail their health checks but would serve traffic fine.
     h.pods[0].set_health_fault(Some(Fault::Always503));
     h.pods[1].set_health_fault(Some(Fault::Always503));
-    eventually("two endpoints unhealthy", || {
-        m(&h.metrics(), "detour_endpoints", &[("state", "unhealthy")]) == 2.0
+    eventually(PATIENCE, "two endpoints unhealthy", || {
+        (m(&h.metrics(), "detour_endpoints", &[("state", "unhealthy")]) == 2.0).then_some(())
     })
     .await;
     let before = h.metrics();
@@ -229,8 +229,8 @@ async fn panic_mode_balances_over_all_endpoints_when_most_are_unhealthy() {
 
     // Back to two healthy of three: no panic, and the unhealthy one is avoided.
     h.pods[1].set_health_fault(None);
-    eventually("one endpoint unhealthy", || {
-        m(&h.metrics(), "detour_endpoints", &[("state", "unhealthy")]) == 1.0
+    eventually(PATIENCE, "one endpoint unhealthy", || {
+        (m(&h.metrics(), "detour_endpoints", &[("state", "unhealthy")]) == 1.0).then_some(())
     })
     .await;
     let before = h.metrics();

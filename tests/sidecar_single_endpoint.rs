@@ -2,12 +2,12 @@
 //! 502/503/504 with an RFC 9209 `Proxy-Status` naming the cause, the endpoint and the attempts;
 //! a 502 the upstream itself sent is passed through and counted with `origin="upstream"`.
 
-mod common;
+mod support;
 
 use std::time::{Duration, Instant};
 
-use common::*;
 use http::StatusCode;
+use support::sidecar::*;
 
 /// Checks the sidecar's own error response and its metrics; returns the attempts it reported.
 fn assert_proxy_error(
@@ -72,6 +72,17 @@ fn one_pod_policy() -> Policy {
     p.outlier_detection.consecutive_gateway_errors = 0;
     p.outlier_detection.eject_on_connect_refused = false;
     p
+}
+
+/// The lone pod answers every request with `fault`: the client gets the sidecar's `status`
+/// naming `error`, every attempt failed with that cause, and every attempt reached the pod.
+async fn lone_pod_failing_every_attempt(fault: Fault, status: u16, error: &str) {
+    let h = Harness::start(1, one_pod_policy()).await;
+    h.pods[0].set_fault(fault).await.unwrap();
+    let before = h.metrics();
+    let r = h.get("/").await;
+    let attempts = assert_proxy_error(&h, &r, &before, status, error, error);
+    assert_eq!(h.pods[0].requests(), attempts as u64);
 }
 
 #[tokio::test]
@@ -158,36 +169,12 @@ async fn request_deadline_gives_504_even_when_tries_would_continue() {
 
 #[tokio::test]
 async fn reset_gives_502_connection_terminated() {
-    let h = Harness::start(1, one_pod_policy()).await;
-    h.pods[0].set_fault(Fault::ResetAfterRequest).await.unwrap();
-    let before = h.metrics();
-    let r = h.get("/").await;
-    let attempts = assert_proxy_error(
-        &h,
-        &r,
-        &before,
-        502,
-        "connection_terminated",
-        "connection_terminated",
-    );
-    assert_eq!(h.pods[0].requests(), attempts as u64);
+    lone_pod_failing_every_attempt(Fault::ResetAfterRequest, 502, "connection_terminated").await;
 }
 
 #[tokio::test]
 async fn malformed_gives_502_http_protocol_error() {
-    let h = Harness::start(1, one_pod_policy()).await;
-    h.pods[0].set_fault(Fault::Malformed).await.unwrap();
-    let before = h.metrics();
-    let r = h.get("/").await;
-    let attempts = assert_proxy_error(
-        &h,
-        &r,
-        &before,
-        502,
-        "http_protocol_error",
-        "http_protocol_error",
-    );
-    assert_eq!(h.pods[0].requests(), attempts as u64);
+    lone_pod_failing_every_attempt(Fault::Malformed, 502, "http_protocol_error").await;
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 
 // The shared helpers re-export fault types these tests have no use for.
 #[allow(unused_imports)]
-mod common;
+mod support;
 
 use std::{
     collections::VecDeque,
@@ -17,12 +17,12 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::*;
 use futures::future::BoxFuture;
 use http::{header, Method, Request, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use support::{sidecar::*, *};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -574,8 +574,8 @@ async fn broken_chunked_body(tail: Vec<Step>) -> (Rig, Vec<u8>, Metrics) {
     let rig = Rig::start(up, p).await;
     let before = rig.metrics();
     let got = body_breaks_after_head(&rig, &go).await;
-    eventually("the broken body is counted", || {
-        attempt_failures(&rig.metrics(), &before, "http_response_incomplete") == 1.0
+    eventually(PATIENCE, "the broken body is counted", || {
+        (attempt_failures(&rig.metrics(), &before, "http_response_incomplete") == 1.0).then_some(())
     })
     .await;
     let after = rig.metrics();
@@ -605,8 +605,8 @@ async fn an_invalid_chunk_size_line_is_a_broken_body_and_the_connection_is_dropp
     // Not hex; the connection stays open: the sidecar must give up on it by itself.
     let (rig, got, _) = broken_chunked_body(vec![send("zz\r\nwhatever\r\n0\r\n\r\n")]).await;
     assert!(b"hello".starts_with(&got), "{got:?}");
-    eventually("the sidecar closes the connection", || {
-        rig.up.conns()[0].eof
+    eventually(PATIENCE, "the sidecar closes the connection", || {
+        (rig.up.conns()[0].eof).then_some(())
     })
     .await;
     let r = rig.get("/next").await;
@@ -930,8 +930,8 @@ async fn an_idle_connection_the_upstream_closed_is_not_used_again() {
     assert_eq!(rig.idle_connections(), 1);
     let before = rig.metrics();
     close.notify_one();
-    eventually("the sidecar notices the close", || {
-        rig.idle_connections() == 0
+    eventually(PATIENCE, "the sidecar notices the close", || {
+        (rig.idle_connections() == 0).then_some(())
     })
     .await;
     let r = rig.get("/2").await;
@@ -1033,8 +1033,8 @@ async fn a_content_length_body_longer_than_one_read_frees_its_connection() {
     let r = rig.get("/big").await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.text().len(), big.len());
-    eventually("the connection is back in the pool", || {
-        rig.idle_connections() == 1
+    eventually(PATIENCE, "the connection is back in the pool", || {
+        (rig.idle_connections() == 1).then_some(())
     })
     .await;
     assert_eq!(rig.get("/next").await.text(), "next");
@@ -1299,10 +1299,13 @@ async fn a_keep_alive_timeout_header_retires_the_connection_before_it() {
     let m = rig.metrics();
     let up = [("upstream", UPSTREAM)];
     assert_eq!(
-        common::m(&m, "detour_upstream_idle_timeout_seconds", &up),
+        support::sidecar::m(&m, "detour_upstream_idle_timeout_seconds", &up),
         1.0
     );
-    assert_eq!(common::m(&m, "detour_pool_idle_mismatch", &up), 1.0);
+    assert_eq!(
+        support::sidecar::m(&m, "detour_pool_idle_mismatch", &up),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -1320,7 +1323,10 @@ async fn an_idle_timeout_is_learned_from_the_upstreams_closes_and_posts_go_out_b
     let learned = within(PATIENCE, "a learned idle timeout", async {
         loop {
             assert_eq!(rig.get("/learn").await.status, StatusCode::OK);
-            eventually("the close is noticed", || rig.idle_connections() == 0).await;
+            eventually(PATIENCE, "the close is noticed", || {
+                (rig.idle_connections() == 0).then_some(())
+            })
+            .await;
             tokio::time::sleep(Duration::from_millis(100)).await;
             if let Some(ms) =
                 admin_config(&rig).await["idleTimeouts"][UPSTREAM]["learnedIdleTimeoutMs"].as_u64()
@@ -1339,9 +1345,12 @@ async fn an_idle_timeout_is_learned_from_the_upstreams_closes_and_posts_go_out_b
     let m = rig.metrics();
     let up = [("upstream", UPSTREAM)];
     // `/config` shows whole milliseconds.
-    let gauge = common::m(&m, "detour_upstream_idle_timeout_seconds", &up);
+    let gauge = support::sidecar::m(&m, "detour_upstream_idle_timeout_seconds", &up);
     assert!((gauge - learned.as_secs_f64()).abs() < 0.001, "{gauge}");
-    assert_eq!(common::m(&m, "detour_pool_idle_mismatch", &up), 1.0);
+    assert_eq!(
+        support::sidecar::m(&m, "detour_pool_idle_mismatch", &up),
+        1.0
+    );
 
     // POSTs (not replayable) a little after the retirement point and before the upstream's
     // close: each goes out on a new connection, none meets a closed one.

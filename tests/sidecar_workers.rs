@@ -1,12 +1,12 @@
 //! The production threading model: traffic served by worker threads (own runtime, own accept
 //! socket via SO_REUSEPORT, own connection pools), as `detour sidecar` runs it.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::*;
 use http::Method;
+use support::{sidecar::*, *};
 
 async fn start_with_workers(pods: usize, workers: usize) -> (Vec<SimPod>, SidecarHandle) {
     let mut sims = Vec::new();

@@ -145,17 +145,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
 
 /// Runs the demo, writing its display to `out`. Client-visible errors are an `Err`.
 pub async fn run_with(args: &Args, out: &mut (dyn Write + Send)) -> Result<Summary, Error> {
-    let duration = args.duration.get();
-    if duration < MIN_DURATION {
-        return Err(Error::DurationTooShort { got: args.duration });
-    }
-    if !(1..=64).contains(&args.connections) {
-        return Err(Error::Connections(args.connections));
-    }
-    if args.client_timeout.is_zero() {
-        return Err(Error::ClientTimeout);
-    }
-
+    check_args(args)?;
     let mut pods = Vec::new();
     for name in PODS {
         pods.push(SimPod::start(name).await?);
@@ -169,12 +159,84 @@ pub async fn run_with(args: &Args, out: &mut (dyn Write + Send)) -> Result<Summa
         .listener_addr(UPSTREAM)
         .expect("the demo upstream has a listener");
     let metrics_url = format!("http://{}/metrics", sidecar.admin_addr());
+    write_intro(out, args, &pods, listen, &metrics_url)?;
 
+    let mut clients = Clients::start(args, listen, &pods);
+    let start = Instant::now();
+    let baseline = scrape(&sidecar)?;
+    play_timeline(
+        out,
+        &pods,
+        &sidecar,
+        &clients,
+        start,
+        args.duration.get(),
+        &baseline,
+    )
+    .await?;
+    clients.stop().await;
+
+    let m = scrape(&sidecar)?;
+    let summary = summarize(
+        start.elapsed(),
+        &clients.through_sidecar,
+        &clients.direct,
+        &m,
+        &baseline,
+        metrics_url,
+    );
+    writeln!(out)?;
+    write_summary(out, &summary)?;
+    if args.keep_running {
+        serve_until_interrupted(out, &summary.metrics_url).await?;
+    }
+    sidecar.shutdown(Duration::from_secs(2)).await;
+    drop(pods);
+
+    if summary.with_detour.errors > 0 {
+        return Err(Error::ClientErrors {
+            errors: summary.with_detour.errors,
+            requests: summary.with_detour.requests,
+            examples: clients.through_sidecar.first_errors(),
+        });
+    }
+    writeln!(
+        out,
+        "\nWith detour the client saw 0 errors: every failure above was absorbed by the sidecar. \
+         Without it, the same client saw {} errors in {} requests.",
+        summary.without_detour.errors, summary.without_detour.requests
+    )?;
+    out.flush()?;
+    Ok(summary)
+}
+
+/// Refuses flags the demo cannot run with, naming the flag.
+fn check_args(args: &Args) -> Result<(), Error> {
+    if args.duration.get() < MIN_DURATION {
+        return Err(Error::DurationTooShort { got: args.duration });
+    }
+    if !(1..=64).contains(&args.connections) {
+        return Err(Error::Connections(args.connections));
+    }
+    if args.client_timeout.is_zero() {
+        return Err(Error::ClientTimeout);
+    }
+    Ok(())
+}
+
+/// What runs where, and what the two clients do.
+fn write_intro(
+    out: &mut (dyn Write + Send),
+    args: &Args,
+    pods: &[SimPod],
+    listen: SocketAddr,
+    metrics_url: &str,
+) -> std::io::Result<()> {
     writeln!(
         out,
         "detour demo: 3 simulated pods, the detour sidecar in front of them, and two clients"
     )?;
-    for p in &pods {
+    for p in pods {
         writeln!(out, "  pod {} on {}", p.name(), p.addr())?;
     }
     writeln!(
@@ -192,27 +254,61 @@ pub async fn run_with(args: &Args, out: &mut (dyn Write + Send)) -> Result<Summa
         "  with detour: through the sidecar; without detour: the same requests straight to the \
          pods in turn (as behind a plain Service), at the same time"
     )?;
-    writeln!(out)?;
+    writeln!(out)
+}
 
-    let traffic = Arc::new(Traffic::default());
-    let direct = Arc::new(Traffic::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let pod_addrs: Vec<SocketAddr> = pods.iter().map(SimPod::addr).collect();
-    let mut workers = JoinSet::new();
-    for (targets, t) in [(vec![listen], &traffic), (pod_addrs, &direct)] {
-        let mut set = traffic::spawn(
-            &targets,
-            args.connections,
-            Duration::from_millis(10),
-            args.client_timeout.get(),
-            t.clone(),
-            stop_rx.clone(),
-        );
-        workers.spawn(async move { while set.join_next().await.is_some() {} });
+/// The two identical clients: one through the sidecar, one straight to the pods.
+struct Clients {
+    through_sidecar: Arc<Traffic>,
+    direct: Arc<Traffic>,
+    stop: watch::Sender<bool>,
+    workers: JoinSet<()>,
+}
+
+impl Clients {
+    fn start(args: &Args, listen: SocketAddr, pods: &[SimPod]) -> Clients {
+        let through_sidecar = Arc::new(Traffic::default());
+        let direct = Arc::new(Traffic::default());
+        let (stop, stopped) = watch::channel(false);
+        let pod_addrs: Vec<SocketAddr> = pods.iter().map(SimPod::addr).collect();
+        let mut workers = JoinSet::new();
+        for (targets, t) in [(vec![listen], &through_sidecar), (pod_addrs, &direct)] {
+            let mut set = traffic::spawn(
+                &targets,
+                args.connections,
+                Duration::from_millis(10),
+                args.client_timeout.get(),
+                t.clone(),
+                stopped.clone(),
+            );
+            workers.spawn(async move { while set.join_next().await.is_some() {} });
+        }
+        Clients {
+            through_sidecar,
+            direct,
+            stop,
+            workers,
+        }
     }
 
-    let start = Instant::now();
-    let baseline = scrape(&sidecar)?;
+    /// Stops both clients and waits until their last request has ended.
+    async fn stop(&mut self) {
+        let _ = self.stop.send(true);
+        while self.workers.join_next().await.is_some() {}
+    }
+}
+
+/// Runs the fault timeline until `duration` has passed since `start`, with a progress line
+/// every second.
+async fn play_timeline(
+    out: &mut (dyn Write + Send),
+    pods: &[SimPod],
+    sidecar: &SidecarHandle,
+    clients: &Clients,
+    start: Instant,
+    duration: Duration,
+    baseline: &Metrics,
+) -> Result<(), Error> {
     let mut timeline = timeline(duration).into_iter().peekable();
     let mut status = String::from("all pods healthy");
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -225,11 +321,11 @@ pub async fn run_with(args: &Args, out: &mut (dyn Write + Send)) -> Result<Summa
                 break;
             }
             let (_, step) = timeline.next().expect("peeked");
-            status = step.apply(&pods).await?;
+            status = step.apply(pods).await?;
             writeln!(out, "{:>5.1}s  >> {status}", start.elapsed().as_secs_f64())?;
         }
         if start.elapsed() >= duration {
-            break;
+            return Ok(());
         }
         let next_event = timeline.peek().map(|(at, _)| start + *at);
         let wake = tokio::time::sleep_until(
@@ -240,63 +336,35 @@ pub async fn run_with(args: &Args, out: &mut (dyn Write + Send)) -> Result<Summa
         );
         tokio::select! {
             _ = tick.tick() => {
-                let m = scrape(&sidecar)?;
-                writeln!(out, "{}", progress_line(start.elapsed(), &traffic, &direct, &m, &baseline, &status))?;
+                let m = scrape(sidecar)?;
+                let line = progress_line(start.elapsed(), &clients.through_sidecar, &clients.direct, &m, baseline, &status);
+                writeln!(out, "{line}")?;
             }
             _ = wake => {}
         }
     }
-    let _ = stop_tx.send(true);
-    while workers.join_next().await.is_some() {}
-
-    let m = scrape(&sidecar)?;
-    let summary = summarize(
-        start.elapsed(),
-        &traffic,
-        &direct,
-        &m,
-        &baseline,
-        metrics_url,
-    );
-    writeln!(out)?;
-    write_summary(out, &summary)?;
-
-    if args.keep_running {
-        use tokio::signal::unix::{signal, SignalKind};
-        // Listen before saying so: a Ctrl-C right after the message must not kill the process.
-        let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
-        let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
-        writeln!(
-            out,
-            "\nStill serving {} (and the pods); press Ctrl-C to stop.",
-            summary.metrics_url
-        )?;
-        out.flush()?;
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-    }
-    sidecar.shutdown(Duration::from_secs(2)).await;
-    drop(pods);
-
-    if summary.with_detour.errors > 0 {
-        return Err(Error::ClientErrors {
-            errors: summary.with_detour.errors,
-            requests: summary.with_detour.requests,
-            examples: traffic.first_errors(),
-        });
-    }
-    writeln!(
-        out,
-        "\nWith detour the client saw 0 errors: every failure above was absorbed by the sidecar. \
-         Without it, the same client saw {} errors in {} requests.",
-        summary.without_detour.errors, summary.without_detour.requests
-    )?;
-    out.flush()?;
-    Ok(summary)
 }
 
+/// `--keep-running`: the pods and the sidecar stay up until SIGINT or SIGTERM.
+async fn serve_until_interrupted(
+    out: &mut (dyn Write + Send),
+    metrics_url: &str,
+) -> Result<(), Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Listen before saying so: a Ctrl-C right after the message must not kill the process.
+    let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
+    let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
+    writeln!(
+        out,
+        "\nStill serving {metrics_url} (and the pods); press Ctrl-C to stop."
+    )?;
+    out.flush()?;
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
 /// A policy tuned for a short demo: quick health checks, short ejections, a per-try timeout
 /// well below the client's patience, and a request deadline just inside it (so the sidecar,
 /// not the client's timer, reports a request nothing could answer).

@@ -176,6 +176,7 @@ struct Stats {
 }
 
 /// What a request handler asks its connection task to do with the socket.
+#[derive(Debug, PartialEq, Eq)]
 enum ConnAction {
     Reset,
     Malformed,
@@ -476,7 +477,7 @@ impl Shared {
         let Some((io, ctl)) = split_handles(stream) else {
             return;
         };
-        let (actions, mut actions_rx) = mpsc::unbounded_channel();
+        let (actions, actions_rx) = mpsc::unbounded_channel();
         let conn_state = Arc::new(ConnState {
             in_flight: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
@@ -500,9 +501,29 @@ impl Shared {
                 .serve_connection(TokioIo::new(io), svc)
                 .with_upgrades(),
         );
+        let Some(action) = self
+            .next_socket_action(conn.as_mut(), &conn_state, actions_rx)
+            .await
+        else {
+            return;
+        };
+        // hyper's handle goes first so that closing `ctl` is the socket's last close.
+        drop(conn);
+        self.act_on_socket(ctl, action).await;
+    }
+
+    /// Waits while hyper serves the connection: `None` when hyper is done with it, or what to do
+    /// with the socket (a handler's fault, every connection closed, the idle timeout of
+    /// `CloseIdleAfter`).
+    async fn next_socket_action(
+        &self,
+        mut conn: std::pin::Pin<&mut (impl std::future::Future + ?Sized)>,
+        conn_state: &ConnState,
+        mut actions: mpsc::UnboundedReceiver<ConnAction>,
+    ) -> Option<ConnAction> {
         let mut epoch = self.epoch.subscribe();
         let mut effective = self.effective.subscribe();
-        let action = loop {
+        loop {
             let armed = match &*effective.borrow_and_update() {
                 Fault::CloseIdleAfter(d) if conn_state.in_flight.load(Ordering::SeqCst) == 0 => {
                     let since = *conn_state.idle_since.lock();
@@ -517,9 +538,9 @@ impl Shared {
                 }
             };
             tokio::select! {
-                _ = &mut conn => return,
-                Some(a) = actions_rx.recv() => break a,
-                _ = epoch.changed() => break ConnAction::Close,
+                _ = &mut conn => return None,
+                Some(a) = actions.recv() => return Some(a),
+                _ = epoch.changed() => return Some(ConnAction::Close),
                 _ = effective.changed() => continue,
                 _ = conn_state.activity.notified() => continue,
                 _ = idle => {
@@ -528,13 +549,15 @@ impl Shared {
                     if conn_state.in_flight.load(Ordering::SeqCst) == 0
                         && since == Some(*conn_state.idle_since.lock())
                     {
-                        break ConnAction::Close;
+                        return Some(ConnAction::Close);
                     }
                 }
             }
-        };
-        // hyper's handle goes first so that closing `ctl` is the socket's last close.
-        drop(conn);
+        }
+    }
+
+    /// Does `action` on the socket hyper no longer holds; dropping `ctl` closes it.
+    async fn act_on_socket(&self, mut ctl: TcpStream, action: ConnAction) {
         match action {
             ConnAction::Close => {}
             ConnAction::Reset => {
@@ -543,7 +566,6 @@ impl Shared {
                 }
             }
             ConnAction::Truncated => {
-                let mut ctl = ctl;
                 let _ = ctl
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\ncontent-type: text/plain\r\n\r\nthe first bytes")
                     .await;
@@ -553,7 +575,6 @@ impl Shared {
                 let _ = ctl.shutdown().await;
             }
             ConnAction::Malformed => {
-                let mut ctl = ctl;
                 let _ = ctl
                     .write_all(b"THIS IS NOT HTTP \x00\x01\x02 at all\r\n\r\n")
                     .await;
@@ -578,12 +599,7 @@ impl Shared {
         let _done = Done(&conn);
 
         let is_health = req.method() == Method::GET && req.uri().path() == HEALTH_PATH;
-        let traffic_fault = self.effective.borrow().clone();
-        let fault = if is_health {
-            self.health.lock().clone().unwrap_or(traffic_fault)
-        } else {
-            traffic_fault
-        };
+        let fault = self.fault_for(is_health);
         let upgrade = !is_health && wants_upgrade(req.headers());
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
@@ -597,52 +613,12 @@ impl Shared {
         if is_health {
             self.stats.health_checks.fetch_add(1, Ordering::SeqCst);
         } else {
-            let seq = self.stats.requests.fetch_add(1, Ordering::SeqCst) + 1;
-            *self
-                .stats
-                .by_method
-                .lock()
-                .entry(parts.method.as_str().to_string())
-                .or_default() += 1;
-            let mut rec = self.stats.recorded.lock();
-            if rec.len() == RECORDED_REQUESTS {
-                rec.pop_front();
-            }
-            rec.push_back(RecordedRequest {
-                seq,
-                connection: conn.id,
-                method: parts.method.clone(),
-                uri: parts.uri.clone(),
-                version: parts.version,
-                headers: parts.headers.clone(),
-                body_len: body.len(),
-                body: body.slice(..body.len().min(RECORDED_BODY_LIMIT)),
-            });
+            self.record(&parts, &body, conn.id);
         }
 
-        let status = match &fault {
-            Fault::Healthy | Fault::CloseIdleAfter(_) | Fault::Flapping { .. } => StatusCode::OK,
-            Fault::StaleKeepAlive(d) => {
-                if reused && idle_for > *d {
-                    return self.act(&conn, ConnAction::Close).await;
-                }
-                StatusCode::OK
-            }
-            Fault::Slow(d) => {
-                tokio::time::sleep(*d).await;
-                StatusCode::OK
-            }
-            Fault::Always502 => StatusCode::BAD_GATEWAY,
-            Fault::Always503 => StatusCode::SERVICE_UNAVAILABLE,
-            Fault::Always504 => StatusCode::GATEWAY_TIMEOUT,
-            // Refuse: the request raced the listener's close; treat it as the process dying.
-            Fault::Refuse => return self.act(&conn, ConnAction::Close).await,
-            Fault::ResetAfterRequest => return self.act(&conn, ConnAction::Reset).await,
-            Fault::Malformed => return self.act(&conn, ConnAction::Malformed).await,
-            Fault::TruncatedBody => return self.act(&conn, ConnAction::Truncated).await,
-            // Healing does not answer what hung: like a stuck worker, the request is lost and
-            // only the client's timeout (or `kill`) ends the connection.
-            Fault::Hang => std::future::pending().await,
+        let status = match answer_status(&fault, reused.then_some(idle_for)).await {
+            Ok(status) => status,
+            Err(action) => return self.act(&conn, action).await,
         };
         if !is_health {
             *self
@@ -652,36 +628,83 @@ impl Shared {
                 .entry(status.as_u16())
                 .or_default() += 1;
         }
-
         if let (Some(on_upgrade), true) = (on_upgrade, status == StatusCode::OK) {
             if self.upgrades.load(Ordering::Relaxed) {
-                let proto = parts
-                    .headers
-                    .get(header::UPGRADE)
-                    .cloned()
-                    .unwrap_or_else(|| HeaderValue::from_static("websocket"));
-                let mut epoch = self.epoch.subscribe();
-                tokio::spawn(async move {
-                    let Ok(upgraded) = on_upgrade.await else {
-                        return;
-                    };
-                    let mut io = TokioIo::new(upgraded);
-                    let (mut r, mut w) = tokio::io::split(&mut io);
-                    tokio::select! {
-                        _ = tokio::io::copy(&mut r, &mut w) => {}
-                        _ = epoch.changed() => {}
-                    }
-                });
-                return Response::builder()
-                    .status(StatusCode::SWITCHING_PROTOCOLS)
-                    .header(header::CONNECTION, "upgrade")
-                    .header(header::UPGRADE, proto)
-                    .header("x-sim-pod", self.name.as_str())
-                    .body(Full::default())
-                    .expect("valid response");
+                return self.switch_protocols(on_upgrade, &parts.headers);
             }
         }
+        self.answer(status, body, conn.id)
+    }
 
+    /// The fault a request meets: health checks may have their own.
+    fn fault_for(&self, is_health: bool) -> Fault {
+        let traffic_fault = self.effective.borrow().clone();
+        if is_health {
+            self.health.lock().clone().unwrap_or(traffic_fault)
+        } else {
+            traffic_fault
+        }
+    }
+
+    /// Counts a request (not a health check) and keeps it among the recent ones.
+    fn record(&self, parts: &http::request::Parts, body: &Bytes, connection: u64) {
+        let seq = self.stats.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        *self
+            .stats
+            .by_method
+            .lock()
+            .entry(parts.method.as_str().to_string())
+            .or_default() += 1;
+        let mut rec = self.stats.recorded.lock();
+        if rec.len() == RECORDED_REQUESTS {
+            rec.pop_front();
+        }
+        rec.push_back(RecordedRequest {
+            seq,
+            connection,
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+            body_len: body.len(),
+            body: body.slice(..body.len().min(RECORDED_BODY_LIMIT)),
+        });
+    }
+
+    /// `101 Switching Protocols`, then the upgraded connection echoes what it reads until every
+    /// connection is closed.
+    fn switch_protocols(
+        &self,
+        on_upgrade: hyper::upgrade::OnUpgrade,
+        headers: &HeaderMap,
+    ) -> Response<Body> {
+        let proto = headers
+            .get(header::UPGRADE)
+            .cloned()
+            .unwrap_or_else(|| HeaderValue::from_static("websocket"));
+        let mut epoch = self.epoch.subscribe();
+        tokio::spawn(async move {
+            let Ok(upgraded) = on_upgrade.await else {
+                return;
+            };
+            let mut io = TokioIo::new(upgraded);
+            let (mut r, mut w) = tokio::io::split(&mut io);
+            tokio::select! {
+                _ = tokio::io::copy(&mut r, &mut w) => {}
+                _ = epoch.changed() => {}
+            }
+        });
+        Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, proto)
+            .header("x-sim-pod", self.name.as_str())
+            .body(Full::default())
+            .expect("valid response")
+    }
+
+    /// A 200 echoes the request body (or names the pod); any other status says it is simulated.
+    fn answer(&self, status: StatusCode, body: Bytes, connection: u64) -> Response<Body> {
         let text = if status == StatusCode::OK {
             if body.is_empty() {
                 Bytes::from(format!("{}\n", self.name))
@@ -700,7 +723,7 @@ impl Shared {
             .header(header::CONTENT_TYPE, "text/plain")
             .header("x-sim-pod", self.name.as_str())
             .header("x-sim-request-bytes", body.len())
-            .header("x-sim-connection", conn.id)
+            .header("x-sim-connection", connection)
             .body(Full::new(text))
             .expect("valid response")
     }
@@ -710,6 +733,39 @@ impl Shared {
         let _ = conn.actions.send(action);
         std::future::pending().await
     }
+}
+
+/// The status a request gets under `fault`, or what its connection must do instead of answering.
+/// `idle_on_reuse` is how long the connection was idle before this request, if it carried one
+/// before.
+async fn answer_status(
+    fault: &Fault,
+    idle_on_reuse: Option<Duration>,
+) -> Result<StatusCode, ConnAction> {
+    Ok(match fault {
+        Fault::Healthy | Fault::CloseIdleAfter(_) | Fault::Flapping { .. } => StatusCode::OK,
+        Fault::StaleKeepAlive(d) => {
+            if idle_on_reuse.is_some_and(|idle| idle > *d) {
+                return Err(ConnAction::Close);
+            }
+            StatusCode::OK
+        }
+        Fault::Slow(d) => {
+            tokio::time::sleep(*d).await;
+            StatusCode::OK
+        }
+        Fault::Always502 => StatusCode::BAD_GATEWAY,
+        Fault::Always503 => StatusCode::SERVICE_UNAVAILABLE,
+        Fault::Always504 => StatusCode::GATEWAY_TIMEOUT,
+        // Refuse: the request raced the listener's close; treat it as the process dying.
+        Fault::Refuse => return Err(ConnAction::Close),
+        Fault::ResetAfterRequest => return Err(ConnAction::Reset),
+        Fault::Malformed => return Err(ConnAction::Malformed),
+        Fault::TruncatedBody => return Err(ConnAction::Truncated),
+        // Healing does not answer what hung: like a stuck worker, the request is lost and
+        // only the client's timeout (or `kill`) ends the connection.
+        Fault::Hang => std::future::pending().await,
+    })
 }
 
 /// Two handles on one socket: one for hyper, one to reset or write on once hyper is gone.
@@ -739,6 +795,36 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     const GENEROUS: Duration = Duration::from_secs(5);
+
+    #[tokio::test(start_paused = true)]
+    async fn each_fault_answers_its_status_or_acts_on_the_socket() {
+        let ms = Duration::from_millis;
+        for (fault, want) in [
+            (Fault::Healthy, Ok(StatusCode::OK)),
+            (Fault::CloseIdleAfter(ms(1)), Ok(StatusCode::OK)),
+            (Fault::Always502, Ok(StatusCode::BAD_GATEWAY)),
+            (Fault::Always503, Ok(StatusCode::SERVICE_UNAVAILABLE)),
+            (Fault::Always504, Ok(StatusCode::GATEWAY_TIMEOUT)),
+            (Fault::Refuse, Err(ConnAction::Close)),
+            (Fault::ResetAfterRequest, Err(ConnAction::Reset)),
+            (Fault::Malformed, Err(ConnAction::Malformed)),
+            (Fault::TruncatedBody, Err(ConnAction::Truncated)),
+        ] {
+            assert_eq!(answer_status(&fault, Some(ms(9))).await, want, "{fault:?}");
+        }
+        let status =
+            |f: Fault, idle: Option<Duration>| async move { answer_status(&f, idle).await };
+        // A stale keep-alive drops only a request on a reused connection idle past the limit.
+        let stale = || Fault::StaleKeepAlive(ms(100));
+        assert_eq!(status(stale(), None).await, Ok(StatusCode::OK));
+        assert_eq!(status(stale(), Some(ms(50))).await, Ok(StatusCode::OK));
+        assert_eq!(status(stale(), Some(ms(150))).await, Err(ConnAction::Close));
+        let t = Instant::now();
+        assert_eq!(status(Fault::Slow(ms(300)), None).await, Ok(StatusCode::OK));
+        assert!(t.elapsed() >= ms(300));
+        let hang = tokio::time::timeout(Duration::from_secs(3600), status(Fault::Hang, None));
+        assert!(hang.await.is_err(), "a hanging pod answered");
+    }
 
     async fn connect(addr: SocketAddr) -> SendRequest<Full<Bytes>> {
         let stream = TcpStream::connect(addr).await.unwrap();

@@ -102,43 +102,9 @@ fn parse_sample(line: &str) -> Result<Sample, &'static str> {
     let mut rest = &line[name_end..];
     let mut labels = BTreeMap::new();
     if let Some(body) = rest.strip_prefix('{') {
-        let mut chars = body.char_indices().peekable();
-        let end = loop {
-            // label name
-            while chars.next_if(|(_, c)| *c == ',' || *c == ' ').is_some() {}
-            let Some(&(start, c)) = chars.peek() else {
-                return Err("unterminated labels");
-            };
-            if c == '}' {
-                break start;
-            }
-            let mut key_end = start;
-            for (i, c) in chars.by_ref() {
-                if c == '=' {
-                    key_end = i;
-                    break;
-                }
-            }
-            let key = body[start..key_end].trim().to_string();
-            if chars.next().map(|(_, c)| c) != Some('"') {
-                return Err("label value must be quoted");
-            }
-            let mut value = String::new();
-            loop {
-                match chars.next() {
-                    None => return Err("unterminated label value"),
-                    Some((_, '"')) => break,
-                    Some((_, '\\')) => match chars.next() {
-                        Some((_, 'n')) => value.push('\n'),
-                        Some((_, c)) => value.push(c),
-                        None => return Err("unterminated label value"),
-                    },
-                    Some((_, c)) => value.push(c),
-                }
-            }
-            labels.insert(key, value);
-        };
-        rest = &body[end + 1..];
+        let (parsed, after) = parse_labels(body)?;
+        labels = parsed;
+        rest = after;
     }
     // A timestamp may follow the value; it is ignored.
     let value = rest.split_whitespace().next().ok_or("no value")?;
@@ -152,6 +118,51 @@ fn parse_sample(line: &str) -> Result<Sample, &'static str> {
         labels,
         value,
     })
+}
+
+/// The labels of a sample, from just after its `{`: the labels and what follows the `}`.
+fn parse_labels(body: &str) -> Result<(BTreeMap<String, String>, &str), &'static str> {
+    let mut labels = BTreeMap::new();
+    let mut chars = body.char_indices().peekable();
+    let end = loop {
+        while chars.next_if(|(_, c)| *c == ',' || *c == ' ').is_some() {}
+        let Some(&(start, c)) = chars.peek() else {
+            return Err("unterminated labels");
+        };
+        if c == '}' {
+            break start;
+        }
+        let mut key_end = start;
+        for (i, c) in chars.by_ref() {
+            if c == '=' {
+                key_end = i;
+                break;
+            }
+        }
+        let key = body[start..key_end].trim().to_string();
+        if chars.next().map(|(_, c)| c) != Some('"') {
+            return Err("label value must be quoted");
+        }
+        labels.insert(key, quoted_value(&mut chars)?);
+    };
+    Ok((labels, &body[end + 1..]))
+}
+
+/// A label value after its opening quote, up to and including the closing one, unescaped.
+fn quoted_value(chars: &mut impl Iterator<Item = (usize, char)>) -> Result<String, &'static str> {
+    let mut value = String::new();
+    loop {
+        match chars.next() {
+            None => return Err("unterminated label value"),
+            Some((_, '"')) => return Ok(value),
+            Some((_, '\\')) => match chars.next() {
+                Some((_, 'n')) => value.push('\n'),
+                Some((_, c)) => value.push(c),
+                None => return Err("unterminated label value"),
+            },
+            Some((_, c)) => value.push(c),
+        }
+    }
 }
 
 #[cfg(test)]

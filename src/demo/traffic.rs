@@ -123,38 +123,79 @@ async fn worker(
                 }
             },
         };
-        // One request in five is a POST; its Idempotency-Key makes it safe to retry.
-        let req = if n.is_multiple_of(5) {
-            Request::builder()
-                .method(Method::POST)
-                .uri("/orders")
-                .header(header::HOST, "shop.demo")
-                .header("idempotency-key", format!("w{id}-{n}"))
-                .body(Full::new(Bytes::from(format!(
-                    "{{\"order\":\"w{id}-{n}\"}}"
-                ))))
-        } else {
-            Request::builder()
-                .uri(format!("/items/{}", n % 100))
-                .header(header::HOST, "shop.demo")
-                .body(Full::default())
-        }
-        .expect("valid request");
+        let req = nth_request(id, n);
         let method = req.method().clone();
         traffic.requests.fetch_add(1, Ordering::Relaxed);
-        let res = tokio::time::timeout(patience, async {
-            sender.ready().await?;
-            let resp = sender.send_request(req).await?;
-            let (parts, body) = resp.into_parts();
-            body.collect().await?;
-            Ok::<_, hyper::Error>(parts)
-        })
-        .await;
-        match res {
-            Ok(Ok(parts)) if parts.status.is_success() => {
-                traffic.ok.fetch_add(1, Ordering::Relaxed);
+        let outcome = send(sender, req, patience).await;
+        if !traffic.record(&method, outcome, patience) {
+            *conn = None;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pace) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// Request `n` of worker `id`: one in five is a POST, whose Idempotency-Key makes it safe to
+/// retry; the others are GETs.
+fn nth_request(id: usize, n: u64) -> Request<Full<Bytes>> {
+    if n.is_multiple_of(5) {
+        Request::builder()
+            .method(Method::POST)
+            .uri("/orders")
+            .header(header::HOST, "shop.demo")
+            .header("idempotency-key", format!("w{id}-{n}"))
+            .body(Full::new(Bytes::from(format!(
+                "{{\"order\":\"w{id}-{n}\"}}"
+            ))))
+    } else {
+        Request::builder()
+            .uri(format!("/items/{}", n % 100))
+            .header(header::HOST, "shop.demo")
+            .body(Full::default())
+    }
+    .expect("valid request")
+}
+
+/// How one request ended, as the client saw it.
+enum Outcome {
+    /// A response came, and its whole body.
+    Answered(http::response::Parts),
+    Failed(hyper::Error),
+    /// Nothing within the client's patience.
+    TimedOut,
+}
+
+async fn send(
+    sender: &mut SendRequest<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+    patience: Duration,
+) -> Outcome {
+    let res = tokio::time::timeout(patience, async {
+        sender.ready().await?;
+        let resp = sender.send_request(req).await?;
+        let (parts, body) = resp.into_parts();
+        body.collect().await?;
+        Ok::<_, hyper::Error>(parts)
+    })
+    .await;
+    match res {
+        Ok(Ok(parts)) => Outcome::Answered(parts),
+        Ok(Err(e)) => Outcome::Failed(e),
+        Err(_) => Outcome::TimedOut,
+    }
+}
+
+impl Traffic {
+    /// Counts how a request ended; whether its connection may carry the next one.
+    fn record(&self, method: &Method, outcome: Outcome, patience: Duration) -> bool {
+        match outcome {
+            Outcome::Answered(parts) if parts.status.is_success() => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+                true
             }
-            Ok(Ok(parts)) => {
+            Outcome::Answered(parts) => {
                 let kind = if matches!(parts.status.as_u16(), 502..=504) {
                     GATEWAY_ANSWER
                 } else {
@@ -166,23 +207,20 @@ async fn worker(
                     .and_then(|v| v.to_str().ok())
                     .map(|v| format!(" (Proxy-Status: {v})"))
                     .unwrap_or_default();
-                traffic.error(kind, format!("{method} answered {}{why}", parts.status));
+                self.error(kind, format!("{method} answered {}{why}", parts.status));
+                true
             }
-            Ok(Err(e)) => {
-                traffic.error(CONNECTION_FAILED, format!("{method} failed: {e}"));
-                *conn = None;
+            Outcome::Failed(e) => {
+                self.error(CONNECTION_FAILED, format!("{method} failed: {e}"));
+                false
             }
-            Err(_) => {
-                traffic.error(
+            Outcome::TimedOut => {
+                self.error(
                     NO_ANSWER,
                     format!("{method} got no answer within {patience:?} (client timeout)"),
                 );
-                *conn = None;
+                false
             }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(pace) => {}
-            _ = stop.changed() => {}
         }
     }
 }
@@ -195,4 +233,61 @@ async fn connect(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, String> {
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_request_in_five_is_a_post_with_its_own_idempotency_key() {
+        let get = nth_request(2, 7);
+        assert_eq!(get.method(), Method::GET);
+        assert_eq!(get.uri(), "/items/7");
+        assert!(get.headers().get("idempotency-key").is_none());
+        let post = nth_request(2, 10);
+        assert_eq!(post.method(), Method::POST);
+        assert_eq!(post.uri(), "/orders");
+        assert_eq!(post.headers()["idempotency-key"], "w2-10");
+        assert_ne!(
+            nth_request(3, 10).headers()["idempotency-key"],
+            post.headers()["idempotency-key"]
+        );
+    }
+
+    fn answered(status: u16, proxy_status: Option<&str>) -> Outcome {
+        let mut resp = http::Response::builder().status(status);
+        if let Some(v) = proxy_status {
+            resp = resp.header("proxy-status", v);
+        }
+        Outcome::Answered(resp.body(()).unwrap().into_parts().0)
+    }
+
+    #[test]
+    fn every_answer_but_a_success_is_an_error_of_its_kind() {
+        let t = Traffic::default();
+        let patience = Duration::from_secs(2);
+        assert!(t.record(&Method::GET, answered(200, None), patience));
+        assert!(t.record(
+            &Method::GET,
+            answered(502, Some("detour; error=x")),
+            patience
+        ));
+        assert!(t.record(&Method::POST, answered(404, None), patience));
+        assert!(!t.record(&Method::GET, Outcome::TimedOut, patience));
+        assert_eq!(t.ok.load(Ordering::Relaxed), 1);
+        assert_eq!(t.errors(), 3);
+        assert_eq!(
+            t.errors_by_kind(),
+            BTreeMap::from([(GATEWAY_ANSWER, 1), (OTHER_STATUS, 1), (NO_ANSWER, 1)])
+        );
+        assert_eq!(
+            t.first_errors(),
+            [
+                "GET answered 502 Bad Gateway (Proxy-Status: detour; error=x)",
+                "POST answered 404 Not Found",
+                "GET got no answer within 2s (client timeout)",
+            ]
+        );
+    }
 }

@@ -93,6 +93,8 @@ struct State {
     faults: Vec<(Method, String, u16, String)>,
     /// Unreachable: every request fails as a refused connection would.
     down: bool,
+    /// Requests refused while `down`: a client that kept trying shows here.
+    refused: u64,
     /// Addresses behind a Service, for calling webhooks: (namespace, name) → ready endpoints.
     service_endpoints: BTreeMap<(String, String), Vec<SocketAddr>>,
 }
@@ -154,7 +156,7 @@ impl ApiServer {
             let me = me.clone();
             let who = who.clone();
             async move {
-                if me.state.lock().down {
+                if me.state.lock().refuse_when_down() {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::ConnectionRefused,
                         "fake API server is down",
@@ -204,9 +206,7 @@ impl ApiServer {
     /// Runs the mutating webhooks on a pod being created in `ns` (see `admission`): the pod as
     /// they leave it, or the refusal the client gets.
     async fn admit(&self, ns: &str, body: &[u8]) -> Result<Bytes, (u16, String)> {
-        let mut pod: Value = serde_json::from_slice(body)
-            .or_else(|_| serde_yaml::from_slice(body))
-            .map_err(|e| (400, format!("body: {e}")))?;
+        let mut pod = json_or_yaml(body).map_err(|e| (400, format!("body: {e}")))?;
         let (configs, ns_labels, endpoints) = {
             let st = self.state.lock();
             let configs: Vec<Value> = st
@@ -274,6 +274,11 @@ impl ApiServer {
         if down {
             st.watchers.clear();
         }
+    }
+
+    /// How many requests were refused while the server was down.
+    pub fn refused(&self) -> u64 {
+        self.state.lock().refused
     }
 
     /// Forgets the watch history, as etcd compaction does: a watch from an older
@@ -403,7 +408,7 @@ impl ApiServer {
                         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                             let me = me.clone();
                             async move {
-                                if me.state.lock().down {
+                                if me.state.lock().refuse_when_down() {
                                     return Err(std::io::Error::other("fake API server is down"));
                                 }
                                 let (parts, body) = req.into_parts();
@@ -610,7 +615,7 @@ impl ApiServer {
         let body_json: Value = if body.is_empty() {
             Value::Null
         } else {
-            match serde_json::from_slice(body).or_else(|_| serde_yaml::from_slice(body)) {
+            match json_or_yaml(body) {
                 Ok(v) => v,
                 Err(e) => return status_response(400, "BadRequest", &format!("body: {e}")),
             }
@@ -675,6 +680,12 @@ struct Route {
 // === impl State ===
 
 impl State {
+    /// Whether a request must fail because the server is down (counted in `refused`).
+    fn refuse_when_down(&mut self) -> bool {
+        self.refused += u64::from(self.down);
+        self.down
+    }
+
     fn route(
         &mut self,
         method: &Method,
@@ -1539,4 +1550,10 @@ fn json_response(code: u16, v: &Value) -> Response<Body> {
                 .boxed_unsync(),
         )
         .expect("response")
+}
+
+/// A request body: JSON, or YAML as `kubectl` may send it.
+fn json_or_yaml(body: &[u8]) -> Result<Value, String> {
+    serde_json::from_slice(body)
+        .or_else(|_| super::yaml::from_slice(body).map_err(|e| e.to_string()))
 }

@@ -1,7 +1,7 @@
 //! A real `prometheus` server (Debian's package) for the tests: started on 127.0.0.1 in a
 //! temporary folder, scraping given targets every second, queried over its HTTP API, killed on
 //! drop. Included with `#[path]` by the tests that need it (`prometheus_scrape`,
-//! `observability_prometheus`).
+//! `observability_prometheus`), next to `mod support`.
 //!
 //! Needs `prometheus` and `promtool` on PATH (`apt-get install -y prometheus`; `.ci/test` installs
 //! them). Without them a test fails when `CI=true` and skips with a notice otherwise.
@@ -15,16 +15,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use crate::support::http_client::{get, try_http_get, IO_TIMEOUT};
 
 /// Prometheus starts in about a second and scrapes every second; a loaded 2-core machine gets a
 /// large margin on top.
 pub const PROMETHEUS_PATIENCE: Duration = Duration::from_secs(90);
-pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 // === impl Tools ===
 
@@ -280,38 +275,6 @@ impl Drop for TempDir {
             let _ = fs::remove_dir_all(&self.0);
         }
     }
-}
-
-/// GET on a fresh connection; panics on any transport error or after `IO_TIMEOUT`.
-pub async fn http_get(addr: SocketAddr, path: &str) -> (StatusCode, String) {
-    tokio::time::timeout(IO_TIMEOUT, get(addr, path))
-        .await
-        .unwrap_or_else(|_| panic!("GET http://{addr}{path}: no answer in {IO_TIMEOUT:?}"))
-        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
-}
-
-/// GET that reports any failure as `None` (Prometheus still starting).
-pub async fn try_http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    match tokio::time::timeout(IO_TIMEOUT, get(addr, path)).await {
-        Ok(Ok((StatusCode::OK, body))) => Some(body),
-        _ => None,
-    }
-}
-
-pub async fn get(
-    addr: SocketAddr,
-    path: &str,
-) -> Result<(StatusCode, String), Box<dyn std::error::Error + Send + Sync>> {
-    let stream = TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = Request::get(path)
-        .header(hyper::header::HOST, addr.to_string())
-        .body(Empty::<Bytes>::new())?;
-    let resp = sender.send_request(req).await?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// A `prometheus.yml` scraping `target` (job `detour`) every second with extra target `labels`

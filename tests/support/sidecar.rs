@@ -1,8 +1,8 @@
-//! Shared helpers of the sidecar integration tests: a sidecar in front of simulated pods, a small
-//! HTTP/1.1 client, `Proxy-Status` parsing and metric deltas. Everything binds 127.0.0.1:0.
+//! The sidecar under test: a sidecar in front of simulated pods, a small HTTP/1.1 client,
+//! `Proxy-Status` parsing and metric deltas. Everything binds 127.0.0.1:0.
 #![allow(dead_code)]
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, Request, StatusCode};
@@ -16,11 +16,10 @@ pub use detour::demo::pod::{Fault, SimPod};
 pub use detour::demo::prom::Metrics;
 pub use detour::sidecar::{Options, Sidecar, SidecarHandle};
 
+use super::{within, PATIENCE};
+
 /// The upstream every test config names.
 pub const UPSTREAM: &str = "test/web";
-
-/// Wall-clock bound for anything that should happen "soon" on a slow shared machine.
-pub const PATIENCE: Duration = Duration::from_secs(10);
 
 pub fn ms(n: u64) -> CfgDuration {
     CfgDuration::from_millis(n)
@@ -123,6 +122,36 @@ impl Harness {
         send_fresh(self.addr(), req).await.expect("client request")
     }
 
+    /// GETs until `done` holds, each answered 200: see [`get_ok_until`].
+    pub async fn get_ok_until(
+        &self,
+        prefix: &str,
+        limit: usize,
+        what: &str,
+        done: impl FnMut() -> bool,
+    ) -> usize {
+        get_ok_until(self.addr(), prefix, limit, what, done).await
+    }
+
+    /// pod-0 starts answering with `fault` (a failure the sidecar retries on another pod), and
+    /// GETs go through the sidecar, each answered 200, until pod-0 got one of them.
+    pub async fn fail_pod0_until_it_is_asked(&self, fault: Fault) {
+        self.pods[0].set_fault(fault).await.unwrap();
+        let pod0 = &self.pods[0];
+        self.get_ok_until("/", 100, "pod-0 to get a request", || pod0.requests() > 0)
+            .await;
+    }
+
+    /// Waits until the upstream metric `name{labels}` has grown by exactly `by` since `before`
+    /// (what is counted once a response has ended may come a moment after the client saw it).
+    pub async fn counted(&self, before: &Metrics, name: &str, labels: &[(&str, &str)], by: f64) {
+        let what = format!("{name}{labels:?} to grow by {by}");
+        super::eventually(PATIENCE, &what, || {
+            (d(&self.metrics(), before, name, labels) == by).then_some(())
+        })
+        .await;
+    }
+
     /// Live state of the endpoint at `addr` as the sidecar sees it.
     pub fn endpoint(&self, addr: SocketAddr) -> detour::sidecar::EndpointSnapshot {
         let want = addr.to_string();
@@ -133,6 +162,28 @@ impl Harness {
             .find(|e| e.address == want)
             .unwrap_or_else(|| panic!("no endpoint {want} in the sidecar"))
     }
+}
+
+/// Sends GETs `{prefix}0`, `{prefix}1`, ... to `addr`, each on a fresh connection and each
+/// answered 200, until `done` holds; fails the test after `limit` requests without it. Returns
+/// how many were sent.
+pub async fn get_ok_until(
+    addr: SocketAddr,
+    prefix: &str,
+    limit: usize,
+    what: &str,
+    mut done: impl FnMut() -> bool,
+) -> usize {
+    for n in 0..limit {
+        let r = send_fresh(addr, request(Method::GET, &format!("{prefix}{n}")))
+            .await
+            .expect("client request");
+        assert_eq!(r.status, StatusCode::OK, "request {n}: {r:?}");
+        if done() {
+            return n + 1;
+        }
+    }
+    panic!("no {what} after {limit} requests");
 }
 
 /// A metric of the test upstream: `m(&metrics, "detour_retries_total", &[("reason", "x")])`.
@@ -290,23 +341,6 @@ pub async fn send_on(
 pub async fn send_fresh(addr: SocketAddr, req: Request<Full<Bytes>>) -> hyper::Result<Resp> {
     let mut s = connect(addr).await?;
     within(PATIENCE, "a response", send_on(&mut s, req)).await
-}
-
-/// Awaits `fut`, failing the test if it takes longer than `limit`.
-pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(limit, fut)
-        .await
-        .unwrap_or_else(|_| panic!("no {what} within {limit:?}"))
-}
-
-/// Polls `cond` every 10 ms until it holds, failing the test after [`PATIENCE`].
-pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    within(PATIENCE, what, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
 }
 
 /// An address that accepts no connection and refuses none: a listener with a full accept queue
