@@ -36,6 +36,35 @@ pub mod condition {
     pub const RESOLVED_REFS: &str = "ResolvedRefs";
     /// Accepted, resolved, and at least one endpoint is ready.
     pub const READY: &str = "Ready";
+    /// Every type, in the order a status lists them.
+    pub const ALL: [&str; 3] = [ACCEPTED, RESOLVED_REFS, READY];
+}
+
+/// What a condition's `status` says, as Kubernetes spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConditionStatus {
+    True,
+    False,
+    /// Not decided yet (`ResolvedRefs` of a policy that is not accepted).
+    Unknown,
+}
+
+// === impl ConditionStatus ===
+
+impl ConditionStatus {
+    pub const ALL: [ConditionStatus; 3] = [
+        ConditionStatus::True,
+        ConditionStatus::False,
+        ConditionStatus::Unknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionStatus::True => "True",
+            ConditionStatus::False => "False",
+            ConditionStatus::Unknown => "Unknown",
+        }
+    }
 }
 
 /// Condition reasons: each one says what to do next.

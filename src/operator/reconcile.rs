@@ -36,7 +36,7 @@ use super::{
     render::{desired_status, render_namespace, PolicyInput, RenderError},
     sidecar_reports::SidecarReports,
 };
-use crate::api::{condition, UpstreamPolicy, UpstreamPolicyStatus};
+use crate::api::{condition, ConditionStatus, UpstreamPolicy, UpstreamPolicyStatus};
 
 /// Field manager of every write (ConfigMap, status).
 pub const MANAGER: &str = "detour-operator";
@@ -688,11 +688,14 @@ async fn publish_transitions(
             continue;
         }
         // Accepted=True with reason Accepted is the normal case; it needs no event.
-        if before.is_none() && c.status == "True" && c.type_ != condition::READY {
+        if before.is_none()
+            && c.status == ConditionStatus::True.as_str()
+            && c.type_ != condition::READY
+        {
             continue;
         }
         let ev = KubeEvent {
-            type_: if c.status == "True" {
+            type_: if c.status == ConditionStatus::True.as_str() {
                 EventType::Normal
             } else {
                 EventType::Warning

@@ -334,14 +334,14 @@ async fn round(p: &Poller, failing: &mut HashSet<String>, first: bool) {
         let key = format!("{}/{}", t.namespace, t.pod);
         match r {
             Ok(report) => {
-                p.metrics.sidecar_scraped("ok");
+                p.metrics.sidecar_scraped(true);
                 if failing.remove(&key) {
                     info!(pod = %key, admin = %t.admin, "sidecar answers again");
                 }
                 reports.push((t.namespace, report));
             }
             Err(e) => {
-                p.metrics.sidecar_scraped("error");
+                p.metrics.sidecar_scraped(false);
                 // Once per failing streak: an admin server bound to 127.0.0.1 fails every round.
                 if failing.insert(key.clone()) {
                     info!(pod = %key, admin = %t.admin, error = %e,
