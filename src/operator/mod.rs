@@ -27,7 +27,6 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    core::DeserializeGuard,
     runtime::{
         controller::{self, Controller},
         reflector::{self, ObjectRef, Store},
@@ -38,14 +37,12 @@ use kube::{
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{debug, info, warn};
 
-use crate::api::{UpstreamPolicy, SIDECAR_LABEL};
+use crate::api::SIDECAR_LABEL;
 
-pub use self::admin::Readiness;
+use self::admin::Readiness;
 pub use self::metrics::Metrics;
-use self::reconcile::{Context, Shared, MANAGED_BY};
+use self::reconcile::{Context, PolicyObject, Shared, MANAGED_BY};
 use self::render::SERVICE_NAME_LABEL;
-
-type Policy = DeserializeGuard<UpstreamPolicy>;
 
 /// Lower bound of `--report-interval`.
 const MIN_REPORT_INTERVAL: Duration = Duration::from_millis(50);
@@ -161,6 +158,30 @@ pub enum Error {
     Signal(#[source] std::io::Error),
     #[error("the operator task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
+}
+
+/// A call to the API server that failed: what was done, to which object.
+#[derive(Debug, thiserror::Error)]
+#[error("{action} {target}: {source}")]
+pub struct ApiError {
+    /// The verb, also the `result` label of a failed reconcile (`apply`, `delete`, ...).
+    pub action: &'static str,
+    /// `configmap shop/detour-config`
+    pub target: String,
+    #[source]
+    pub source: kube::Error,
+}
+
+impl ApiError {
+    /// For `map_err`: the failed `action` on `target`.
+    pub fn of(action: &'static str, target: impl Into<String>) -> impl FnOnce(kube::Error) -> Self {
+        let target = target.into();
+        move |source| ApiError {
+            action,
+            target,
+            source,
+        }
+    }
 }
 
 /// Leader election settings.
@@ -548,7 +569,7 @@ fn scope(
     future::BoxFuture<'static, ()>,
 ) {
     let wc = watcher::Config::default();
-    let (policies, policy_writer) = reflector::store::<Policy>();
+    let (policies, policy_writer) = reflector::store::<PolicyObject>();
     let (services, svc_writer) = reflector::store::<Service>();
     let (slices, slice_writer) = reflector::store::<EndpointSlice>();
     let (config_maps, cm_writer) = reflector::store::<ConfigMap>();
@@ -570,7 +591,7 @@ fn scope(
     // Our own status writes and finalizer patches come back as watch events; only spec,
     // deletion and re-creation need a reconcile. A deleted policy is no longer in the cache,
     // so the Controller would drop it: its namespace goes to the janitor instead.
-    let policy_stream = watcher(api::<Policy>(&client, &ns), wc.clone())
+    let policy_stream = watcher(api::<PolicyObject>(&client, &ns), wc.clone())
         .default_backoff()
         .reflect(policy_writer)
         .filter_map({
@@ -580,7 +601,7 @@ fn scope(
                 config_maps.clone(),
                 shared.clone(),
             );
-            let mut seen: HashMap<ObjectRef<Policy>, u64> = HashMap::new();
+            let mut seen: HashMap<ObjectRef<PolicyObject>, u64> = HashMap::new();
             move |ev| {
                 let out = match ev {
                     Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
@@ -703,7 +724,7 @@ fn scope(
             if !(still_there && hash.is_some_and(|h| own.is_own_config(&ns, h))) {
                 let _ = cm_janitor.send(ns);
             }
-            Vec::<ObjectRef<Policy>>::new()
+            Vec::<ObjectRef<PolicyObject>>::new()
         })
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|res| {
@@ -756,7 +777,7 @@ async fn janitor(
 }
 
 /// Namespaces holding a rendered ConfigMap but no live policy.
-fn orphaned(policies: &Store<Policy>, config_maps: &Store<ConfigMap>) -> Vec<String> {
+fn orphaned(policies: &Store<PolicyObject>, config_maps: &Store<ConfigMap>) -> Vec<String> {
     let live: std::collections::BTreeSet<String> = policies
         .state()
         .iter()
@@ -772,7 +793,7 @@ fn orphaned(policies: &Store<Policy>, config_maps: &Store<ConfigMap>) -> Vec<Str
 }
 
 /// Changes that need a reconcile: spec (generation), deletion, re-creation (uid).
-fn worth_reconciling(p: &Policy) -> u64 {
+fn worth_reconciling(p: &PolicyObject) -> u64 {
     use std::hash::{DefaultHasher, Hash, Hasher};
     let m = p.meta();
     let mut h = DefaultHasher::new();
@@ -782,10 +803,10 @@ fn worth_reconciling(p: &Policy) -> u64 {
 
 /// A policy of `ns` whose upstream is Service `name`.
 fn using_service(
-    policies: &Store<Policy>,
+    policies: &Store<PolicyObject>,
     ns: Option<String>,
     name: &str,
-) -> Vec<ObjectRef<Policy>> {
+) -> Vec<ObjectRef<PolicyObject>> {
     policies
         .state()
         .iter()
@@ -847,7 +868,7 @@ mod tests {
         assert!(Cli::try_parse_from(["detour", "--debounce", "soon"]).is_err());
     }
 
-    fn stored(ns: &str, name: &str, svc: &str, deleting: bool) -> Policy {
+    fn stored(ns: &str, name: &str, svc: &str, deleting: bool) -> PolicyObject {
         let mut p = serde_json::json!({
             "apiVersion": "detour.dev/v1alpha1", "kind": "UpstreamPolicy",
             "metadata": {"name": name, "namespace": ns, "uid": name},
@@ -861,7 +882,7 @@ mod tests {
 
     #[test]
     fn service_changes_never_map_to_a_policy_being_deleted() {
-        let (store, mut w) = reflector::store::<Policy>();
+        let (store, mut w) = reflector::store::<PolicyObject>();
         w.apply_watcher_event(&watcher::Event::Apply(stored("shop", "old", "pay", true)));
         w.apply_watcher_event(&watcher::Event::Apply(stored("shop", "other", "db", false)));
         assert!(using_service(&store, Some("shop".into()), "pay").is_empty());
@@ -872,7 +893,7 @@ mod tests {
 
     #[test]
     fn orphaned_lists_namespaces_with_a_config_but_no_live_policy() {
-        let (policies, mut w) = reflector::store::<Policy>();
+        let (policies, mut w) = reflector::store::<PolicyObject>();
         w.apply_watcher_event(&watcher::Event::Apply(stored("a", "p", "pay", false)));
         w.apply_watcher_event(&watcher::Event::Apply(stored("b", "p", "pay", true)));
         let (cms, mut cw) = reflector::store::<ConfigMap>();

@@ -20,7 +20,6 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, PodStatus};
 use kube::{
-    core::DeserializeGuard,
     runtime::{
         reflector::{ObjectRef, Store},
         watcher,
@@ -30,13 +29,11 @@ use kube::{
 use parking_lot::RwLock;
 use tracing::{debug, info, warn};
 
-use super::metrics::Metrics;
+use super::{metrics::Metrics, reconcile::PolicyObject};
 use crate::{
-    api::{UpstreamPolicy, SIDECAR_ADMIN_PORT},
+    api::SIDECAR_ADMIN_PORT,
     report::{EndpointsReport, LiveState},
 };
-
-type Policy = DeserializeGuard<UpstreamPolicy>;
 
 /// How long one sidecar may take to answer; a slow one is just not counted this round.
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -267,10 +264,10 @@ impl<T> Drop for AbortOnDrop<T> {
 /// Everything the poll loop of one scope needs.
 pub struct Poller {
     pub pods: Store<Pod>,
-    pub policies: Store<Policy>,
+    pub policies: Store<PolicyObject>,
     pub reports: Arc<SidecarReports>,
     /// Policies to reconcile (`Controller::reconcile_on`).
-    pub trigger: mpsc::UnboundedSender<ObjectRef<Policy>>,
+    pub trigger: mpsc::UnboundedSender<ObjectRef<PolicyObject>>,
     pub interval: Duration,
     pub metrics: Arc<Metrics>,
     /// True once the controller's caches are filled (the policies among them): the first round
