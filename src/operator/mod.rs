@@ -21,7 +21,10 @@ use std::{
     time::Duration,
 };
 
-use futures::{future, FutureExt, StreamExt};
+use futures::{
+    future::{self, BoxFuture},
+    FutureExt, Stream, StreamExt,
+};
 use k8s_openapi::api::{
     core::v1::{ConfigMap, Pod, Service},
     discovery::v1::EndpointSlice,
@@ -29,12 +32,16 @@ use k8s_openapi::api::{
 use kube::{
     runtime::{
         controller::{self, Controller},
+        predicates,
         reflector::{self, ObjectRef, Store},
-        watcher, WatchStreamExt,
+        watcher, Predicate, PredicateConfig, WatchStreamExt,
     },
     Api, Client, Resource, ResourceExt,
 };
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 use tracing::{debug, info, warn};
 
 use crate::api::SIDECAR_LABEL;
@@ -564,19 +571,15 @@ fn scope(
     ns: Option<String>,
     shared: Arc<Shared>,
     opts: &Options,
-) -> (
-    future::BoxFuture<'static, ()>,
-    future::BoxFuture<'static, ()>,
-) {
+) -> (BoxFuture<'static, ()>, BoxFuture<'static, ()>) {
     let wc = watcher::Config::default();
     let (policies, policy_writer) = reflector::store::<PolicyObject>();
     let (services, svc_writer) = reflector::store::<Service>();
     let (slices, slice_writer) = reflector::store::<EndpointSlice>();
     let (config_maps, cm_writer) = reflector::store::<ConfigMap>();
-    let (pods, pod_writer) = reflector::store::<Pod>();
     let (synced_tx, synced) = watch::channel(false);
     // Namespaces to render without a policy to start from (see `reconcile_namespace`).
-    let (janitor_tx, janitor_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (janitor_tx, janitor_rx) = mpsc::unbounded_channel::<String>();
     let ctx = Arc::new(Context {
         client: client.clone(),
         policies: policies.clone(),
@@ -588,144 +591,42 @@ fn scope(
         reports: Arc::new(sidecar_reports::SidecarReports::default()),
     });
 
-    // Our own status writes and finalizer patches come back as watch events; only spec,
-    // deletion and re-creation need a reconcile. A deleted policy is no longer in the cache,
-    // so the Controller would drop it: its namespace goes to the janitor instead.
-    let policy_stream = watcher(api::<PolicyObject>(&client, &ns), wc.clone())
+    let policy_events = watcher(api::<PolicyObject>(&client, &ns), wc.clone())
         .default_backoff()
-        .reflect(policy_writer)
-        .filter_map({
-            let (tx, store, cms, shared) = (
-                janitor_tx.clone(),
-                policies.clone(),
-                config_maps.clone(),
-                shared.clone(),
-            );
-            let mut seen: HashMap<ObjectRef<PolicyObject>, u64> = HashMap::new();
-            move |ev| {
-                let out = match ev {
-                    Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
-                        let h = worth_reconciling(&p);
-                        (seen.insert(ObjectRef::from_obj(&p), h) != Some(h)).then_some(Ok(p))
-                    }
-                    Ok(watcher::Event::Delete(p)) => {
-                        seen.remove(&ObjectRef::from_obj(&p));
-                        let ns = p.namespace().unwrap_or_default();
-                        shared.forget_policy(&ns, &p.name_any());
-                        let _ = tx.send(ns);
-                        None
-                    }
-                    Ok(watcher::Event::InitDone) => {
-                        // A re-list reports no Delete for what went meanwhile.
-                        seen.retain(|k, _| store.get(k).is_some());
-                        for ns in orphaned(&store, &cms) {
-                            let _ = tx.send(ns);
-                        }
-                        None
-                    }
-                    Ok(watcher::Event::Init) => None,
-                    Err(e) => Some(Err(e)),
-                };
-                future::ready(out)
-            }
-        });
+        .reflect(policy_writer);
+    let policy_changes = policy_changes(policy_events, janitor_tx.clone(), ctx.clone());
     // The sidecars' reports change a policy's status without any object changing.
     let (report_trigger, report_triggered) = futures::channel::mpsc::unbounded();
-    let controller = Controller::for_stream(policy_stream, policies.clone())
+    let poller = sidecar_poller(&client, &ns, &ctx, report_trigger, opts.report_interval);
+    let controller = Controller::for_stream(policy_changes, policies.clone())
         .with_config(controller::Config::default().debounce(opts.debounce))
         .reconcile_on(report_triggered);
-    // Only sidecar pods, slimmed to what eligibility reads: memory stays small in big clusters.
-    let pod_stream = watcher(api::<Pod>(&client, &ns), wc.clone().labels(SIDECAR_LABEL))
-        .default_backoff()
-        .modify(sidecar_reports::slim)
-        .reflect(pod_writer);
-    let poller = sidecar_reports::poll(
-        pod_stream,
-        sidecar_reports::Poller {
-            pods,
-            policies: policies.clone(),
-            reports: ctx.reports.clone(),
-            trigger: report_trigger,
-            interval: opts.report_interval,
-            metrics: shared.metrics.clone(),
-            synced: ctx.synced.clone(),
-        },
-    );
 
-    let svc_stream = watcher(api::<Service>(&client, &ns), wc.clone())
-        .default_backoff()
-        .modify(|o| o.managed_fields_mut().clear())
-        .reflect(svc_writer)
-        .touched_objects();
-    let slice_stream = watcher(
-        api::<EndpointSlice>(&client, &ns),
-        wc.clone().labels(SERVICE_NAME_LABEL),
-    )
-    .default_backoff()
-    .modify(|o| o.managed_fields_mut().clear())
-    .reflect(slice_writer)
-    .touched_objects();
-    let cm_stream = watcher(
-        api::<ConfigMap>(&client, &ns),
-        wc.labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1)),
-    )
-    .default_backoff()
-    .modify(|o| o.managed_fields_mut().clear())
-    .reflect(cm_writer)
-    .touched_objects();
-
-    let sync = {
-        let stores = (
-            policies.clone(),
-            services.clone(),
-            slices.clone(),
-            config_maps.clone(),
-        );
-        let (tx, store, cms) = (janitor_tx.clone(), policies.clone(), config_maps.clone());
-        async move {
-            // One waiter per store: `wait_until_ready` wakes only the last of several waiters.
-            let _ = stores.0.wait_until_ready().await;
-            let _ = stores.1.wait_until_ready().await;
-            let _ = stores.2.wait_until_ready().await;
-            let _ = stores.3.wait_until_ready().await;
-            // Waiters see `true` even after the sender is gone.
-            let _ = synced_tx.send(true);
-            // ConfigMaps left from policies deleted while no operator ran.
-            for ns in orphaned(&store, &cms) {
-                let _ = tx.send(ns);
-            }
-        }
-    };
-    let own = shared.clone();
-    let cms = config_maps.clone();
-    let (p1, p2) = (policies.clone(), policies);
-    let cm_janitor = janitor_tx.clone();
+    let service_owners = policies.clone();
+    let slice_owners = policies.clone();
+    let rendered = (config_maps.clone(), shared, janitor_tx.clone());
+    let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     let run = controller
-        .watches_stream(svc_stream, move |svc: Service| {
-            using_service(&p1, svc.namespace(), &svc.name_any())
-        })
-        .watches_stream(slice_stream, move |s: EndpointSlice| {
-            match s.labels().get(SERVICE_NAME_LABEL) {
-                Some(svc) => using_service(&p2, s.namespace(), svc),
+        .watches_stream(
+            slimmed(&client, &ns, wc.clone(), svc_writer),
+            move |svc: Service| using_service(&service_owners, svc.namespace(), &svc.name_any()),
+        )
+        .watches_stream(
+            slimmed(
+                &client,
+                &ns,
+                wc.clone().labels(SERVICE_NAME_LABEL),
+                slice_writer,
+            ),
+            move |slice: EndpointSlice| match slice.labels().get(SERVICE_NAME_LABEL) {
+                Some(svc) => using_service(&slice_owners, slice.namespace(), svc),
                 None => Vec::new(),
-            }
-        })
-        // Someone edited or deleted the rendered ConfigMap: render the namespace again, with or
-        // without policies left in it.
-        .watches_stream(cm_stream, move |cm: ConfigMap| {
-            let ns = cm.namespace().unwrap_or_default();
-            // Our own write coming back: nothing to repair. A deleted one is gone from the
-            // store by the time the mapper sees it.
-            let still_there = cms.get(&ObjectRef::from_obj(&cm)).is_some();
-            if !still_there {
-                own.forget_config(&ns);
-            }
-            let hash = cm.annotations().get(reconcile::HASH_ANNOTATION);
-            if !(still_there && hash.is_some_and(|h| own.is_own_config(&ns, h))) {
-                let _ = cm_janitor.send(ns);
-            }
-            Vec::<ObjectRef<PolicyObject>>::new()
-        })
+            },
+        )
+        .watches_stream(
+            slimmed(&client, &ns, wc.labels(&managed), cm_writer),
+            move |cm: ConfigMap| config_map_changed(&cm, &rendered.0, &rendered.1, &rendered.2),
+        )
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|res| {
             if let Err(e) = res {
@@ -733,13 +634,150 @@ fn scope(
             }
             future::ready(())
         });
+    let sync = caches_synced(ctx.clone(), synced_tx, janitor_tx.clone());
     let janitor = janitor(janitor_rx, janitor_tx, ctx);
     let run = async move {
         futures::pin_mut!(run, janitor, poller);
         future::select(future::select(run, janitor), poller).await;
+    };
+    (run.boxed(), sync.boxed())
+}
+
+/// Policy changes worth a reconcile. A deleted policy is no longer in the cache, so the
+/// Controller would drop it: its namespace goes to the janitor instead, as do namespaces a
+/// re-list finds orphaned (a re-list reports no Delete for what went meanwhile).
+fn policy_changes(
+    events: impl Stream<Item = Result<watcher::Event<PolicyObject>, watcher::Error>> + Send,
+    janitor: mpsc::UnboundedSender<String>,
+    ctx: Arc<Context>,
+) -> impl Stream<Item = Result<PolicyObject, watcher::Error>> + Send {
+    let policies = events.filter_map(move |ev| {
+        let out = match ev {
+            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => Some(Ok(p)),
+            Ok(watcher::Event::Delete(p)) => {
+                let ns = p.namespace().unwrap_or_default();
+                ctx.shared.forget_policy(&ns, &p.name_any());
+                let _ = janitor.send(ns);
+                None
+            }
+            Ok(watcher::Event::InitDone) => {
+                for ns in orphaned(&ctx.policies, &ctx.config_maps) {
+                    let _ = janitor.send(ns);
+                }
+                None
+            }
+            Ok(watcher::Event::Init) => None,
+            Err(e) => Some(Err(e)),
+        };
+        future::ready(out)
+    });
+    policies.predicate_filter(worth_reconciling(), PredicateConfig::default())
+}
+
+/// What needs a reconcile: a new spec (generation) or the deletion mark. The filter keys
+/// objects by uid too, so a re-created policy always passes. Our own status writes and
+/// finalizer patches come back as watch events and change neither.
+fn worth_reconciling() -> impl Predicate<PolicyObject> {
+    let deletion_marked = |p: &PolicyObject| Some(u64::from(p.meta().deletion_timestamp.is_some()));
+    predicates::generation.combine(deletion_marked)
+}
+
+/// A watch feeding `writer`, its objects without managed fields (memory stays small in big
+/// clusters), every change passed on.
+fn slimmed<K>(
+    client: &Client,
+    ns: &Option<String>,
+    config: watcher::Config,
+    writer: reflector::store::Writer<K>,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    watcher(api::<K>(client, ns), config)
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .touched_objects()
+}
+
+/// The loop that scrapes the scope's sidecar pods and triggers reconciles where their reports
+/// change a status.
+fn sidecar_poller(
+    client: &Client,
+    ns: &Option<String>,
+    ctx: &Arc<Context>,
+    trigger: futures::channel::mpsc::UnboundedSender<ObjectRef<PolicyObject>>,
+    interval: Duration,
+) -> impl std::future::Future<Output = ()> + Send {
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    // Only sidecar pods, slimmed to what eligibility reads: memory stays small in big clusters.
+    let pod_events = watcher(
+        api::<Pod>(client, ns),
+        watcher::Config::default().labels(SIDECAR_LABEL),
+    )
+    .default_backoff()
+    .modify(sidecar_reports::slim)
+    .reflect(pod_writer);
+    sidecar_reports::poll(
+        pod_events,
+        sidecar_reports::Poller {
+            pods,
+            policies: ctx.policies.clone(),
+            reports: ctx.reports.clone(),
+            trigger,
+            interval,
+            metrics: ctx.shared.metrics.clone(),
+            synced: ctx.synced.clone(),
+        },
+    )
+}
+
+/// Someone edited or deleted a rendered ConfigMap: its namespace is rendered again, with or
+/// without policies left in it. Maps to no policy (the janitor renders the namespace).
+fn config_map_changed(
+    cm: &ConfigMap,
+    config_maps: &Store<ConfigMap>,
+    shared: &Shared,
+    janitor: &mpsc::UnboundedSender<String>,
+) -> Vec<ObjectRef<PolicyObject>> {
+    let ns = cm.namespace().unwrap_or_default();
+    // A deleted one is gone from the store by the time the mapper sees it.
+    let still_there = config_maps.get(&ObjectRef::from_obj(cm)).is_some();
+    if !still_there {
+        shared.forget_config(&ns);
     }
-    .boxed();
-    (run, sync.boxed())
+    // Our own write coming back: nothing to repair.
+    let hash = cm.annotations().get(reconcile::HASH_ANNOTATION);
+    if !(still_there && hash.is_some_and(|h| shared.is_own_config(&ns, h))) {
+        let _ = janitor.send(ns);
+    }
+    Vec::new()
+}
+
+/// Completes once the scope's four caches hold a full list, then sends the namespaces whose
+/// ConfigMaps were left by policies deleted while no operator ran to the janitor.
+async fn caches_synced(
+    ctx: Arc<Context>,
+    synced: watch::Sender<bool>,
+    janitor: mpsc::UnboundedSender<String>,
+) {
+    // One waiter per store: `wait_until_ready` wakes only the last of several waiters.
+    let _ = ctx.policies.wait_until_ready().await;
+    let _ = ctx.services.wait_until_ready().await;
+    let _ = ctx.slices.wait_until_ready().await;
+    let _ = ctx.config_maps.wait_until_ready().await;
+    // Waiters see `true` even after the sender is gone.
+    let _ = synced.send(true);
+    for ns in orphaned(&ctx.policies, &ctx.config_maps) {
+        let _ = janitor.send(ns);
+    }
 }
 
 /// Renders the namespaces it is sent, one at a time, coalescing repeats; failures retry with
@@ -790,15 +828,6 @@ fn orphaned(policies: &Store<PolicyObject>, config_maps: &Store<ConfigMap>) -> V
         .filter_map(|c| c.namespace())
         .filter(|ns| !live.contains(ns))
         .collect()
-}
-
-/// Changes that need a reconcile: spec (generation), deletion, re-creation (uid).
-fn worth_reconciling(p: &PolicyObject) -> u64 {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    let m = p.meta();
-    let mut h = DefaultHasher::new();
-    (m.generation, m.deletion_timestamp.is_some(), &m.uid).hash(&mut h);
-    h.finish()
 }
 
 /// A policy of `ns` whose upstream is Service `name`.
@@ -878,6 +907,50 @@ mod tests {
             p["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z".into();
         }
         serde_json::from_value(p).unwrap()
+    }
+
+    #[tokio::test]
+    async fn only_spec_changes_deletion_marks_and_re_creations_are_worth_reconciling() {
+        let at = |generation: i64, uid: &str, status: u32, deleting: bool| {
+            let mut p = stored("shop", "p", "pay", deleting);
+            p.meta_mut().generation = Some(generation);
+            p.meta_mut().uid = Some(uid.into());
+            if let Ok(obj) = &mut p.0 {
+                obj.status = Some(crate::api::UpstreamPolicyStatus {
+                    sidecars: status,
+                    ..Default::default()
+                });
+            }
+            p
+        };
+        let events = [
+            at(1, "a", 0, false),
+            at(1, "a", 1, false), // our status write
+            at(2, "a", 1, false), // a spec edit
+            at(2, "a", 2, false),
+            at(2, "a", 2, true), // marked for deletion
+            at(2, "a", 2, true),
+            at(1, "b", 0, false), // deleted and created again
+        ];
+        let passed: Vec<(i64, String, bool)> = futures::stream::iter(events.map(Ok))
+            .predicate_filter(worth_reconciling(), PredicateConfig::default())
+            .map(|p| {
+                let p = p.unwrap();
+                let m = p.meta();
+                let deleting = m.deletion_timestamp.is_some();
+                (m.generation.unwrap(), m.uid.clone().unwrap(), deleting)
+            })
+            .collect()
+            .await;
+        assert_eq!(
+            passed,
+            [
+                (1, "a".into(), false),
+                (2, "a".into(), false),
+                (2, "a".into(), true),
+                (1, "b".into(), false),
+            ]
+        );
     }
 
     #[test]
