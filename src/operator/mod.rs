@@ -232,52 +232,56 @@ impl Default for Options {
 }
 
 impl From<Args> for Options {
-    fn from(a: Args) -> Self {
-        let identity = a.identity.unwrap_or_else(|| {
+    fn from(args: Args) -> Self {
+        let identity = args.identity.unwrap_or_else(|| {
             use rand::{rngs::StdRng, RngCore, SeedableRng};
             format!("detour-operator-{:016x}", StdRng::from_os_rng().next_u64())
         });
-        let webhook = a.webhook.then(|| WebhookOptions {
-            addr: a.webhook_addr,
+        let webhook = args.webhook.then(|| WebhookOptions {
+            addr: args.webhook_addr,
             tls: certs::TlsOptions {
-                namespace: a.lease_namespace.clone(),
-                service: a.webhook_service,
-                secret: a.webhook_secret,
-                webhook_config: a.webhook_config,
-                source: a.webhook_cert_source,
-                lifetime: a.webhook_cert_lifetime.get(),
-                renew_before: a.webhook_cert_renew_before.get(),
+                namespace: args.lease_namespace.clone(),
+                service: args.webhook_service,
+                secret: args.webhook_secret,
+                webhook_config: args.webhook_config,
+                source: args.webhook_cert_source,
+                lifetime: args.webhook_cert_lifetime.get(),
+                renew_before: args.webhook_cert_renew_before.get(),
             },
-            sidecar: a.sidecar,
-            excluded_namespaces: vec![a.lease_namespace.clone(), "kube-system".into()],
+            sidecar: args.sidecar,
+            excluded_namespaces: vec![args.lease_namespace.clone(), "kube-system".into()],
         });
         Options {
             webhook,
-            namespaces: a.namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
-            admin: a.admin,
-            leader_election: a.leader_election.then_some(LeaseOptions {
-                namespace: a.lease_namespace,
-                name: a.lease_name,
+            namespaces: args
+                .namespaces
+                .into_iter()
+                .filter(|n| !n.is_empty())
+                .collect(),
+            admin: args.admin,
+            leader_election: args.leader_election.then_some(LeaseOptions {
+                namespace: args.lease_namespace,
+                name: args.lease_name,
                 identity,
                 duration: 15,
                 grace: 5,
             }),
-            debounce: a.debounce.get(),
+            debounce: args.debounce.get(),
             // A zero interval would scrape in a busy loop.
-            report_interval: a.report_interval.get().max(MIN_REPORT_INTERVAL),
+            report_interval: args.report_interval.get().max(MIN_REPORT_INTERVAL),
         }
     }
 }
 
 pub async fn run(args: Args) -> Result<(), Error> {
     let opts: Options = args.into();
-    if let Some(w) = &opts.webhook {
+    if let Some(webhook) = &opts.webhook {
         // A bad sidecar setting stops the operator here rather than failing every pod.
-        w.sidecar.validate().map_err(Error::Sidecar)?;
-        if w.tls.renew_before >= w.tls.lifetime {
+        webhook.sidecar.validate().map_err(Error::Sidecar)?;
+        if webhook.tls.renew_before >= webhook.tls.lifetime {
             return Err(Error::Usage(format!(
                 "--webhook-cert-renew-before ({:?}) must be shorter than --webhook-cert-lifetime ({:?})",
-                w.tls.renew_before, w.tls.lifetime
+                webhook.tls.renew_before, webhook.tls.lifetime
             )));
         }
     }
@@ -389,29 +393,29 @@ impl Operator {
 /// Every replica: the webhook server and the Secret follower that feeds it certificates.
 async fn start_webhook(
     client: &Client,
-    w: &WebhookOptions,
+    options: &WebhookOptions,
     metrics: &Arc<Metrics>,
     readiness: &Arc<Readiness>,
     instance: Option<String>,
 ) -> Result<(SocketAddr, Arc<certs::CertStore>, Vec<JoinHandle<()>>), Error> {
     let bind_err = |source| Error::Webhook {
-        addr: w.addr,
+        addr: options.addr,
         source,
     };
-    let listener = tokio::net::TcpListener::bind(w.addr)
+    let listener = tokio::net::TcpListener::bind(options.addr)
         .await
         .map_err(bind_err)?;
     let addr = listener.local_addr().map_err(bind_err)?;
     let store = Arc::new(certs::CertStore::default());
     let _ = readiness.webhook.set(store.clone());
-    let sidecar = w.sidecar.clone();
+    let sidecar = options.sidecar.clone();
     let ctx = Arc::new(webhook::WebhookContext {
         inject: Arc::new(move |pod| {
             inject::pod_patch(pod, &sidecar)
                 .map(|(patch, skip)| (patch, skip.map(|s| s.to_string())))
                 .map_err(|e| e.to_string())
         }),
-        excluded_namespaces: w.excluded_namespaces.clone(),
+        excluded_namespaces: options.excluded_namespaces.clone(),
         metrics: metrics.clone(),
         recorder: Some(kube::runtime::events::Recorder::new(
             client.clone(),
@@ -424,7 +428,7 @@ async fn start_webhook(
     let tasks = vec![
         tokio::spawn(certs::follow_secret(
             client.clone(),
-            w.tls.clone(),
+            options.tls.clone(),
             store.clone(),
         )),
         tokio::spawn(webhook::serve(listener, store.clone(), ctx)),
@@ -442,7 +446,7 @@ async fn leader_work(
 ) {
     let certs = async {
         match &opts.webhook {
-            Some(w) => certs::maintain(client.clone(), w.tls.clone()).await,
+            Some(webhook) => certs::maintain(client.clone(), webhook.tls.clone()).await,
             None => std::future::pending().await,
         }
     };
@@ -572,7 +576,7 @@ fn scope(
     shared: Arc<Shared>,
     opts: &Options,
 ) -> (BoxFuture<'static, ()>, BoxFuture<'static, ()>) {
-    let wc = watcher::Config::default();
+    let watch_config = watcher::Config::default();
     let (policies, policy_writer) = reflector::store::<PolicyObject>();
     let (services, svc_writer) = reflector::store::<Service>();
     let (slices, slice_writer) = reflector::store::<EndpointSlice>();
@@ -591,7 +595,7 @@ fn scope(
         reports: Arc::new(sidecar_reports::SidecarReports::default()),
     });
 
-    let policy_events = watcher(api::<PolicyObject>(&client, &ns), wc.clone())
+    let policy_events = watcher(api::<PolicyObject>(&client, &ns), watch_config.clone())
         .default_backoff()
         .reflect(policy_writer);
     let policy_changes = policy_changes(policy_events, janitor_tx.clone(), ctx.clone());
@@ -608,14 +612,14 @@ fn scope(
     let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     let run = controller
         .watches_stream(
-            slimmed(&client, &ns, wc.clone(), svc_writer),
+            slimmed(&client, &ns, watch_config.clone(), svc_writer),
             move |svc: Service| using_service(&service_owners, svc.namespace(), &svc.name_any()),
         )
         .watches_stream(
             slimmed(
                 &client,
                 &ns,
-                wc.clone().labels(SERVICE_NAME_LABEL),
+                watch_config.clone().labels(SERVICE_NAME_LABEL),
                 slice_writer,
             ),
             move |slice: EndpointSlice| match slice.labels().get(SERVICE_NAME_LABEL) {
@@ -624,7 +628,7 @@ fn scope(
             },
         )
         .watches_stream(
-            slimmed(&client, &ns, wc.labels(&managed), cm_writer),
+            slimmed(&client, &ns, watch_config.labels(&managed), cm_writer),
             move |cm: ConfigMap| config_map_changed(&cm, &rendered.0, &rendered.1, &rendered.2),
         )
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())

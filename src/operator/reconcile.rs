@@ -308,25 +308,25 @@ pub async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<(), Error> {
 /// The live policies of `ns` that carry our finalizer, adding it where it is missing. Only these
 /// are rendered: a policy without it could vanish with no event that renders it out again.
 async fn finalized_policies(ns: &str, ctx: &Context) -> Result<Vec<Arc<PolicyObject>>, Error> {
-    let live = ctx.policies.state().into_iter().filter(|p| {
-        p.meta().namespace.as_deref() == Some(ns) && p.meta().deletion_timestamp.is_none()
+    let live = ctx.policies.state().into_iter().filter(|policy| {
+        policy.meta().namespace.as_deref() == Some(ns) && policy.meta().deletion_timestamp.is_none()
     });
     let api: Api<PolicyObject> = Api::namespaced(ctx.client.clone(), ns);
     let mut out = Vec::new();
-    for p in live {
-        let key = format!("finalizer/{ns}/{}", p.name_any());
-        let cached_rv = p.meta().resource_version.as_deref();
+    for policy in live {
+        let key = format!("finalizer/{ns}/{}", policy.name_any());
+        let cached_rv = policy.meta().resource_version.as_deref();
         // A second render can run before the cache shows the finalizer just added.
-        if p.finalizers().iter().any(|f| f == FINALIZER)
+        if policy.finalizers().iter().any(|f| f == FINALIZER)
             || ctx.shared.already_written(&key, 1, cached_rv)
         {
-            out.push(p);
+            out.push(policy);
             continue;
         }
-        match add_finalizer(&api, &p).await? {
+        match add_finalizer(&api, &policy).await? {
             Patched::Done(rv) => {
                 ctx.shared.remember(key, 1, rv);
-                out.push(p);
+                out.push(policy);
             }
             // Deleted before it was ever rendered: nothing to take out of the config.
             Patched::Gone => {}
@@ -360,8 +360,8 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
         .map(|u| (u.name.as_str(), u))
         .collect();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    for p in &policies {
-        let name = p.meta().name.clone().unwrap_or_default();
+    for policy in &policies {
+        let name = policy.meta().name.clone().unwrap_or_default();
         let Some(outcome) = rendered.outcomes.get(&name) else {
             continue;
         };
@@ -370,7 +370,7 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
             outcome.config_not_applied(CONFIG_MAP, &e.to_string());
         }
         let upstream = format!("{ns}/{name}");
-        let previous = previous_status(p);
+        let previous = previous_status(policy);
         add_sidecar_figures(
             &mut outcome,
             upstreams.get(upstream.as_str()).copied(),
@@ -379,7 +379,7 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
         );
         let status = desired_status(
             &outcome,
-            p.meta().generation,
+            policy.meta().generation,
             running_hash.as_deref(),
             previous.as_ref(),
             &now,
@@ -389,7 +389,7 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
             .metrics
             .policy_conditions(&upstream, Some(statuses));
         // One refused status write does not keep the others stale.
-        if let Err(e) = update_status(ns, p, status, previous.as_ref(), ctx).await {
+        if let Err(e) = update_status(ns, policy, status, previous.as_ref(), ctx).await {
             first_error.get_or_insert(e);
         }
     }
@@ -462,18 +462,18 @@ fn add_sidecar_figures(
 /// Writes `status` unless the server already holds it, then publishes its transitions.
 async fn update_status(
     ns: &str,
-    p: &PolicyObject,
+    policy: &PolicyObject,
     status: UpstreamPolicyStatus,
     previous: Option<&UpstreamPolicyStatus>,
     ctx: &Context,
 ) -> Result<(), Error> {
-    let name = p.name_any();
+    let name = policy.name_any();
     let key = format!("status/{ns}/{name}");
     let value = hash_of(&without_times(&status));
     // An unreadable object shows no status in the cache, so only our own memory stops a write
     // loop for it.
-    let cached_rv = match &p.0 {
-        Ok(_) => p.meta().resource_version.as_deref(),
+    let cached_rv = match &policy.0 {
+        Ok(_) => policy.meta().resource_version.as_deref(),
         Err(_) => None,
     };
     let pending = ctx.shared.pending_write(&key, cached_rv);
@@ -483,8 +483,8 @@ async fn update_status(
     match patch_status(ns, &name, &status, ctx).await {
         Ok(written_rv) => {
             ctx.shared
-                .remember(key, value, written_rv.filter(|_| p.0.is_ok()));
-            publish_transitions(p, previous, &status, ctx).await;
+                .remember(key, value, written_rv.filter(|_| policy.0.is_ok()));
+            publish_transitions(policy, previous, &status, ctx).await;
             Ok(())
         }
         Err(e) => {

@@ -53,10 +53,13 @@ fn render_policy(
     ports: &PortArbitration<'_>,
     resolution: &Resolution,
 ) -> (Outcome, Option<Upstream>) {
-    let accepted = match accepted_condition(policy, ports) {
-        Ok(accepted) => accepted,
-        Err(refused) => return (refused, None),
-    };
+    let accepted = accepted_condition(policy, ports);
+    if accepted.status == ConditionStatus::False {
+        return (
+            Outcome::not_accepted(accepted.reason, accepted.message),
+            None,
+        );
+    }
     let spec = policy.spec;
     let (resolved_refs, endpoints) = match resolution {
         Ok(endpoints) => (
@@ -92,21 +95,18 @@ fn render_policy(
     (outcome, Some(upstream))
 }
 
-/// `Accepted` of a valid policy, or the whole outcome of one that lost its listener port.
-fn accepted_condition(
-    policy: &ValidPolicy<'_>,
-    ports: &PortArbitration<'_>,
-) -> Result<Cond, Outcome> {
+/// `Accepted` of a valid policy: false when it lost its listener port.
+fn accepted_condition(policy: &ValidPolicy<'_>, ports: &PortArbitration<'_>) -> Cond {
     let port = policy.spec.listener.port;
     if let Some(winner) = ports.lost_to.get(policy.name) {
-        return Err(Outcome::not_accepted(
+        return Cond::status_false(
             reason::LISTENER_CONFLICT,
             format!(
                 "listener port {port} is already used by older policy {winner} for workloads that may overlap; choose another spec.listener.port or a workloadSelector disjoint from its"
             ),
-        ));
+        );
     }
-    Ok(match ports.beaten.get(policy.name) {
+    match ports.beaten.get(policy.name) {
         Some(newer) => Cond::status_true(
             reason::LISTENER_CONFLICT,
             format!(
@@ -118,7 +118,7 @@ fn accepted_condition(
             reason::ACCEPTED,
             "policy is valid and its listener port is free for its workloads",
         ),
-    })
+    }
 }
 
 fn ready_condition(
