@@ -220,7 +220,7 @@ mod tests {
         api::ConditionStatus::{False, True},
         config::EndpointState,
         operator::render::{
-            fixtures::{input, spec, ts},
+            fixtures::{input, running_upstream, spec, ts},
             resolve::Flags,
         },
     };
@@ -344,13 +344,7 @@ mod tests {
     fn a_running_upstream_stays_for_an_invalid_policy_until_its_port_is_taken() {
         let t = ts(1);
         let edited = spec("pay", IntOrString::Int(80), 18080);
-        let running = Upstream {
-            name: "ns/p".into(),
-            listen: "127.0.0.1:18080".into(),
-            workload_selector: None,
-            endpoints: Vec::new(),
-            policy: Default::default(),
-        };
+        let running = running_upstream();
         let p = PolicyInput {
             last_accepted: Some(&running),
             ..input("p", &t, &edited)

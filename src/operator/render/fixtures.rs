@@ -110,3 +110,14 @@ pub(super) fn input<'a>(
         last_accepted: None,
     }
 }
+
+/// An upstream the sidecars run now for policy `ns/p` on port 18080, with no endpoints.
+pub(super) fn running_upstream() -> crate::config::Upstream {
+    crate::config::Upstream {
+        name: "ns/p".into(),
+        listen: "127.0.0.1:18080".into(),
+        workload_selector: None,
+        endpoints: Vec::new(),
+        policy: Default::default(),
+    }
+}

@@ -66,7 +66,7 @@ mod tests {
     use super::*;
     use crate::{
         api::ConditionStatus,
-        operator::render::fixtures::{input, spec, ts},
+        operator::render::fixtures::{input, running_upstream, spec, ts},
     };
 
     #[test]
@@ -114,13 +114,7 @@ mod tests {
         let t = ts(1);
         let mut bad = spec("pay", IntOrString::Int(80), 18080);
         bad.policy.retries.attempts = 11;
-        let running = crate::config::Upstream {
-            name: "ns/p".into(),
-            listen: "127.0.0.1:18080".into(),
-            workload_selector: None,
-            endpoints: Vec::new(),
-            policy: Default::default(),
-        };
+        let running = running_upstream();
         let p = PolicyInput {
             last_accepted: Some(&running),
             ..input("p", &t, &bad)
