@@ -173,27 +173,9 @@ impl Config {
 
     /// Parses YAML or JSON (JSON is YAML) and validates it.
     pub fn from_str_validated(text: &str) -> Result<Self, ConfigError> {
-        let de = serde_yaml::Deserializer::from_str(text);
         // Fields the schema does not know (typos such as `retires:`) are reported, not ignored.
         let mut unknown = Vec::new();
-        let mut on_unknown = |p: serde_ignored::Path<'_>| unknown.push(ignored_path(&p));
-        let ignored = serde_ignored::Deserializer::new(de, &mut on_unknown);
-        let cfg: Config = serde_path_to_error::deserialize(ignored).map_err(|e| {
-            let path = e.path().to_string();
-            let message = e.into_inner().to_string();
-            // serde_yaml already starts its message with the same path: say it once.
-            let message = match message
-                .strip_prefix(&path)
-                .and_then(|m| m.strip_prefix(": "))
-            {
-                Some(rest) => rest.to_owned(),
-                None => message,
-            };
-            ConfigError::Parse {
-                path: if path == "." { "document".into() } else { path },
-                message,
-            }
-        })?;
+        let cfg = parse_with_paths(text, &mut unknown)?;
         let mut errs = FieldErrors::default();
         for path in unknown {
             errs.push(path, "unknown field");
@@ -307,7 +289,7 @@ impl Config {
     }
 
     pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(self).expect("config serializes")
+        serde_saphyr::to_string(self).expect("config serializes")
     }
 }
 
@@ -330,6 +312,66 @@ fn valid_name(s: &str) -> bool {
         && s.as_bytes()[0].is_ascii_alphanumeric()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'/'))
+}
+
+/// How detour reads YAML (the config document, `detour inject`'s manifests): YAML 1.2 scalars
+/// as the serde_yaml crate read them (`yes`, `0755` and `1_000` are strings, not a boolean and
+/// numbers), `<<` an ordinary key, and no application tags (`!Ref`), which no Kubernetes object
+/// has. Errors are plain messages: callers name the field or document themselves.
+pub(crate) fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        strict_booleans: true,
+        leading_zero_numbers_as_strings: true,
+        underscored_numbers_as_strings: true,
+        merge_keys: serde_saphyr::MergeKeyPolicy::AsOrdinary,
+        reject_unsupported_tags: true,
+        non_finite_float_policy: serde_saphyr::NonFiniteFloatPolicy::PassThrough,
+        with_snippet: false,
+    }
+}
+
+/// Deserializes a document, recording the paths of fields the schema ignores in `unknown`; a
+/// type error names the field it is in.
+fn parse_with_paths(text: &str, unknown: &mut Vec<String>) -> Result<Config, ConfigError> {
+    let mut path = String::new();
+    let res = serde_saphyr::with_deserializer_from_str_with_options(text, yaml_options(), |de| {
+        let mut on_unknown = |p: serde_ignored::Path<'_>| unknown.push(ignored_path(&p));
+        let ignored = serde_ignored::Deserializer::new(de, &mut on_unknown);
+        serde_path_to_error::deserialize(ignored).map_err(|e| {
+            path = e.path().to_string();
+            e.into_inner()
+        })
+    });
+    res.map_err(|e| ConfigError::Parse {
+        path: if path.is_empty() || path == "." {
+            "document".into()
+        } else {
+            path
+        },
+        message: parse_message(&e, text),
+    })
+}
+
+/// serde-saphyr says only `invalid u32` when a scalar is not of the field's type; the message
+/// names the scalar as serde's own type errors do (`invalid type: "many", expected u32`).
+fn parse_message(e: &serde_saphyr::Error, text: &str) -> String {
+    let serde_saphyr::Error::InvalidScalar { ty, location } = e else {
+        return e.to_string();
+    };
+    let span = location.span();
+    let scalar = span
+        .byte_offset()
+        .zip(span.byte_len())
+        .and_then(|(at, len)| text.get(usize::try_from(at).ok()?..usize::try_from(at + len).ok()?));
+    match scalar {
+        Some(s) => format!(
+            "invalid type: {:?}, expected {ty} at line {}, column {}",
+            s.trim_matches(['"', '\'']),
+            location.line(),
+            location.column()
+        ),
+        None => format!("invalid type: expected {ty}"),
+    }
 }
 
 /// Renders a serde_ignored path the way validation errors spell paths (`upstreams[0].policy`).

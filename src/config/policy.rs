@@ -331,130 +331,130 @@ default_via_serde!(
 impl Policy {
     /// Checks every rule; each problem is recorded with its path below `path`.
     pub fn validate(&self, path: &str, errs: &mut FieldErrors) {
-        let hc = &self.health_check;
-        let p = |f: &str| format!("{path}.{f}");
-        if hc.protocol == HealthCheckProtocol::Http {
-            if !hc.path.starts_with('/') || hc.path.chars().any(char::is_whitespace) {
-                errs.push(
-                    p("healthCheck.path"),
-                    "must start with / and contain no white space",
-                );
-            }
-            if hc.expected_statuses.is_empty() {
-                errs.push(p("healthCheck.expectedStatuses"), "must not be empty");
-            }
-        }
-        if hc.protocol != HealthCheckProtocol::None {
-            if hc.interval.is_zero() {
-                errs.push(p("healthCheck.interval"), "must be greater than 0s");
-            }
-            if hc.timeout.is_zero() {
-                errs.push(p("healthCheck.timeout"), "must be greater than 0s");
-            }
-            if hc.timeout > hc.interval {
-                errs.push(
-                    p("healthCheck.timeout"),
-                    "must not exceed healthCheck.interval",
-                );
-            }
-        }
+        self.health_check
+            .validate(&format!("{path}.healthCheck"), errs);
+        self.outlier_detection
+            .validate(&format!("{path}.outlierDetection"), errs);
+        self.retries
+            .validate(&format!("{path}.retries"), &self.timeouts, errs);
+        self.timeouts.validate(&format!("{path}.timeouts"), errs);
         range(
             errs,
-            p("healthCheck.healthyThreshold"),
-            hc.healthy_threshold,
-            1,
+            format!("{path}.panicThreshold"),
+            self.panic_threshold,
+            0,
             100,
         );
-        range(
-            errs,
-            p("healthCheck.unhealthyThreshold"),
-            hc.unhealthy_threshold,
-            1,
-            100,
-        );
+    }
+}
 
-        let od = &self.outlier_detection;
+// === impl HealthCheck ===
+
+impl HealthCheck {
+    fn validate(&self, path: &str, errs: &mut FieldErrors) {
+        let at = |f: &str| format!("{path}.{f}");
+        if self.protocol == HealthCheckProtocol::Http {
+            if !self.path.starts_with('/') || self.path.chars().any(char::is_whitespace) {
+                errs.push(at("path"), "must start with / and contain no white space");
+            }
+            if self.expected_statuses.is_empty() {
+                errs.push(at("expectedStatuses"), "must not be empty");
+            }
+        }
+        if self.protocol != HealthCheckProtocol::None {
+            if self.interval.is_zero() {
+                errs.push(at("interval"), "must be greater than 0s");
+            }
+            if self.timeout.is_zero() {
+                errs.push(at("timeout"), "must be greater than 0s");
+            }
+            if self.timeout > self.interval {
+                errs.push(at("timeout"), "must not exceed healthCheck.interval");
+            }
+        }
+        range(errs, at("healthyThreshold"), self.healthy_threshold, 1, 100);
         range(
             errs,
-            p("outlierDetection.consecutiveGatewayErrors"),
-            od.consecutive_gateway_errors,
-            0,
-            1000,
+            at("unhealthyThreshold"),
+            self.unhealthy_threshold,
+            1,
+            100,
         );
+    }
+}
+
+// === impl OutlierDetection ===
+
+impl OutlierDetection {
+    fn validate(&self, path: &str, errs: &mut FieldErrors) {
+        let at = |f: &str| format!("{path}.{f}");
+        let gateway = self.consecutive_gateway_errors;
+        range(errs, at("consecutiveGatewayErrors"), gateway, 0, 1000);
+        range(errs, at("consecutive5xx"), self.consecutive_5xx, 0, 1000);
         range(
             errs,
-            p("outlierDetection.consecutive5xx"),
-            od.consecutive_5xx,
-            0,
-            1000,
-        );
-        range(
-            errs,
-            p("outlierDetection.maxEjectionPercent"),
-            od.max_ejection_percent,
+            at("maxEjectionPercent"),
+            self.max_ejection_percent,
             0,
             100,
         );
-        if od.base_ejection_time.is_zero() {
-            errs.push(
-                p("outlierDetection.baseEjectionTime"),
-                "must be greater than 0s",
-            );
+        if self.base_ejection_time.is_zero() {
+            errs.push(at("baseEjectionTime"), "must be greater than 0s");
         }
-        if od.base_ejection_time > od.max_ejection_time {
+        if self.base_ejection_time > self.max_ejection_time {
             errs.push(
-                p("outlierDetection.baseEjectionTime"),
+                at("baseEjectionTime"),
                 "must not exceed outlierDetection.maxEjectionTime",
             );
         }
+    }
+}
 
-        let r = &self.retries;
-        range(errs, p("retries.attempts"), r.attempts, 0, 10);
-        range(errs, p("retries.budget.percent"), r.budget.percent, 0, 1000);
-        range(
-            errs,
-            p("retries.budget.minPerSecond"),
-            r.budget.min_per_second,
-            0,
-            100_000,
-        );
-        range(
-            errs,
-            p("retries.maxBufferedBodyBytes"),
-            r.max_buffered_body_bytes,
-            0,
-            16_777_216,
-        );
+// === impl Retries ===
+
+impl Retries {
+    /// `timeouts` bounds the per-try timeout.
+    fn validate(&self, path: &str, timeouts: &Timeouts, errs: &mut FieldErrors) {
+        let at = |f: &str| format!("{path}.{f}");
+        range(errs, at("attempts"), self.attempts, 0, 10);
+        range(errs, at("budget.percent"), self.budget.percent, 0, 1000);
+        let min_per_second = self.budget.min_per_second;
+        range(errs, at("budget.minPerSecond"), min_per_second, 0, 100_000);
+        let buffered = self.max_buffered_body_bytes;
+        range(errs, at("maxBufferedBodyBytes"), buffered, 0, 16_777_216);
         let mut seen = Vec::new();
-        for (i, on) in r.on.iter().enumerate() {
+        for (i, on) in self.on.iter().enumerate() {
             if seen.contains(on) {
-                errs.push(p(&format!("retries.on[{i}]")), "duplicate entry");
+                errs.push(at(&format!("on[{i}]")), "duplicate entry");
             }
             seen.push(*on);
         }
-        if r.per_try_timeout.is_zero() {
-            errs.push(p("retries.perTryTimeout"), "must be greater than 0s");
+        if self.per_try_timeout.is_zero() {
+            errs.push(at("perTryTimeout"), "must be greater than 0s");
         }
-        let t = &self.timeouts;
-        if r.per_try_timeout > t.request {
-            errs.push(
-                p("retries.perTryTimeout"),
-                "must not exceed timeouts.request",
-            );
+        if self.per_try_timeout > timeouts.request {
+            errs.push(at("perTryTimeout"), "must not exceed timeouts.request");
         }
+    }
+}
+
+// === impl Timeouts ===
+
+impl Timeouts {
+    fn validate(&self, path: &str, errs: &mut FieldErrors) {
+        let at = |f: &str| format!("{path}.{f}");
         for (name, d) in [
-            ("request", t.request),
-            ("connect", t.connect),
-            ("poolIdle", t.pool_idle),
+            ("request", self.request),
+            ("connect", self.connect),
+            ("poolIdle", self.pool_idle),
         ] {
             if d.is_zero() {
-                errs.push(p(&format!("timeouts.{name}")), "must be greater than 0s");
+                errs.push(at(name), "must be greater than 0s");
             }
         }
-        if t.connect > t.request {
-            errs.push(p("timeouts.connect"), "must not exceed timeouts.request");
+        if self.connect > self.request {
+            errs.push(at("connect"), "must not exceed timeouts.request");
         }
-        range(errs, p("panicThreshold"), self.panic_threshold, 0, 100);
     }
 }
 

@@ -11,7 +11,10 @@ use kube::{
 };
 use serde_json::{json, Value};
 
-use super::reconcile::{Error, MANAGED_BY, MANAGER};
+use super::{
+    reconcile::{Error, MANAGED_BY, MANAGER},
+    ApiError,
+};
 use crate::config::CONFIG_MAP;
 
 /// Name of the Role and of the RoleBinding.
@@ -89,14 +92,7 @@ where
     K::DynamicType: Default,
 {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
-    let fail = |action: &'static str| {
-        let target = format!("{what} {ns}/{SIDECAR_ACCESS}");
-        move |source| Error::Kube {
-            action,
-            target,
-            source,
-        }
-    };
+    let fail = |action| ApiError::of(action, format!("{what} {ns}/{SIDECAR_ACCESS}"));
     let want: K = serde_json::from_value(desired.clone()).expect("a valid object");
     let current = api.get_opt(SIDECAR_ACCESS).await.map_err(fail("get"))?;
     if current.is_some_and(|c| essence(&c) == essence(&want)) {
@@ -117,11 +113,9 @@ pub async fn remove(client: &Client, ns: &str) -> Result<(), Error> {
     let gone = |r: Result<(), kube::Error>, what: &str| match r {
         Ok(()) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(source) => Err(Error::Kube {
-            action: "delete",
-            target: format!("{what} {ns}/{SIDECAR_ACCESS}"),
-            source,
-        }),
+        Err(source) => {
+            Err(ApiError::of("delete", format!("{what} {ns}/{SIDECAR_ACCESS}"))(source).into())
+        }
     };
     let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), ns);
     gone(

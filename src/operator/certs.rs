@@ -37,7 +37,7 @@ use rustls::{
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::reconcile::MANAGER;
+use super::{reconcile::MANAGER, ApiError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -45,13 +45,8 @@ pub enum Error {
     Generate(#[from] rcgen::Error),
     #[error("Secret {secret}: {what}")]
     Invalid { secret: String, what: String },
-    #[error("{action} {target}: {source}")]
-    Kube {
-        action: &'static str,
-        target: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error(transparent)]
+    Kube(#[from] ApiError),
 }
 
 /// Where the webhook's certificate comes from.
@@ -394,17 +389,10 @@ pub async fn maintain(client: Client, opts: TlsOptions) {
 
 async fn maintain_once(client: &Client, opts: &TlsOptions) -> Result<(), Error> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &opts.namespace);
-    let kube_err = |action, target: String| {
-        move |source| Error::Kube {
-            action,
-            target,
-            source,
-        }
-    };
     let current = secrets
         .get_opt(&opts.secret)
         .await
-        .map_err(kube_err("get", format!("secret {}", opts.secret_ref())))?;
+        .map_err(ApiError::of("get", format!("secret {}", opts.secret_ref())))?;
     let existing = current
         .as_ref()
         .and_then(|s| Bundle::from_secret(s, &opts.secret_ref()).ok());
@@ -445,7 +433,10 @@ async fn maintain_once(client: &Client, opts: &TlsOptions) -> Result<(), Error> 
                     &Patch::Apply(&body),
                 )
                 .await
-                .map_err(kube_err("apply", format!("secret {}", opts.secret_ref())))?;
+                .map_err(ApiError::of(
+                    "apply",
+                    format!("secret {}", opts.secret_ref()),
+                ))?;
             info!(secret = %opts.secret_ref(), "webhook certificate issued");
             b
         }
@@ -461,11 +452,7 @@ async fn publish_ca_bundle(client: &Client, opts: &TlsOptions, ca_pem: &str) -> 
     let Some(cfg) = api
         .get_opt(&opts.webhook_config)
         .await
-        .map_err(|source| Error::Kube {
-            action: "get",
-            target: target.clone(),
-            source,
-        })?
+        .map_err(ApiError::of("get", target.clone()))?
     else {
         // Not installed (yet): nothing calls us.
         return Ok(());
@@ -506,11 +493,7 @@ async fn publish_ca_bundle(client: &Client, opts: &TlsOptions, ca_pem: &str) -> 
         &Patch::Apply(&body),
     )
     .await
-    .map_err(|source| Error::Kube {
-        action: "apply",
-        target,
-        source,
-    })?;
+    .map_err(ApiError::of("apply", target))?;
     info!(webhooks = ?stale, "published the webhook caBundle");
     Ok(())
 }

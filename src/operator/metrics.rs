@@ -8,14 +8,11 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::api::condition;
+use super::webhook;
+use crate::api::{condition, ConditionStatus};
 
-const CONDITIONS: [&str; 3] = [
-    condition::ACCEPTED,
-    condition::RESOLVED_REFS,
-    condition::READY,
-];
-const STATUSES: [&str; 3] = ["True", "False", "Unknown"];
+/// Values of `detour_operator_sidecar_scrapes_total`'s `result`: success first.
+const SCRAPE_RESULTS: [&str; 2] = ["ok", "error"];
 
 pub struct Metrics {
     registry: Registry,
@@ -29,7 +26,7 @@ pub struct Metrics {
     injections: IntCounterVec,
     /// Latest condition statuses per policy (`ns/name`), so the gauge is a count, not a sum of
     /// deltas that could drift.
-    by_policy: Mutex<HashMap<String, [&'static str; 3]>>,
+    by_policy: Mutex<HashMap<String, [ConditionStatus; 3]>>,
 }
 
 // === impl Metrics ===
@@ -37,104 +34,80 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let reconciles = IntCounterVec::new(
-            Opts::new(
+        let metrics = Metrics {
+            reconciles: counter(
+                &registry,
                 "detour_operator_reconciles_total",
                 "Reconciles by result (ok or an error kind).",
             ),
-            &["result"],
-        )
-        .expect("valid metric");
-        let reconcile_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "detour_operator_reconcile_duration_seconds",
-                "Time spent in one reconcile.",
-            )
-            .buckets(vec![
-                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]),
-        )
-        .expect("valid metric");
-        let renders = IntCounterVec::new(
-            Opts::new(
+            reconcile_duration: register(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "detour_operator_reconcile_duration_seconds",
+                        "Time spent in one reconcile.",
+                    )
+                    .buckets(vec![
+                        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    ]),
+                ),
+            ),
+            renders: counter(
+                &registry,
                 "detour_operator_config_renders_total",
                 "Renders of a namespace's detour-config by outcome (applied, unchanged, deleted).",
             ),
-            &["result"],
-        )
-        .expect("valid metric");
-        let status_patches = IntCounterVec::new(
-            Opts::new(
+            status_patches: counter(
+                &registry,
                 "detour_operator_status_patches_total",
                 "Status writes by result (only changed statuses are written).",
             ),
-            &["result"],
-        )
-        .expect("valid metric");
-        let sidecar_scrapes = IntCounterVec::new(
-            Opts::new(
+            sidecar_scrapes: counter(
+                &registry,
                 "detour_operator_sidecar_scrapes_total",
                 "Reads of a sidecar's GET /endpoints by result (ok or error).",
             ),
-            &["result"],
-        )
-        .expect("valid metric");
-        let policies = IntGaugeVec::new(
-            Opts::new(
-                "detour_operator_policies",
-                "UpstreamPolicies by condition type and status.",
+            policies: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "detour_operator_policies",
+                        "UpstreamPolicies by condition type and status.",
+                    ),
+                    &["condition", "status"],
+                ),
             ),
-            &["condition", "status"],
-        )
-        .expect("valid metric");
-        let leader = IntGauge::new(
-            "detour_operator_leader",
-            "1 while this replica holds the leader lease.",
-        )
-        .expect("valid metric");
-        let injections = IntCounterVec::new(
-            Opts::new(
+            leader: register(
+                &registry,
+                IntGauge::new(
+                    "detour_operator_leader",
+                    "1 while this replica holds the leader lease.",
+                ),
+            ),
+            injections: counter(
+                &registry,
                 "detour_operator_injections_total",
                 "Pods seen by the admission webhook, by result: injected, skipped (opted out, already injected, excluded namespace), error (allowed unchanged with a warning), invalid (a malformed review).",
             ),
-            &["result"],
-        )
-        .expect("valid metric");
-        for c in [
-            Box::new(injections.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(reconciles.clone()),
-            Box::new(reconcile_duration.clone()),
-            Box::new(renders.clone()),
-            Box::new(status_patches.clone()),
-            Box::new(sidecar_scrapes.clone()),
-            Box::new(policies.clone()),
-            Box::new(leader.clone()),
-        ] {
-            registry.register(c).expect("unique metric");
-        }
-        // Present at 0 from the start, so a rate over them works before the first failure.
-        for r in ["ok", "error"] {
-            sidecar_scrapes.with_label_values(&[r]).reset();
-        }
-        for r in ["injected", "skipped", "error", "invalid"] {
-            injections.with_label_values(&[r]).reset();
-        }
-        for c in CONDITIONS {
-            for s in STATUSES {
-                policies.with_label_values(&[c, s]).set(0);
-            }
-        }
-        Metrics {
-            registry,
-            reconciles,
-            reconcile_duration,
-            renders,
-            status_patches,
-            sidecar_scrapes,
-            policies,
-            leader,
-            injections,
             by_policy: Mutex::default(),
+            registry,
+        };
+        metrics.start_at_zero();
+        metrics
+    }
+
+    /// Series present at 0 from the start, so a rate over them works before the first failure.
+    fn start_at_zero(&self) {
+        for r in SCRAPE_RESULTS {
+            self.sidecar_scrapes.with_label_values(&[r]).reset();
+        }
+        for r in webhook::Outcome::LABELS {
+            self.injections.with_label_values(&[r]).reset();
+        }
+        for c in condition::ALL {
+            for s in ConditionStatus::ALL {
+                self.policies.with_label_values(&[c, s.as_str()]).set(0);
+            }
         }
     }
 
@@ -151,8 +124,9 @@ impl Metrics {
         self.status_patches.with_label_values(&[result]).inc();
     }
 
-    /// One sidecar scrape: `ok` or `error`.
-    pub fn sidecar_scraped(&self, result: &str) {
+    /// One sidecar scrape, successful or not.
+    pub fn sidecar_scraped(&self, ok: bool) {
+        let result = SCRAPE_RESULTS[usize::from(!ok)];
         self.sidecar_scrapes.with_label_values(&[result]).inc();
     }
 
@@ -164,18 +138,19 @@ impl Metrics {
         self.leader.set(i64::from(leader));
     }
 
-    /// Records a policy's condition statuses (`None` when the policy is gone).
-    pub fn policy_conditions(&self, key: &str, statuses: Option<[&'static str; 3]>) {
+    /// Records a policy's condition statuses, in the order of [`condition::ALL`] (`None` when the
+    /// policy is gone).
+    pub fn policy_conditions(&self, key: &str, statuses: Option<[ConditionStatus; 3]>) {
         let mut map = self.by_policy.lock();
         match statuses {
             Some(s) => map.insert(key.to_string(), s),
             None => map.remove(key),
         };
-        for (i, c) in CONDITIONS.iter().enumerate() {
-            for s in STATUSES {
+        for (i, c) in condition::ALL.iter().enumerate() {
+            for s in ConditionStatus::ALL {
                 let n = map.values().filter(|v| v[i] == s).count();
                 self.policies
-                    .with_label_values(&[c, s])
+                    .with_label_values(&[c, s.as_str()])
                     .set(i64::try_from(n).unwrap_or(i64::MAX));
             }
         }
@@ -191,6 +166,25 @@ impl Metrics {
     }
 }
 
+/// A counter labelled by `result`, registered.
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounterVec {
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), &["result"]),
+    )
+}
+
+fn register<M>(registry: &Registry, metric: prometheus::Result<M>) -> M
+where
+    M: prometheus::core::Collector + Clone + 'static,
+{
+    let metric = metric.expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -204,9 +198,10 @@ mod tests {
     #[test]
     fn policies_gauge_counts_latest_statuses() {
         let m = Metrics::new();
-        m.policy_conditions("a/x", Some(["True", "True", "False"]));
-        m.policy_conditions("a/y", Some(["True", "True", "True"]));
-        m.policy_conditions("a/x", Some(["True", "True", "True"]));
+        use ConditionStatus::{False, True};
+        m.policy_conditions("a/x", Some([True, True, False]));
+        m.policy_conditions("a/y", Some([True, True, True]));
+        m.policy_conditions("a/x", Some([True, True, True]));
         let t = m.text();
         assert!(
             t.contains("detour_operator_policies{condition=\"Ready\",status=\"True\"} 2"),
@@ -221,7 +216,7 @@ mod tests {
             t.contains("detour_operator_sidecar_scrapes_total{result=\"error\"} 0"),
             "{t}"
         );
-        m.sidecar_scraped("ok");
+        m.sidecar_scraped(true);
         assert!(m
             .text()
             .contains("detour_operator_sidecar_scrapes_total{result=\"ok\"} 1"));

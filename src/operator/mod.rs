@@ -21,31 +21,35 @@ use std::{
     time::Duration,
 };
 
-use futures::{future, FutureExt, StreamExt};
+use futures::{
+    future::{self, BoxFuture},
+    FutureExt, Stream, StreamExt,
+};
 use k8s_openapi::api::{
     core::v1::{ConfigMap, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    core::DeserializeGuard,
     runtime::{
         controller::{self, Controller},
+        predicates,
         reflector::{self, ObjectRef, Store},
-        watcher, WatchStreamExt,
+        watcher, Predicate, PredicateConfig, WatchStreamExt,
     },
     Api, Client, Resource, ResourceExt,
 };
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 use tracing::{debug, info, warn};
 
-use crate::api::{UpstreamPolicy, SIDECAR_LABEL};
+use crate::api::SIDECAR_LABEL;
 
-pub use self::admin::Readiness;
+use self::admin::Readiness;
 pub use self::metrics::Metrics;
-use self::reconcile::{Context, Shared, MANAGED_BY};
+use self::reconcile::{Context, PolicyObject, Shared, MANAGED_BY};
 use self::render::SERVICE_NAME_LABEL;
-
-type Policy = DeserializeGuard<UpstreamPolicy>;
 
 /// Lower bound of `--report-interval`.
 const MIN_REPORT_INTERVAL: Duration = Duration::from_millis(50);
@@ -163,6 +167,30 @@ pub enum Error {
     Task(#[source] tokio::task::JoinError),
 }
 
+/// A call to the API server that failed: what was done, to which object.
+#[derive(Debug, thiserror::Error)]
+#[error("{action} {target}: {source}")]
+pub struct ApiError {
+    /// The verb, also the `result` label of a failed reconcile (`apply`, `delete`, ...).
+    pub action: &'static str,
+    /// `configmap shop/detour-config`
+    pub target: String,
+    #[source]
+    pub source: kube::Error,
+}
+
+impl ApiError {
+    /// For `map_err`: the failed `action` on `target`.
+    pub fn of(action: &'static str, target: impl Into<String>) -> impl FnOnce(kube::Error) -> Self {
+        let target = target.into();
+        move |source| ApiError {
+            action,
+            target,
+            source,
+        }
+    }
+}
+
 /// Leader election settings.
 #[derive(Clone, Debug)]
 pub struct LeaseOptions {
@@ -204,52 +232,56 @@ impl Default for Options {
 }
 
 impl From<Args> for Options {
-    fn from(a: Args) -> Self {
-        let identity = a.identity.unwrap_or_else(|| {
+    fn from(args: Args) -> Self {
+        let identity = args.identity.unwrap_or_else(|| {
             use rand::{rngs::StdRng, RngCore, SeedableRng};
             format!("detour-operator-{:016x}", StdRng::from_os_rng().next_u64())
         });
-        let webhook = a.webhook.then(|| WebhookOptions {
-            addr: a.webhook_addr,
+        let webhook = args.webhook.then(|| WebhookOptions {
+            addr: args.webhook_addr,
             tls: certs::TlsOptions {
-                namespace: a.lease_namespace.clone(),
-                service: a.webhook_service,
-                secret: a.webhook_secret,
-                webhook_config: a.webhook_config,
-                source: a.webhook_cert_source,
-                lifetime: a.webhook_cert_lifetime.get(),
-                renew_before: a.webhook_cert_renew_before.get(),
+                namespace: args.lease_namespace.clone(),
+                service: args.webhook_service,
+                secret: args.webhook_secret,
+                webhook_config: args.webhook_config,
+                source: args.webhook_cert_source,
+                lifetime: args.webhook_cert_lifetime.get(),
+                renew_before: args.webhook_cert_renew_before.get(),
             },
-            sidecar: a.sidecar,
-            excluded_namespaces: vec![a.lease_namespace.clone(), "kube-system".into()],
+            sidecar: args.sidecar,
+            excluded_namespaces: vec![args.lease_namespace.clone(), "kube-system".into()],
         });
         Options {
             webhook,
-            namespaces: a.namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
-            admin: a.admin,
-            leader_election: a.leader_election.then_some(LeaseOptions {
-                namespace: a.lease_namespace,
-                name: a.lease_name,
+            namespaces: args
+                .namespaces
+                .into_iter()
+                .filter(|n| !n.is_empty())
+                .collect(),
+            admin: args.admin,
+            leader_election: args.leader_election.then_some(LeaseOptions {
+                namespace: args.lease_namespace,
+                name: args.lease_name,
                 identity,
                 duration: 15,
                 grace: 5,
             }),
-            debounce: a.debounce.get(),
+            debounce: args.debounce.get(),
             // A zero interval would scrape in a busy loop.
-            report_interval: a.report_interval.get().max(MIN_REPORT_INTERVAL),
+            report_interval: args.report_interval.get().max(MIN_REPORT_INTERVAL),
         }
     }
 }
 
 pub async fn run(args: Args) -> Result<(), Error> {
     let opts: Options = args.into();
-    if let Some(w) = &opts.webhook {
+    if let Some(webhook) = &opts.webhook {
         // A bad sidecar setting stops the operator here rather than failing every pod.
-        w.sidecar.validate().map_err(Error::Sidecar)?;
-        if w.tls.renew_before >= w.tls.lifetime {
+        webhook.sidecar.validate().map_err(Error::Sidecar)?;
+        if webhook.tls.renew_before >= webhook.tls.lifetime {
             return Err(Error::Usage(format!(
                 "--webhook-cert-renew-before ({:?}) must be shorter than --webhook-cert-lifetime ({:?})",
-                w.tls.renew_before, w.tls.lifetime
+                webhook.tls.renew_before, webhook.tls.lifetime
             )));
         }
     }
@@ -361,29 +393,29 @@ impl Operator {
 /// Every replica: the webhook server and the Secret follower that feeds it certificates.
 async fn start_webhook(
     client: &Client,
-    w: &WebhookOptions,
+    options: &WebhookOptions,
     metrics: &Arc<Metrics>,
     readiness: &Arc<Readiness>,
     instance: Option<String>,
 ) -> Result<(SocketAddr, Arc<certs::CertStore>, Vec<JoinHandle<()>>), Error> {
     let bind_err = |source| Error::Webhook {
-        addr: w.addr,
+        addr: options.addr,
         source,
     };
-    let listener = tokio::net::TcpListener::bind(w.addr)
+    let listener = tokio::net::TcpListener::bind(options.addr)
         .await
         .map_err(bind_err)?;
     let addr = listener.local_addr().map_err(bind_err)?;
     let store = Arc::new(certs::CertStore::default());
     let _ = readiness.webhook.set(store.clone());
-    let sidecar = w.sidecar.clone();
+    let sidecar = options.sidecar.clone();
     let ctx = Arc::new(webhook::WebhookContext {
         inject: Arc::new(move |pod| {
             inject::pod_patch(pod, &sidecar)
                 .map(|(patch, skip)| (patch, skip.map(|s| s.to_string())))
                 .map_err(|e| e.to_string())
         }),
-        excluded_namespaces: w.excluded_namespaces.clone(),
+        excluded_namespaces: options.excluded_namespaces.clone(),
         metrics: metrics.clone(),
         recorder: Some(kube::runtime::events::Recorder::new(
             client.clone(),
@@ -396,7 +428,7 @@ async fn start_webhook(
     let tasks = vec![
         tokio::spawn(certs::follow_secret(
             client.clone(),
-            w.tls.clone(),
+            options.tls.clone(),
             store.clone(),
         )),
         tokio::spawn(webhook::serve(listener, store.clone(), ctx)),
@@ -414,7 +446,7 @@ async fn leader_work(
 ) {
     let certs = async {
         match &opts.webhook {
-            Some(w) => certs::maintain(client.clone(), w.tls.clone()).await,
+            Some(webhook) => certs::maintain(client.clone(), webhook.tls.clone()).await,
             None => std::future::pending().await,
         }
     };
@@ -543,19 +575,15 @@ fn scope(
     ns: Option<String>,
     shared: Arc<Shared>,
     opts: &Options,
-) -> (
-    future::BoxFuture<'static, ()>,
-    future::BoxFuture<'static, ()>,
-) {
-    let wc = watcher::Config::default();
-    let (policies, policy_writer) = reflector::store::<Policy>();
+) -> (BoxFuture<'static, ()>, BoxFuture<'static, ()>) {
+    let watch_config = watcher::Config::default();
+    let (policies, policy_writer) = reflector::store::<PolicyObject>();
     let (services, svc_writer) = reflector::store::<Service>();
     let (slices, slice_writer) = reflector::store::<EndpointSlice>();
     let (config_maps, cm_writer) = reflector::store::<ConfigMap>();
-    let (pods, pod_writer) = reflector::store::<Pod>();
     let (synced_tx, synced) = watch::channel(false);
     // Namespaces to render without a policy to start from (see `reconcile_namespace`).
-    let (janitor_tx, janitor_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (janitor_tx, janitor_rx) = mpsc::unbounded_channel::<String>();
     let ctx = Arc::new(Context {
         client: client.clone(),
         policies: policies.clone(),
@@ -567,144 +595,42 @@ fn scope(
         reports: Arc::new(sidecar_reports::SidecarReports::default()),
     });
 
-    // Our own status writes and finalizer patches come back as watch events; only spec,
-    // deletion and re-creation need a reconcile. A deleted policy is no longer in the cache,
-    // so the Controller would drop it: its namespace goes to the janitor instead.
-    let policy_stream = watcher(api::<Policy>(&client, &ns), wc.clone())
+    let policy_events = watcher(api::<PolicyObject>(&client, &ns), watch_config.clone())
         .default_backoff()
-        .reflect(policy_writer)
-        .filter_map({
-            let (tx, store, cms, shared) = (
-                janitor_tx.clone(),
-                policies.clone(),
-                config_maps.clone(),
-                shared.clone(),
-            );
-            let mut seen: HashMap<ObjectRef<Policy>, u64> = HashMap::new();
-            move |ev| {
-                let out = match ev {
-                    Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
-                        let h = worth_reconciling(&p);
-                        (seen.insert(ObjectRef::from_obj(&p), h) != Some(h)).then_some(Ok(p))
-                    }
-                    Ok(watcher::Event::Delete(p)) => {
-                        seen.remove(&ObjectRef::from_obj(&p));
-                        let ns = p.namespace().unwrap_or_default();
-                        shared.forget_policy(&ns, &p.name_any());
-                        let _ = tx.send(ns);
-                        None
-                    }
-                    Ok(watcher::Event::InitDone) => {
-                        // A re-list reports no Delete for what went meanwhile.
-                        seen.retain(|k, _| store.get(k).is_some());
-                        for ns in orphaned(&store, &cms) {
-                            let _ = tx.send(ns);
-                        }
-                        None
-                    }
-                    Ok(watcher::Event::Init) => None,
-                    Err(e) => Some(Err(e)),
-                };
-                future::ready(out)
-            }
-        });
+        .reflect(policy_writer);
+    let policy_changes = policy_changes(policy_events, janitor_tx.clone(), ctx.clone());
     // The sidecars' reports change a policy's status without any object changing.
     let (report_trigger, report_triggered) = futures::channel::mpsc::unbounded();
-    let controller = Controller::for_stream(policy_stream, policies.clone())
+    let poller = sidecar_poller(&client, &ns, &ctx, report_trigger, opts.report_interval);
+    let controller = Controller::for_stream(policy_changes, policies.clone())
         .with_config(controller::Config::default().debounce(opts.debounce))
         .reconcile_on(report_triggered);
-    // Only sidecar pods, slimmed to what eligibility reads: memory stays small in big clusters.
-    let pod_stream = watcher(api::<Pod>(&client, &ns), wc.clone().labels(SIDECAR_LABEL))
-        .default_backoff()
-        .modify(sidecar_reports::slim)
-        .reflect(pod_writer);
-    let poller = sidecar_reports::poll(
-        pod_stream,
-        sidecar_reports::Poller {
-            pods,
-            policies: policies.clone(),
-            reports: ctx.reports.clone(),
-            trigger: report_trigger,
-            interval: opts.report_interval,
-            metrics: shared.metrics.clone(),
-            synced: ctx.synced.clone(),
-        },
-    );
 
-    let svc_stream = watcher(api::<Service>(&client, &ns), wc.clone())
-        .default_backoff()
-        .modify(|o| o.managed_fields_mut().clear())
-        .reflect(svc_writer)
-        .touched_objects();
-    let slice_stream = watcher(
-        api::<EndpointSlice>(&client, &ns),
-        wc.clone().labels(SERVICE_NAME_LABEL),
-    )
-    .default_backoff()
-    .modify(|o| o.managed_fields_mut().clear())
-    .reflect(slice_writer)
-    .touched_objects();
-    let cm_stream = watcher(
-        api::<ConfigMap>(&client, &ns),
-        wc.labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1)),
-    )
-    .default_backoff()
-    .modify(|o| o.managed_fields_mut().clear())
-    .reflect(cm_writer)
-    .touched_objects();
-
-    let sync = {
-        let stores = (
-            policies.clone(),
-            services.clone(),
-            slices.clone(),
-            config_maps.clone(),
-        );
-        let (tx, store, cms) = (janitor_tx.clone(), policies.clone(), config_maps.clone());
-        async move {
-            // One waiter per store: `wait_until_ready` wakes only the last of several waiters.
-            let _ = stores.0.wait_until_ready().await;
-            let _ = stores.1.wait_until_ready().await;
-            let _ = stores.2.wait_until_ready().await;
-            let _ = stores.3.wait_until_ready().await;
-            // Waiters see `true` even after the sender is gone.
-            let _ = synced_tx.send(true);
-            // ConfigMaps left from policies deleted while no operator ran.
-            for ns in orphaned(&store, &cms) {
-                let _ = tx.send(ns);
-            }
-        }
-    };
-    let own = shared.clone();
-    let cms = config_maps.clone();
-    let (p1, p2) = (policies.clone(), policies);
-    let cm_janitor = janitor_tx.clone();
+    let service_owners = policies.clone();
+    let slice_owners = policies.clone();
+    let rendered = (config_maps.clone(), shared, janitor_tx.clone());
+    let managed = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
     let run = controller
-        .watches_stream(svc_stream, move |svc: Service| {
-            using_service(&p1, svc.namespace(), &svc.name_any())
-        })
-        .watches_stream(slice_stream, move |s: EndpointSlice| {
-            match s.labels().get(SERVICE_NAME_LABEL) {
-                Some(svc) => using_service(&p2, s.namespace(), svc),
+        .watches_stream(
+            slimmed(&client, &ns, watch_config.clone(), svc_writer),
+            move |svc: Service| using_service(&service_owners, svc.namespace(), &svc.name_any()),
+        )
+        .watches_stream(
+            slimmed(
+                &client,
+                &ns,
+                watch_config.clone().labels(SERVICE_NAME_LABEL),
+                slice_writer,
+            ),
+            move |slice: EndpointSlice| match slice.labels().get(SERVICE_NAME_LABEL) {
+                Some(svc) => using_service(&slice_owners, slice.namespace(), svc),
                 None => Vec::new(),
-            }
-        })
-        // Someone edited or deleted the rendered ConfigMap: render the namespace again, with or
-        // without policies left in it.
-        .watches_stream(cm_stream, move |cm: ConfigMap| {
-            let ns = cm.namespace().unwrap_or_default();
-            // Our own write coming back: nothing to repair. A deleted one is gone from the
-            // store by the time the mapper sees it.
-            let still_there = cms.get(&ObjectRef::from_obj(&cm)).is_some();
-            if !still_there {
-                own.forget_config(&ns);
-            }
-            let hash = cm.annotations().get(reconcile::HASH_ANNOTATION);
-            if !(still_there && hash.is_some_and(|h| own.is_own_config(&ns, h))) {
-                let _ = cm_janitor.send(ns);
-            }
-            Vec::<ObjectRef<Policy>>::new()
-        })
+            },
+        )
+        .watches_stream(
+            slimmed(&client, &ns, watch_config.labels(&managed), cm_writer),
+            move |cm: ConfigMap| config_map_changed(&cm, &rendered.0, &rendered.1, &rendered.2),
+        )
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|res| {
             if let Err(e) = res {
@@ -712,13 +638,150 @@ fn scope(
             }
             future::ready(())
         });
+    let sync = caches_synced(ctx.clone(), synced_tx, janitor_tx.clone());
     let janitor = janitor(janitor_rx, janitor_tx, ctx);
     let run = async move {
         futures::pin_mut!(run, janitor, poller);
         future::select(future::select(run, janitor), poller).await;
+    };
+    (run.boxed(), sync.boxed())
+}
+
+/// Policy changes worth a reconcile. A deleted policy is no longer in the cache, so the
+/// Controller would drop it: its namespace goes to the janitor instead, as do namespaces a
+/// re-list finds orphaned (a re-list reports no Delete for what went meanwhile).
+fn policy_changes(
+    events: impl Stream<Item = Result<watcher::Event<PolicyObject>, watcher::Error>> + Send,
+    janitor: mpsc::UnboundedSender<String>,
+    ctx: Arc<Context>,
+) -> impl Stream<Item = Result<PolicyObject, watcher::Error>> + Send {
+    let policies = events.filter_map(move |ev| {
+        let out = match ev {
+            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => Some(Ok(p)),
+            Ok(watcher::Event::Delete(p)) => {
+                let ns = p.namespace().unwrap_or_default();
+                ctx.shared.forget_policy(&ns, &p.name_any());
+                let _ = janitor.send(ns);
+                None
+            }
+            Ok(watcher::Event::InitDone) => {
+                for ns in orphaned(&ctx.policies, &ctx.config_maps) {
+                    let _ = janitor.send(ns);
+                }
+                None
+            }
+            Ok(watcher::Event::Init) => None,
+            Err(e) => Some(Err(e)),
+        };
+        future::ready(out)
+    });
+    policies.predicate_filter(worth_reconciling(), PredicateConfig::default())
+}
+
+/// What needs a reconcile: a new spec (generation) or the deletion mark. The filter keys
+/// objects by uid too, so a re-created policy always passes. Our own status writes and
+/// finalizer patches come back as watch events and change neither.
+fn worth_reconciling() -> impl Predicate<PolicyObject> {
+    let deletion_marked = |p: &PolicyObject| Some(u64::from(p.meta().deletion_timestamp.is_some()));
+    predicates::generation.combine(deletion_marked)
+}
+
+/// A watch feeding `writer`, its objects without managed fields (memory stays small in big
+/// clusters), every change passed on.
+fn slimmed<K>(
+    client: &Client,
+    ns: &Option<String>,
+    config: watcher::Config,
+    writer: reflector::store::Writer<K>,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    watcher(api::<K>(client, ns), config)
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .touched_objects()
+}
+
+/// The loop that scrapes the scope's sidecar pods and triggers reconciles where their reports
+/// change a status.
+fn sidecar_poller(
+    client: &Client,
+    ns: &Option<String>,
+    ctx: &Arc<Context>,
+    trigger: futures::channel::mpsc::UnboundedSender<ObjectRef<PolicyObject>>,
+    interval: Duration,
+) -> impl std::future::Future<Output = ()> + Send {
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    // Only sidecar pods, slimmed to what eligibility reads: memory stays small in big clusters.
+    let pod_events = watcher(
+        api::<Pod>(client, ns),
+        watcher::Config::default().labels(SIDECAR_LABEL),
+    )
+    .default_backoff()
+    .modify(sidecar_reports::slim)
+    .reflect(pod_writer);
+    sidecar_reports::poll(
+        pod_events,
+        sidecar_reports::Poller {
+            pods,
+            policies: ctx.policies.clone(),
+            reports: ctx.reports.clone(),
+            trigger,
+            interval,
+            metrics: ctx.shared.metrics.clone(),
+            synced: ctx.synced.clone(),
+        },
+    )
+}
+
+/// Someone edited or deleted a rendered ConfigMap: its namespace is rendered again, with or
+/// without policies left in it. Maps to no policy (the janitor renders the namespace).
+fn config_map_changed(
+    cm: &ConfigMap,
+    config_maps: &Store<ConfigMap>,
+    shared: &Shared,
+    janitor: &mpsc::UnboundedSender<String>,
+) -> Vec<ObjectRef<PolicyObject>> {
+    let ns = cm.namespace().unwrap_or_default();
+    // A deleted one is gone from the store by the time the mapper sees it.
+    let still_there = config_maps.get(&ObjectRef::from_obj(cm)).is_some();
+    if !still_there {
+        shared.forget_config(&ns);
     }
-    .boxed();
-    (run, sync.boxed())
+    // Our own write coming back: nothing to repair.
+    let hash = cm.annotations().get(reconcile::HASH_ANNOTATION);
+    if !(still_there && hash.is_some_and(|h| shared.is_own_config(&ns, h))) {
+        let _ = janitor.send(ns);
+    }
+    Vec::new()
+}
+
+/// Completes once the scope's four caches hold a full list, then sends the namespaces whose
+/// ConfigMaps were left by policies deleted while no operator ran to the janitor.
+async fn caches_synced(
+    ctx: Arc<Context>,
+    synced: watch::Sender<bool>,
+    janitor: mpsc::UnboundedSender<String>,
+) {
+    // One waiter per store: `wait_until_ready` wakes only the last of several waiters.
+    let _ = ctx.policies.wait_until_ready().await;
+    let _ = ctx.services.wait_until_ready().await;
+    let _ = ctx.slices.wait_until_ready().await;
+    let _ = ctx.config_maps.wait_until_ready().await;
+    // Waiters see `true` even after the sender is gone.
+    let _ = synced.send(true);
+    for ns in orphaned(&ctx.policies, &ctx.config_maps) {
+        let _ = janitor.send(ns);
+    }
 }
 
 /// Renders the namespaces it is sent, one at a time, coalescing repeats; failures retry with
@@ -756,7 +819,7 @@ async fn janitor(
 }
 
 /// Namespaces holding a rendered ConfigMap but no live policy.
-fn orphaned(policies: &Store<Policy>, config_maps: &Store<ConfigMap>) -> Vec<String> {
+fn orphaned(policies: &Store<PolicyObject>, config_maps: &Store<ConfigMap>) -> Vec<String> {
     let live: std::collections::BTreeSet<String> = policies
         .state()
         .iter()
@@ -771,21 +834,12 @@ fn orphaned(policies: &Store<Policy>, config_maps: &Store<ConfigMap>) -> Vec<Str
         .collect()
 }
 
-/// Changes that need a reconcile: spec (generation), deletion, re-creation (uid).
-fn worth_reconciling(p: &Policy) -> u64 {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    let m = p.meta();
-    let mut h = DefaultHasher::new();
-    (m.generation, m.deletion_timestamp.is_some(), &m.uid).hash(&mut h);
-    h.finish()
-}
-
 /// A policy of `ns` whose upstream is Service `name`.
 fn using_service(
-    policies: &Store<Policy>,
+    policies: &Store<PolicyObject>,
     ns: Option<String>,
     name: &str,
-) -> Vec<ObjectRef<Policy>> {
+) -> Vec<ObjectRef<PolicyObject>> {
     policies
         .state()
         .iter()
@@ -847,7 +901,7 @@ mod tests {
         assert!(Cli::try_parse_from(["detour", "--debounce", "soon"]).is_err());
     }
 
-    fn stored(ns: &str, name: &str, svc: &str, deleting: bool) -> Policy {
+    fn stored(ns: &str, name: &str, svc: &str, deleting: bool) -> PolicyObject {
         let mut p = serde_json::json!({
             "apiVersion": "detour.dev/v1alpha1", "kind": "UpstreamPolicy",
             "metadata": {"name": name, "namespace": ns, "uid": name},
@@ -859,9 +913,53 @@ mod tests {
         serde_json::from_value(p).unwrap()
     }
 
+    #[tokio::test]
+    async fn only_spec_changes_deletion_marks_and_re_creations_are_worth_reconciling() {
+        let at = |generation: i64, uid: &str, status: u32, deleting: bool| {
+            let mut p = stored("shop", "p", "pay", deleting);
+            p.meta_mut().generation = Some(generation);
+            p.meta_mut().uid = Some(uid.into());
+            if let Ok(obj) = &mut p.0 {
+                obj.status = Some(crate::api::UpstreamPolicyStatus {
+                    sidecars: status,
+                    ..Default::default()
+                });
+            }
+            p
+        };
+        let events = [
+            at(1, "a", 0, false),
+            at(1, "a", 1, false), // our status write
+            at(2, "a", 1, false), // a spec edit
+            at(2, "a", 2, false),
+            at(2, "a", 2, true), // marked for deletion
+            at(2, "a", 2, true),
+            at(1, "b", 0, false), // deleted and created again
+        ];
+        let passed: Vec<(i64, String, bool)> = futures::stream::iter(events.map(Ok))
+            .predicate_filter(worth_reconciling(), PredicateConfig::default())
+            .map(|p| {
+                let p = p.unwrap();
+                let m = p.meta();
+                let deleting = m.deletion_timestamp.is_some();
+                (m.generation.unwrap(), m.uid.clone().unwrap(), deleting)
+            })
+            .collect()
+            .await;
+        assert_eq!(
+            passed,
+            [
+                (1, "a".into(), false),
+                (2, "a".into(), false),
+                (2, "a".into(), true),
+                (1, "b".into(), false),
+            ]
+        );
+    }
+
     #[test]
     fn service_changes_never_map_to_a_policy_being_deleted() {
-        let (store, mut w) = reflector::store::<Policy>();
+        let (store, mut w) = reflector::store::<PolicyObject>();
         w.apply_watcher_event(&watcher::Event::Apply(stored("shop", "old", "pay", true)));
         w.apply_watcher_event(&watcher::Event::Apply(stored("shop", "other", "db", false)));
         assert!(using_service(&store, Some("shop".into()), "pay").is_empty());
@@ -872,7 +970,7 @@ mod tests {
 
     #[test]
     fn orphaned_lists_namespaces_with_a_config_but_no_live_policy() {
-        let (policies, mut w) = reflector::store::<Policy>();
+        let (policies, mut w) = reflector::store::<PolicyObject>();
         w.apply_watcher_event(&watcher::Event::Apply(stored("a", "p", "pay", false)));
         w.apply_watcher_event(&watcher::Event::Apply(stored("b", "p", "pay", true)));
         let (cms, mut cw) = reflector::store::<ConfigMap>();

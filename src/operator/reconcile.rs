@@ -33,33 +33,33 @@ use tracing::{debug, info, warn};
 use super::{
     access,
     metrics::Metrics,
-    render::{desired_status, render_namespace, PolicyInput, RenderError},
-    sidecar_reports::SidecarReports,
+    render::{desired_status, render_namespace, Outcome, PolicyInput, RenderError, Rendered},
+    sidecar_reports::{SidecarReports, UpstreamReport},
+    ApiError,
 };
-use crate::api::{condition, UpstreamPolicy, UpstreamPolicyStatus};
+use crate::{
+    api::{condition, ConditionStatus, UpstreamPolicy, UpstreamPolicyStatus},
+    config::{Config, Upstream, CONFIG_KEY, CONFIG_MAP},
+};
 
 /// Field manager of every write (ConfigMap, status).
 pub const MANAGER: &str = "detour-operator";
 /// Finalizer that lets a deleted policy leave the namespace's config before it disappears.
 pub const FINALIZER: &str = "detour.dev/config";
-pub use crate::config::{CONFIG_KEY, CONFIG_MAP};
 /// Label on rendered ConfigMaps (the operator watches only these).
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "detour-operator");
 /// Annotation with the config hash, for humans and sidecars.
 pub const HASH_ANNOTATION: &str = "detour.dev/config-hash";
 
-type Policy = DeserializeGuard<UpstreamPolicy>;
+/// An UpstreamPolicy as the watches hold it: one that fails to deserialize is kept as the error,
+/// so a malformed object reports itself instead of breaking the watch.
+pub type PolicyObject = DeserializeGuard<UpstreamPolicy>;
 
 /// Why a reconcile failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{action} {target}: {source}")]
-    Kube {
-        action: &'static str,
-        target: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error(transparent)]
+    Kube(#[from] ApiError),
     #[error(transparent)]
     Render(#[from] RenderError),
     #[error("the {0} cache stopped")]
@@ -70,7 +70,7 @@ impl Error {
     /// Bounded label for `detour_operator_reconciles_total`.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Error::Kube { action, .. } => action,
+            Error::Kube(e) => e.action,
             Error::Render(_) => "render",
             Error::CacheClosed(_) => "cache",
         }
@@ -80,7 +80,7 @@ impl Error {
 /// Everything a reconcile reads and writes, for one watch scope (all namespaces or one).
 pub struct Context {
     pub client: Client,
-    pub policies: Store<Policy>,
+    pub policies: Store<PolicyObject>,
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
     pub config_maps: Store<ConfigMap>,
@@ -104,7 +104,7 @@ pub struct Shared {
     /// Config hash last applied per namespace, to recognise our own ConfigMap writes.
     applied: Mutex<HashMap<String, String>>,
     /// Consecutive failures per object, for backoff.
-    failures: Mutex<HashMap<ObjectRef<Policy>, u32>>,
+    failures: Mutex<HashMap<ObjectRef<PolicyObject>, u32>>,
     /// Namespaces whose sidecar Role and RoleBinding this process applied.
     access: Mutex<HashSet<String>>,
 }
@@ -220,7 +220,7 @@ pub fn backoff(failures: u32) -> Duration {
     Duration::from_millis(ms.min(300_000))
 }
 
-pub async fn reconcile(obj: Arc<Policy>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(obj: Arc<PolicyObject>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let key = ObjectRef::from_obj(&*obj);
     let res = reconcile_inner(&obj, &ctx).await;
@@ -237,7 +237,7 @@ pub async fn reconcile(obj: Arc<Policy>, ctx: Arc<Context>) -> Result<Action, Er
     res
 }
 
-pub fn error_policy(obj: Arc<Policy>, err: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(obj: Arc<PolicyObject>, err: &Error, ctx: Arc<Context>) -> Action {
     let key = ObjectRef::from_obj(&*obj);
     let n = {
         let mut f = ctx.shared.failures.lock();
@@ -250,7 +250,7 @@ pub fn error_policy(obj: Arc<Policy>, err: &Error, ctx: Arc<Context>) -> Action 
     Action::requeue(delay)
 }
 
-async fn reconcile_inner(obj: &Policy, ctx: &Context) -> Result<Action, Error> {
+async fn reconcile_inner(obj: &PolicyObject, ctx: &Context) -> Result<Action, Error> {
     let ns = obj.namespace().unwrap_or_default();
     let name = obj.name_any();
     let lock = ctx.shared.lock(&ns);
@@ -271,7 +271,7 @@ async fn reconcile_inner(obj: &Policy, ctx: &Context) -> Result<Action, Error> {
     if current.meta().deletion_timestamp.is_some() {
         // Another controller's finalizer may still hold the object; ours goes once the
         // render above has dropped the policy.
-        let policy_api: Api<Policy> = Api::namespaced(ctx.client.clone(), &ns);
+        let policy_api: Api<PolicyObject> = Api::namespaced(ctx.client.clone(), &ns);
         remove_finalizer(&policy_api, &current).await?;
         ctx.shared.forget_policy(&ns, &name);
         ctx.shared
@@ -307,26 +307,26 @@ pub async fn reconcile_namespace(ns: &str, ctx: &Context) -> Result<(), Error> {
 
 /// The live policies of `ns` that carry our finalizer, adding it where it is missing. Only these
 /// are rendered: a policy without it could vanish with no event that renders it out again.
-async fn finalized_policies(ns: &str, ctx: &Context) -> Result<Vec<Arc<Policy>>, Error> {
-    let live = ctx.policies.state().into_iter().filter(|p| {
-        p.meta().namespace.as_deref() == Some(ns) && p.meta().deletion_timestamp.is_none()
+async fn finalized_policies(ns: &str, ctx: &Context) -> Result<Vec<Arc<PolicyObject>>, Error> {
+    let live = ctx.policies.state().into_iter().filter(|policy| {
+        policy.meta().namespace.as_deref() == Some(ns) && policy.meta().deletion_timestamp.is_none()
     });
-    let api: Api<Policy> = Api::namespaced(ctx.client.clone(), ns);
+    let api: Api<PolicyObject> = Api::namespaced(ctx.client.clone(), ns);
     let mut out = Vec::new();
-    for p in live {
-        let key = format!("finalizer/{ns}/{}", p.name_any());
-        let cached_rv = p.meta().resource_version.as_deref();
+    for policy in live {
+        let key = format!("finalizer/{ns}/{}", policy.name_any());
+        let cached_rv = policy.meta().resource_version.as_deref();
         // A second render can run before the cache shows the finalizer just added.
-        if p.finalizers().iter().any(|f| f == FINALIZER)
+        if policy.finalizers().iter().any(|f| f == FINALIZER)
             || ctx.shared.already_written(&key, 1, cached_rv)
         {
-            out.push(p);
+            out.push(policy);
             continue;
         }
-        match add_finalizer(&api, &p).await? {
+        match add_finalizer(&api, &policy).await? {
             Patched::Done(rv) => {
                 ctx.shared.remember(key, 1, rv);
-                out.push(p);
+                out.push(policy);
             }
             // Deleted before it was ever rendered: nothing to take out of the config.
             Patched::Gone => {}
@@ -337,8 +337,69 @@ async fn finalized_policies(ns: &str, ctx: &Context) -> Result<Vec<Arc<Policy>>,
 
 /// Renders the namespace from the caches and writes what changed.
 async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
-    let in_ns = |m: &kube::core::ObjectMeta| m.namespace.as_deref() == Some(ns);
     let policies = finalized_policies(ns, ctx).await?;
+    let rendered = render(ns, ctx, &policies)?;
+    let hash = rendered.config.hash();
+    // A refused ConfigMap (too large, RBAC, 422) must still show in every status.
+    let config = (!policies.is_empty()).then_some(&rendered.config);
+    let applied = apply_config_map(ns, ctx, config, &hash).await;
+    // What the sidecars run when the write failed: the ConfigMap as it still is.
+    let running_hash = match &applied {
+        Ok(()) => Some(hash),
+        Err(_) => ctx
+            .config_maps
+            .get(&ObjectRef::new(CONFIG_MAP).within(ns))
+            .and_then(|c| c.annotations().get(HASH_ANNOTATION).cloned()),
+    };
+    let mut first_error = applied.err();
+    let reports = ctx.reports.latest();
+    let upstreams: HashMap<&str, &Upstream> = rendered
+        .config
+        .upstreams
+        .iter()
+        .map(|u| (u.name.as_str(), u))
+        .collect();
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    for policy in &policies {
+        let name = policy.meta().name.clone().unwrap_or_default();
+        let Some(outcome) = rendered.outcomes.get(&name) else {
+            continue;
+        };
+        let mut outcome = outcome.clone();
+        if let Some(e) = &first_error {
+            outcome.config_not_applied(CONFIG_MAP, &e.to_string());
+        }
+        let upstream = format!("{ns}/{name}");
+        let previous = previous_status(policy);
+        add_sidecar_figures(
+            &mut outcome,
+            upstreams.get(upstream.as_str()).copied(),
+            reports.as_deref().map(|r| r.get(&upstream)),
+            previous.as_ref(),
+        );
+        let status = desired_status(
+            &outcome,
+            policy.meta().generation,
+            running_hash.as_deref(),
+            previous.as_ref(),
+            &now,
+        );
+        let statuses = outcome.conditions().map(|(_, c)| c.status);
+        ctx.shared
+            .metrics
+            .policy_conditions(&upstream, Some(statuses));
+        // One refused status write does not keep the others stale.
+        if let Err(e) = update_status(ns, policy, status, previous.as_ref(), ctx).await {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// The namespace's config and outcomes, from `policies` and the cached Services, EndpointSlices
+/// and running config.
+fn render(ns: &str, ctx: &Context, policies: &[Arc<PolicyObject>]) -> Result<Rendered, Error> {
+    let in_ns = |m: &kube::core::ObjectMeta| m.namespace.as_deref() == Some(ns);
     let services = ctx.services.state_filter(|s| in_ns(&s.metadata));
     let slices = ctx.slices.state_filter(|s| in_ns(&s.metadata));
     let running = running_config(ns, ctx);
@@ -363,184 +424,179 @@ async fn render_and_apply(ns: &str, ctx: &Context) -> Result<(), Error> {
         .collect();
     let svc_refs: Vec<&Service> = services.iter().map(|s| &**s).collect();
     let slice_refs: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
-    let rendered = render_namespace(ns, &inputs, &svc_refs, &slice_refs)?;
-    let hash = rendered.config.hash();
+    Ok(render_namespace(ns, &inputs, &svc_refs, &slice_refs)?)
+}
 
-    // A refused ConfigMap (too large, RBAC, 422) must still show in every status.
-    let applied = apply_config_map(
-        ns,
-        ctx,
-        (!inputs.is_empty()).then_some(&rendered.config),
-        &hash,
-    )
-    .await;
-    // What the sidecars run when the write failed: the ConfigMap as it still is.
-    let running_hash = match &applied {
-        Ok(()) => Some(hash.clone()),
-        Err(_) => ctx
-            .config_maps
-            .get(&ObjectRef::new(CONFIG_MAP).within(ns))
-            .and_then(|c| c.annotations().get(HASH_ANNOTATION).cloned()),
-    };
-    let mut first_error = applied.err();
-    let sidecars = ctx.reports.latest();
-    let rendered_upstreams: HashMap<&str, &crate::config::Upstream> = rendered
-        .config
-        .upstreams
-        .iter()
-        .map(|u| (u.name.as_str(), u))
-        .collect();
+/// The status the policy shows now (none for an object that cannot be read).
+fn previous_status(p: &PolicyObject) -> Option<UpstreamPolicyStatus> {
+    p.0.as_ref().ok().and_then(|p| p.status.clone())
+}
 
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
-    for p in &policies {
-        let name = p.meta().name.clone().unwrap_or_default();
-        let Some(outcome) = rendered.outcomes.get(&name) else {
-            continue;
-        };
-        let mut outcome = outcome.clone();
-        if let Some(e) = &first_error {
-            outcome.config_not_applied(CONFIG_MAP, &e.to_string());
+/// How many sidecars run the policy's upstream and how many of its endpoints they ejected.
+/// `report` is `None` before the first scrape round (just started or took over): then the
+/// status keeps what it says.
+fn add_sidecar_figures(
+    outcome: &mut Outcome,
+    upstream: Option<&Upstream>,
+    report: Option<Option<&UpstreamReport>>,
+    previous: Option<&UpstreamPolicyStatus>,
+) {
+    match report {
+        Some(report) => {
+            let addresses = upstream
+                .into_iter()
+                .flat_map(|u| u.endpoints.iter().map(|e| e.address.as_str()));
+            let (sidecars, ejected) =
+                report.map_or((0, 0), |r| (r.sidecars, r.ejected_among(addresses)));
+            outcome.sidecar_figures(sidecars, ejected);
         }
-        let previous = match &p.0 {
-            Ok(p) => p.status.clone(),
-            Err(_) => None,
-        };
-        let upstream = format!("{ns}/{name}");
-        match &sidecars {
-            Some(reports) => {
-                let addresses = rendered_upstreams
-                    .get(upstream.as_str())
-                    .into_iter()
-                    .flat_map(|u| u.endpoints.iter().map(|e| e.address.as_str()));
-                let (n, ejected) = reports
-                    .get(&upstream)
-                    .map_or((0, 0), |h| (h.sidecars, h.ejected_among(addresses)));
-                outcome.sidecar_figures(n, ejected);
-            }
-            // No scrape round yet (just started or took over): keep what the status says.
-            None => {
-                if let Some(prev) = &previous {
-                    let ejected = prev.endpoints.ejected.min(outcome.endpoints.total);
-                    outcome.sidecar_figures(prev.sidecars, ejected);
-                }
-            }
-        }
-        let status = desired_status(
-            &outcome,
-            p.meta().generation,
-            running_hash.as_deref(),
-            previous.as_ref(),
-            &now,
-        );
-        ctx.shared.metrics.policy_conditions(
-            &format!("{ns}/{name}"),
-            Some([
-                outcome.accepted.status,
-                outcome.resolved_refs.status,
-                outcome.ready.status,
-            ]),
-        );
-        let key = format!("status/{ns}/{name}");
-        let value = hash_of(&without_times(&status));
-        // An unreadable object shows no status in the cache, so only our own memory stops a
-        // write loop for it.
-        let cached_rv = match &p.0 {
-            Ok(_) => p.meta().resource_version.as_deref(),
-            Err(_) => None,
-        };
-        let pending = ctx.shared.pending_write(&key, cached_rv);
-        if status_unchanged(previous.as_ref(), &status, pending) {
-            continue;
-        }
-        // One refused status write does not keep the others stale.
-        match patch_status(ns, &name, &status, ctx).await {
-            Ok(written_rv) => {
-                ctx.shared
-                    .remember(key, value, written_rv.filter(|_| p.0.is_ok()));
-                publish_transitions(p, previous.as_ref(), &status, ctx).await;
-            }
-            Err(e) => {
-                warn!(namespace = %ns, policy = %name, error = %e, "status write failed");
-                first_error.get_or_insert(e);
+        None => {
+            if let Some(prev) = previous {
+                let ejected = prev.endpoints.ejected.min(outcome.endpoints.total);
+                outcome.sidecar_figures(prev.sidecars, ejected);
             }
         }
     }
-    first_error.map_or(Ok(()), Err)
+}
+
+/// Writes `status` unless the server already holds it, then publishes its transitions.
+async fn update_status(
+    ns: &str,
+    policy: &PolicyObject,
+    status: UpstreamPolicyStatus,
+    previous: Option<&UpstreamPolicyStatus>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let name = policy.name_any();
+    let key = format!("status/{ns}/{name}");
+    let value = hash_of(&without_times(&status));
+    // An unreadable object shows no status in the cache, so only our own memory stops a write
+    // loop for it.
+    let cached_rv = match &policy.0 {
+        Ok(_) => policy.meta().resource_version.as_deref(),
+        Err(_) => None,
+    };
+    let pending = ctx.shared.pending_write(&key, cached_rv);
+    if status_unchanged(previous, &status, pending) {
+        return Ok(());
+    }
+    match patch_status(ns, &name, &status, ctx).await {
+        Ok(written_rv) => {
+            ctx.shared
+                .remember(key, value, written_rv.filter(|_| policy.0.is_ok()));
+            publish_transitions(policy, previous, &status, ctx).await;
+            Ok(())
+        }
+        Err(e) => {
+            warn!(namespace = %ns, policy = %name, error = %e, "status write failed");
+            Err(e)
+        }
+    }
 }
 
 /// The config the sidecars of `ns` run now: the rendered ConfigMap in the cache.
-fn running_config(ns: &str, ctx: &Context) -> Option<crate::config::Config> {
+fn running_config(ns: &str, ctx: &Context) -> Option<Config> {
     let cm = ctx
         .config_maps
         .get(&ObjectRef::new(CONFIG_MAP).within(ns))?;
     let text = cm.data.as_ref()?.get(CONFIG_KEY)?;
-    crate::config::Config::from_str_validated(text).ok()
+    Config::from_str_validated(text).ok()
 }
 
+/// Writes the namespace's ConfigMap (`config`), or deletes it when no policy is left (`None`).
 async fn apply_config_map(
     ns: &str,
     ctx: &Context,
-    config: Option<&crate::config::Config>,
+    config: Option<&Config>,
     hash: &str,
 ) -> Result<(), Error> {
-    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
     let cached = ctx.config_maps.get(&ObjectRef::new(CONFIG_MAP).within(ns));
-    let key = format!("configmap/{ns}");
-    let rv = cached
-        .as_ref()
-        .and_then(|c| c.metadata.resource_version.as_deref());
-    let Some(config) = config else {
-        // No policies left in the namespace. Remembered without a version: skipped until the
-        // cache drops the deleted object.
-        let delete = cached.is_some() && !ctx.shared.already_written(&key, 0, rv);
-        if delete {
-            match api.delete(CONFIG_MAP, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(source) => {
-                    return Err(Error::Kube {
-                        action: "delete",
-                        target: format!("configmap {ns}/{CONFIG_MAP}"),
-                        source,
-                    })
-                }
-            }
-            ctx.shared.remember(key, 0, None);
-            ctx.shared.metrics.rendered("deleted");
-            info!(namespace = %ns, "deleted {CONFIG_MAP}: no policies left");
-        }
-        // The sidecars' access goes with the config (remembered first, so a failed removal is
-        // tried again).
-        if delete {
-            ctx.shared.remember_access(ns);
-        }
-        if ctx.shared.access.lock().contains(ns) {
-            access::remove(&ctx.client, ns).await?;
-            ctx.shared.access.lock().remove(ns);
-        }
-        return Ok(());
-    };
+    match config {
+        Some(config) => write_config_map(ns, ctx, config, hash, cached.as_deref()).await,
+        None => delete_config_map(ns, ctx, cached.as_deref()).await,
+    }
+}
+
+async fn write_config_map(
+    ns: &str,
+    ctx: &Context,
+    config: &Config,
+    hash: &str,
+    cached: Option<&ConfigMap>,
+) -> Result<(), Error> {
     // The sidecars' read access first, so that they can read what is written next.
     if !ctx.shared.access.lock().contains(ns) {
         access::apply(&ctx.client, ns).await?;
         ctx.shared.remember_access(ns);
     }
     let yaml = config.to_yaml();
-    let up_to_date = cached.as_ref().is_some_and(|c| {
-        c.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) == Some(&yaml)
-            && c.annotations().get(HASH_ANNOTATION).map(String::as_str) == Some(hash)
-            && c.labels().get(MANAGED_BY.0).map(String::as_str) == Some(MANAGED_BY.1)
-    });
+    let key = format!("configmap/{ns}");
     let value = hash_of(&yaml);
     ctx.shared
         .applied
         .lock()
         .insert(ns.to_string(), hash.to_string());
-    if up_to_date || ctx.shared.already_written(&key, value, rv) {
+    let rv = cached.and_then(|c| c.metadata.resource_version.as_deref());
+    if cached.is_some_and(|c| holds(c, &yaml, hash)) || ctx.shared.already_written(&key, value, rv)
+    {
         ctx.shared.metrics.rendered("unchanged");
         return Ok(());
     }
-    let body = json!({
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    let written = api
+        .patch(
+            CONFIG_MAP,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&config_map(ns, hash, &yaml)),
+        )
+        .await
+        .map_err(ApiError::of(
+            "apply",
+            format!("configmap {ns}/{CONFIG_MAP}"),
+        ))?;
+    ctx.shared
+        .remember(key, value, written.metadata.resource_version);
+    ctx.shared.metrics.rendered("applied");
+    debug!(namespace = %ns, %hash, upstreams = config.upstreams.len(), "applied {CONFIG_MAP}");
+    Ok(())
+}
+
+/// No policies left in the namespace: the ConfigMap goes, and the sidecars' access with it.
+async fn delete_config_map(
+    ns: &str,
+    ctx: &Context,
+    cached: Option<&ConfigMap>,
+) -> Result<(), Error> {
+    let key = format!("configmap/{ns}");
+    let rv = cached.and_then(|c| c.metadata.resource_version.as_deref());
+    // Remembered without a version: skipped until the cache drops the deleted object.
+    let delete = cached.is_some() && !ctx.shared.already_written(&key, 0, rv);
+    if delete {
+        let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+        match api.delete(CONFIG_MAP, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(source) => {
+                let target = format!("configmap {ns}/{CONFIG_MAP}");
+                return Err(ApiError::of("delete", target)(source).into());
+            }
+        }
+        ctx.shared.remember(key, 0, None);
+        ctx.shared.metrics.rendered("deleted");
+        info!(namespace = %ns, "deleted {CONFIG_MAP}: no policies left");
+        // Remembered first, so that a failed removal is tried again.
+        ctx.shared.remember_access(ns);
+    }
+    if ctx.shared.access.lock().contains(ns) {
+        access::remove(&ctx.client, ns).await?;
+        ctx.shared.access.lock().remove(ns);
+    }
+    Ok(())
+}
+
+/// The ConfigMap as this operator writes it (server-side apply).
+fn config_map(ns: &str, hash: &str, yaml: &str) -> serde_json::Value {
+    json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
@@ -550,24 +606,23 @@ async fn apply_config_map(
             "annotations": { HASH_ANNOTATION: hash },
         },
         "data": { CONFIG_KEY: yaml },
-    });
-    let written = api
-        .patch(
-            CONFIG_MAP,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await
-        .map_err(|source| Error::Kube {
-            action: "apply",
-            target: format!("configmap {ns}/{CONFIG_MAP}"),
-            source,
-        })?;
-    ctx.shared
-        .remember(key, value, written.metadata.resource_version);
-    ctx.shared.metrics.rendered("applied");
-    debug!(namespace = %ns, %hash, upstreams = config.upstreams.len(), "applied {CONFIG_MAP}");
-    Ok(())
+    })
+}
+
+/// `cached` already holds this document, hash and label: nothing to write.
+fn holds(cached: &ConfigMap, yaml: &str, hash: &str) -> bool {
+    cached
+        .data
+        .as_ref()
+        .and_then(|d| d.get(CONFIG_KEY))
+        .map(String::as_str)
+        == Some(yaml)
+        && cached
+            .annotations()
+            .get(HASH_ANNOTATION)
+            .map(String::as_str)
+            == Some(hash)
+        && cached.labels().get(MANAGED_BY.0).map(String::as_str) == Some(MANAGED_BY.1)
 }
 
 async fn patch_status(
@@ -576,7 +631,7 @@ async fn patch_status(
     status: &UpstreamPolicyStatus,
     ctx: &Context,
 ) -> Result<Option<String>, Error> {
-    let api: Api<Policy> = Api::namespaced(ctx.client.clone(), ns);
+    let api: Api<PolicyObject> = Api::namespaced(ctx.client.clone(), ns);
     let body = json!({
         "apiVersion": UpstreamPolicy::api_version(&()),
         "kind": UpstreamPolicy::kind(&()),
@@ -598,11 +653,7 @@ async fn patch_status(
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
         Err(source) => {
             ctx.shared.metrics.status_patched("error");
-            Err(Error::Kube {
-                action: "patch_status",
-                target: format!("upstreampolicy {ns}/{name}"),
-                source,
-            })
+            Err(ApiError::of("patch_status", format!("upstreampolicy {ns}/{name}"))(source).into())
         }
     }
 }
@@ -615,7 +666,7 @@ enum Patched {
     Gone,
 }
 
-async fn add_finalizer(api: &Api<Policy>, obj: &Policy) -> Result<Patched, Error> {
+async fn add_finalizer(api: &Api<PolicyObject>, obj: &PolicyObject) -> Result<Patched, Error> {
     // `test` makes the patch fail, not clobber, if someone else changed the list meanwhile.
     let ops = match &obj.meta().finalizers {
         None => json!([
@@ -630,7 +681,7 @@ async fn add_finalizer(api: &Api<Policy>, obj: &Policy) -> Result<Patched, Error
     json_patch_policy(api, obj, ops, "add_finalizer").await
 }
 
-async fn remove_finalizer(api: &Api<Policy>, obj: &Policy) -> Result<Patched, Error> {
+async fn remove_finalizer(api: &Api<PolicyObject>, obj: &PolicyObject) -> Result<Patched, Error> {
     let Some(i) = obj.finalizers().iter().position(|f| f == FINALIZER) else {
         return Ok(Patched::Done(None));
     };
@@ -642,8 +693,8 @@ async fn remove_finalizer(api: &Api<Policy>, obj: &Policy) -> Result<Patched, Er
 }
 
 async fn json_patch_policy(
-    api: &Api<Policy>,
-    obj: &Policy,
+    api: &Api<PolicyObject>,
+    obj: &PolicyObject,
     ops: serde_json::Value,
     action: &'static str,
 ) -> Result<Patched, Error> {
@@ -655,20 +706,16 @@ async fn json_patch_policy(
     {
         Ok(obj) => Ok(Patched::Done(obj.meta().resource_version.clone())),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(Patched::Gone),
-        Err(source) => Err(Error::Kube {
-            action,
-            target: format!(
-                "upstreampolicy {}/{name}",
-                obj.namespace().unwrap_or_default()
-            ),
-            source,
-        }),
+        Err(source) => {
+            let ns = obj.namespace().unwrap_or_default();
+            Err(ApiError::of(action, format!("upstreampolicy {ns}/{name}"))(source).into())
+        }
     }
 }
 
 /// One Event per condition whose status changed (or first appeared).
 async fn publish_transitions(
-    obj: &Policy,
+    obj: &PolicyObject,
     previous: Option<&UpstreamPolicyStatus>,
     status: &UpstreamPolicyStatus,
     ctx: &Context,
@@ -688,11 +735,14 @@ async fn publish_transitions(
             continue;
         }
         // Accepted=True with reason Accepted is the normal case; it needs no event.
-        if before.is_none() && c.status == "True" && c.type_ != condition::READY {
+        if before.is_none()
+            && c.status == ConditionStatus::True.as_str()
+            && c.type_ != condition::READY
+        {
             continue;
         }
         let ev = KubeEvent {
-            type_: if c.status == "True" {
+            type_: if c.status == ConditionStatus::True.as_str() {
                 EventType::Normal
             } else {
                 EventType::Warning
@@ -767,6 +817,21 @@ mod tests {
         // Nothing remembered: the cache decides.
         assert_eq!(newer_write(&memo, "status/ns/q", Some("10")), None);
         assert!(status_unchanged(Some(&a), &a, None));
+    }
+
+    #[test]
+    fn a_config_map_holds_a_document_only_with_its_hash_and_label() {
+        let ours: ConfigMap = serde_json::from_value(config_map("shop", "abc", "doc")).unwrap();
+        assert!(holds(&ours, "doc", "abc"));
+        assert!(!holds(&ours, "other", "abc"));
+        assert!(!holds(&ours, "doc", "def"));
+        let mut unlabelled = ours.clone();
+        unlabelled.metadata.labels = None;
+        assert!(
+            !holds(&unlabelled, "doc", "abc"),
+            "a label removed is put back"
+        );
+        assert_eq!(ours.metadata.name.as_deref(), Some(CONFIG_MAP));
     }
 
     #[test]

@@ -20,7 +20,6 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, PodStatus};
 use kube::{
-    core::DeserializeGuard,
     runtime::{
         reflector::{ObjectRef, Store},
         watcher,
@@ -30,13 +29,11 @@ use kube::{
 use parking_lot::RwLock;
 use tracing::{debug, info, warn};
 
-use super::metrics::Metrics;
+use super::{metrics::Metrics, reconcile::PolicyObject};
 use crate::{
-    api::{UpstreamPolicy, SIDECAR_ADMIN_PORT},
+    api::SIDECAR_ADMIN_PORT,
     report::{EndpointsReport, LiveState},
 };
-
-type Policy = DeserializeGuard<UpstreamPolicy>;
 
 /// How long one sidecar may take to answer; a slow one is just not counted this round.
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -267,10 +264,10 @@ impl<T> Drop for AbortOnDrop<T> {
 /// Everything the poll loop of one scope needs.
 pub struct Poller {
     pub pods: Store<Pod>,
-    pub policies: Store<Policy>,
+    pub policies: Store<PolicyObject>,
     pub reports: Arc<SidecarReports>,
     /// Policies to reconcile (`Controller::reconcile_on`).
-    pub trigger: mpsc::UnboundedSender<ObjectRef<Policy>>,
+    pub trigger: mpsc::UnboundedSender<ObjectRef<PolicyObject>>,
     pub interval: Duration,
     pub metrics: Arc<Metrics>,
     /// True once the controller's caches are filled (the policies among them): the first round
@@ -279,7 +276,7 @@ pub struct Poller {
 }
 
 /// Drives the pod watch and, once its cache is filled, scrapes every `interval`.
-pub async fn poll<S>(pod_events: S, p: Poller)
+pub async fn poll<S>(pod_events: S, poller: Poller)
 where
     S: Stream<Item = Result<watcher::Event<Pod>, watcher::Error>> + Send,
 {
@@ -292,19 +289,19 @@ where
     });
     let rounds = async {
         // This is the pod store's only waiter (`wait_until_ready` wakes just one).
-        if p.pods.wait_until_ready().await.is_err() {
+        if poller.pods.wait_until_ready().await.is_err() {
             return;
         }
-        if p.synced.clone().wait_for(|s| *s).await.is_err() {
+        if poller.synced.clone().wait_for(|s| *s).await.is_err() {
             return;
         }
-        let mut tick = tokio::time::interval(p.interval);
+        let mut tick = tokio::time::interval(poller.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = HashSet::new();
         let mut first = true;
         loop {
             tick.tick().await;
-            round(&p, &mut failing, first).await;
+            round(&poller, &mut failing, first).await;
             first = false;
         }
     };
@@ -313,75 +310,103 @@ where
 }
 
 /// One scrape of every sidecar; triggers a reconcile where the aggregate changed.
-async fn round(p: &Poller, failing: &mut HashSet<String>, first: bool) {
-    let targets: Vec<Target> = p
-        .pods
-        .state()
-        .iter()
-        .filter_map(|pod| scrape_target(pod))
-        .collect();
-    let results: Vec<(Target, Result<EndpointsReport, ScrapeError>)> =
-        futures::stream::iter(targets)
-            .map(|t| async move {
-                let r = scrape(t.admin, SCRAPE_TIMEOUT).await;
-                (t, r)
-            })
-            .buffer_unordered(SCRAPE_CONCURRENCY)
-            .collect()
-            .await;
-    let mut reports = Vec::with_capacity(results.len());
-    for (t, r) in results {
-        let key = format!("{}/{}", t.namespace, t.pod);
-        match r {
-            Ok(report) => {
-                p.metrics.sidecar_scraped("ok");
-                if failing.remove(&key) {
-                    info!(pod = %key, admin = %t.admin, "sidecar answers again");
-                }
-                reports.push((t.namespace, report));
-            }
-            Err(e) => {
-                p.metrics.sidecar_scraped("error");
-                // Once per failing streak: an admin server bound to 127.0.0.1 fails every round.
-                if failing.insert(key.clone()) {
-                    info!(pod = %key, admin = %t.admin, error = %e,
-                        "cannot read the sidecar's /endpoints; not counted until it answers");
-                } else {
-                    debug!(pod = %key, error = %e, "sidecar scrape failed");
-                }
-            }
-        }
-    }
+async fn round(poller: &Poller, failing: &mut HashSet<String>, first: bool) {
+    let results = scrape_all(&poller.pods).await;
+    let reports = record(poller, results, failing);
     // Pods that went away are no longer failing.
-    let scraped: HashSet<String> = p
+    let present: HashSet<String> = poller
         .pods
         .state()
         .iter()
         .map(|pod| format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()))
         .collect();
-    failing.retain(|k| scraped.contains(k));
+    failing.retain(|k| present.contains(k));
 
-    let agg = aggregate(reports.iter().map(|(ns, r)| (ns.as_str(), r)));
-    let upstreams = agg.len();
-    let mut changed = p.reports.set(agg);
+    let aggregated = aggregate(reports.iter().map(|(ns, r)| (ns.as_str(), r)));
+    let upstreams = aggregated.len();
+    let mut changed = poller.reports.set(aggregated);
     if first {
         // A status written by an earlier run may report sidecars that are gone now.
-        for pol in p.policies.state() {
-            let Ok(obj) = &pol.0 else { continue };
-            let shows = obj
-                .status
-                .as_ref()
-                .is_some_and(|s| s.sidecars > 0 || s.endpoints.ejected > 0);
-            if shows {
-                changed.insert(format!(
-                    "{}/{}",
-                    pol.namespace().unwrap_or_default(),
-                    pol.name_any()
-                ));
+        changed.extend(showing_sidecar_figures(&poller.policies));
+    }
+    let triggered = trigger(poller, changed);
+    debug!(
+        sidecars = reports.len(),
+        upstreams, triggered, "sidecar health round"
+    );
+}
+
+/// Every sidecar pod's `/endpoints`, a few at a time.
+async fn scrape_all(pods: &Store<Pod>) -> Vec<(Target, Result<EndpointsReport, ScrapeError>)> {
+    let targets: Vec<Target> = pods
+        .state()
+        .iter()
+        .filter_map(|pod| scrape_target(pod))
+        .collect();
+    futures::stream::iter(targets)
+        .map(|t| async move {
+            let r = scrape(t.admin, SCRAPE_TIMEOUT).await;
+            (t, r)
+        })
+        .buffer_unordered(SCRAPE_CONCURRENCY)
+        .collect()
+        .await
+}
+
+/// Counts and logs each scrape (a failing pod once per streak, kept in `failing`); the reports
+/// that came back, with their namespaces.
+fn record(
+    poller: &Poller,
+    results: Vec<(Target, Result<EndpointsReport, ScrapeError>)>,
+    failing: &mut HashSet<String>,
+) -> Vec<(String, EndpointsReport)> {
+    let mut reports = Vec::with_capacity(results.len());
+    for (t, r) in results {
+        let key = format!("{}/{}", t.namespace, t.pod);
+        poller.metrics.sidecar_scraped(r.is_ok());
+        match r {
+            Ok(report) => {
+                if failing.remove(&key) {
+                    info!(pod = %key, admin = %t.admin, "sidecar answers again");
+                }
+                reports.push((t.namespace, report));
             }
+            // Once per failing streak: an admin server bound to 127.0.0.1 fails every round.
+            Err(e) if failing.insert(key.clone()) => {
+                info!(pod = %key, admin = %t.admin, error = %e,
+                    "cannot read the sidecar's /endpoints; not counted until it answers");
+            }
+            Err(e) => debug!(pod = %key, error = %e, "sidecar scrape failed"),
         }
     }
-    // A reconcile renders the whole namespace: one trigger per namespace is enough.
+    reports
+}
+
+/// Policies (`ns/name`) whose status shows sidecars or ejected endpoints.
+fn showing_sidecar_figures(policies: &Store<PolicyObject>) -> Vec<String> {
+    policies
+        .state()
+        .iter()
+        .filter(|policy| {
+            policy.0.as_ref().is_ok_and(|obj| {
+                obj.status
+                    .as_ref()
+                    .is_some_and(|s| s.sidecars > 0 || s.endpoints.ejected > 0)
+            })
+        })
+        .map(|policy| {
+            format!(
+                "{}/{}",
+                policy.namespace().unwrap_or_default(),
+                policy.name_any()
+            )
+        })
+        .collect()
+}
+
+/// Triggers a reconcile of one live policy per namespace among `changed` upstreams (a reconcile
+/// renders the whole namespace); how many namespaces were triggered.
+fn trigger(poller: &Poller, changed: impl IntoIterator<Item = String>) -> usize {
     let mut namespaces = BTreeSet::new();
     for upstream in changed {
         let Some((ns, name)) = upstream.split_once('/') else {
@@ -391,21 +416,16 @@ async fn round(p: &Poller, failing: &mut HashSet<String>, first: bool) {
             continue;
         }
         let key = ObjectRef::new(name).within(ns);
-        let live = p
+        let live = poller
             .policies
             .get(&key)
             .is_some_and(|o| o.meta().deletion_timestamp.is_none());
         if live {
             namespaces.insert(ns.to_string());
-            let _ = p.trigger.unbounded_send(key);
+            let _ = poller.trigger.unbounded_send(key);
         }
     }
-    debug!(
-        sidecars = reports.len(),
-        upstreams,
-        triggered = namespaces.len(),
-        "sidecar health round"
-    );
+    namespaces.len()
 }
 
 #[cfg(test)]

@@ -63,14 +63,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every value of [`Outcome::label`], in variant order.
+    pub const LABELS: [&'static str; 4] = ["injected", "skipped", "error", "invalid"];
+
     /// `result` label of `detour_operator_injections_total`.
     pub fn label(&self) -> &'static str {
-        match self {
-            Outcome::Injected => "injected",
-            Outcome::Skipped(_) => "skipped",
-            Outcome::Failed(_) => "error",
-            Outcome::Invalid(_) => "invalid",
-        }
+        Self::LABELS[match self {
+            Outcome::Injected => 0,
+            Outcome::Skipped(_) => 1,
+            Outcome::Failed(_) => 2,
+            Outcome::Invalid(_) => 3,
+        }]
     }
 }
 

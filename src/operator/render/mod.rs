@@ -1,27 +1,35 @@
 //! Pure desired state: the policies of one namespace, their Services and EndpointSlices in; the
 //! sidecar config document and each policy's conditions out. No client calls here, so every
 //! condition reason and endpoint condition is covered by plain unit tests.
+//!
+//! [`render_namespace`] runs four steps, each a function of its own with its own tests:
+//! [`validate::validate`] (every spec, as config files are validated), [`ports::arbitrate`]
+//! (who keeps a contested listener port), [`resolve::resolve_all`] (Service port →
+//! endpoints) and [`assemble::assemble`] (conditions and upstreams).
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, SocketAddr},
-};
+mod assemble;
+#[cfg(test)]
+mod fixtures;
+mod ports;
+mod resolve;
+mod validate;
+
+use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::{core::v1::Service, discovery::v1::EndpointSlice},
-    apimachinery::pkg::{
-        apis::meta::v1::{Condition, Time},
-        util::intstr::IntOrString,
-    },
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
 };
 
 use crate::{
-    api::{condition, reason, EndpointCounts, UpstreamPolicySpec, UpstreamPolicyStatus},
-    config::{selector, Config, Endpoint, EndpointState, FieldErrors, Upstream},
+    api::{
+        condition, reason, ConditionStatus, EndpointCounts, UpstreamPolicySpec,
+        UpstreamPolicyStatus,
+    },
+    config::{Config, FieldErrors, Upstream},
 };
 
-/// Label EndpointSlices carry to name their Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub use self::resolve::SERVICE_NAME_LABEL;
 
 /// One policy as the renderer sees it.
 #[derive(Clone, Debug)]
@@ -36,10 +44,10 @@ pub struct PolicyInput<'a> {
     pub last_accepted: Option<&'a Upstream>,
 }
 
-/// One condition before it gets timestamps.
+/// One condition before it gets its type and timestamps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cond {
-    pub status: &'static str,
+    pub status: ConditionStatus,
     pub reason: &'static str,
     pub message: String,
 }
@@ -81,181 +89,16 @@ pub fn render_namespace(
     services: &[&Service],
     slices: &[&EndpointSlice],
 ) -> Result<Rendered, RenderError> {
-    let services: BTreeMap<&str, &Service> = services
-        .iter()
-        .filter_map(|s| Some((s.metadata.name.as_deref()?, *s)))
-        .collect();
-    let mut slices_by_service: BTreeMap<&str, Vec<&EndpointSlice>> = BTreeMap::new();
-    for s in slices {
-        if let Some(svc) = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        {
-            slices_by_service.entry(svc.as_str()).or_default().push(s);
-        }
-    }
+    let mut by_age: Vec<&PolicyInput<'_>> = policies.iter().collect();
+    by_age.sort_by(|a, b| (a.created, a.name).cmp(&(b.created, b.name)));
 
-    let mut order: Vec<&PolicyInput<'_>> = policies.iter().collect();
-    order.sort_by(|a, b| (a.created, a.name).cmp(&(b.created, b.name)));
+    let validation = validate::validate(&by_age);
+    let ports = ports::arbitrate(&validation.valid);
+    let cluster = resolve::Cluster::new(services, slices);
+    let resolutions = resolve::resolve_all(&by_age, &cluster);
+    let (config, outcomes) =
+        assemble::assemble(namespace, &by_age, validation, &ports, &resolutions);
 
-    // Validate every spec the same way config files are validated.
-    let mut valid: Vec<(&str, &UpstreamPolicySpec)> = Vec::new();
-    let mut outcomes = BTreeMap::new();
-    for p in &order {
-        let problem = match &p.spec {
-            Err(e) => Some(e.clone()),
-            Ok(spec) => {
-                let mut errs = FieldErrors::default();
-                spec.policy.validate("spec", &mut errs);
-                if let Some(sel) = &spec.workload_selector {
-                    selector::validate(sel, "spec.workloadSelector", &mut errs);
-                }
-                if errs.is_empty() {
-                    valid.push((p.name, spec));
-                    None
-                } else {
-                    Some(errs.to_string().replace('\n', "; "))
-                }
-            }
-        };
-        if let Some(msg) = problem {
-            let mut outcome = not_accepted(reason::INVALID, msg);
-            if p.last_accepted.is_some() {
-                outcome
-                    .accepted
-                    .message
-                    .push_str("; sidecars keep running the last accepted version of this policy");
-            }
-            outcomes.insert(p.name.to_string(), outcome);
-        }
-    }
-
-    // Listener ports: in age order, a policy keeps its port unless an older policy that kept it
-    // serves workloads that may overlap (the same pod could run both); every claimant is told.
-    // Winners on one port are then pairwise disjoint, as the sidecar's validation demands.
-    let mut holders: BTreeMap<u16, Vec<&(&str, &UpstreamPolicySpec)>> = BTreeMap::new();
-    let mut lost_to: BTreeMap<&str, &str> = BTreeMap::new();
-    let mut beaten: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for claim in &valid {
-        let (name, spec) = *claim;
-        let kept = holders.entry(spec.listener.port).or_default();
-        let older = kept.iter().find(|(_, s)| {
-            !selector::disjoint(
-                s.workload_selector.as_ref(),
-                spec.workload_selector.as_ref(),
-            )
-        });
-        match older {
-            Some((winner, _)) => {
-                lost_to.insert(name, winner);
-                beaten.entry(winner).or_default().push(name);
-            }
-            None => kept.push(claim),
-        }
-    }
-    let mut upstreams = Vec::new();
-    for (name, spec) in &valid {
-        let port = spec.listener.port;
-        let accepted = if let Some(winner) = lost_to.get(name) {
-            outcomes.insert(
-                name.to_string(),
-                not_accepted(
-                    reason::LISTENER_CONFLICT,
-                    format!(
-                        "listener port {port} is already used by older policy {winner} for workloads that may overlap; choose another spec.listener.port or a workloadSelector disjoint from its"
-                    ),
-                ),
-            );
-            continue;
-        } else if let Some(newer) = beaten.get(name) {
-            Cond::t(
-                reason::LISTENER_CONFLICT,
-                format!(
-                    "listener port {port} is also claimed by newer {} for workloads that may overlap; this policy is older and keeps it",
-                    list(newer)
-                ),
-            )
-        } else {
-            Cond::t(
-                reason::ACCEPTED,
-                "policy is valid and its listener port is free for its workloads",
-            )
-        };
-
-        let (resolved_refs, endpoints) = match resolve(spec, &services, &slices_by_service) {
-            Ok(eps) => (
-                Cond::t(
-                    reason::RESOLVED,
-                    format!(
-                        "Service {} port {} resolved",
-                        spec.upstream.service,
-                        port_text(&spec.upstream.port)
-                    ),
-                ),
-                eps,
-            ),
-            Err(c) => (c, Vec::new()),
-        };
-        let counts = count(&endpoints);
-        let ready = if resolved_refs.status != "True" {
-            Cond::f(reason::REFS_NOT_RESOLVED, resolved_refs.message.clone())
-        } else if counts.ready > 0 {
-            Cond::t(
-                reason::READY,
-                format!("{} of {} endpoints ready", counts.ready, counts.total),
-            )
-        } else if endpoints.iter().any(|(_, f)| usable(*f)) {
-            Cond::f(
-                reason::NO_ENDPOINTS,
-                format!(
-                    "no ready endpoints; {} terminating endpoints still serve",
-                    endpoints.iter().filter(|(_, f)| usable(*f)).count()
-                ),
-            )
-        } else {
-            Cond::f(
-                reason::NO_ENDPOINTS,
-                format!("Service {} has no ready endpoints", spec.upstream.service),
-            )
-        };
-        upstreams.push(Upstream {
-            name: format!("{namespace}/{name}"),
-            listen: format!("127.0.0.1:{port}"),
-            workload_selector: spec.workload_selector.clone(),
-            endpoints: endpoints
-                .into_iter()
-                .filter(|(_, f)| usable(*f))
-                .map(|(e, _)| e)
-                .collect(),
-            policy: spec.policy.clone(),
-        });
-        outcomes.insert(
-            name.to_string(),
-            Outcome {
-                accepted,
-                resolved_refs,
-                ready,
-                endpoints: counts,
-                sidecars: 0,
-                rendered: true,
-            },
-        );
-    }
-    upstreams.extend(keep_last_accepted(
-        &order,
-        &valid,
-        &lost_to,
-        &services,
-        &slices_by_service,
-        &mut outcomes,
-    ));
-    upstreams.sort_by(|a, b| a.name.cmp(&b.name));
-    let config = Config {
-        upstreams,
-        ..Config::empty()
-    };
     config.validate().map_err(|errors| RenderError {
         namespace: namespace.to_string(),
         errors,
@@ -273,15 +116,15 @@ pub fn desired_status(
     previous: Option<&UpstreamPolicyStatus>,
     now: &Time,
 ) -> UpstreamPolicyStatus {
-    let cond = |type_: &str, c: &Cond| {
+    let condition = |(type_, c): (&str, &Cond)| {
         let prev = previous.and_then(|p| p.conditions.iter().find(|x| x.type_ == type_));
         let last_transition_time = match prev {
-            Some(p) if p.status == c.status => p.last_transition_time.clone(),
+            Some(p) if p.status == c.status.as_str() => p.last_transition_time.clone(),
             _ => now.clone(),
         };
         Condition {
             type_: type_.to_string(),
-            status: c.status.to_string(),
+            status: c.status.as_str().to_string(),
             reason: c.reason.to_string(),
             message: c.message.clone(),
             observed_generation: generation,
@@ -290,11 +133,7 @@ pub fn desired_status(
     };
     UpstreamPolicyStatus {
         observed_generation: generation,
-        conditions: vec![
-            cond(condition::ACCEPTED, &outcome.accepted),
-            cond(condition::RESOLVED_REFS, &outcome.resolved_refs),
-            cond(condition::READY, &outcome.ready),
-        ],
+        conditions: outcome.conditions().into_iter().map(condition).collect(),
         endpoints: outcome.endpoints,
         sidecars: outcome.sidecars,
         config_hash: outcome
@@ -304,268 +143,43 @@ pub fn desired_status(
     }
 }
 
-// === resolution ===
-
-#[derive(Clone, Copy, Debug, Default)]
-struct Flags {
-    ready: bool,
-    serving: bool,
-    terminating: bool,
-}
-
-/// The running upstreams of policies that are invalid now: kept as they were accepted, with
-/// endpoints refreshed when the policy still names a Service port that resolves. One whose
-/// listener a rendered policy for overlapping workloads has taken since is dropped.
-fn keep_last_accepted(
-    order: &[&PolicyInput<'_>],
-    valid: &[(&str, &UpstreamPolicySpec)],
-    lost_to: &BTreeMap<&str, &str>,
-    services: &BTreeMap<&str, &Service>,
-    slices: &BTreeMap<&str, Vec<&EndpointSlice>>,
-    outcomes: &mut BTreeMap<String, Outcome>,
-) -> Vec<Upstream> {
-    let mut kept = Vec::new();
-    for p in order {
-        let Some(prev) = p.last_accepted else {
-            continue;
-        };
-        if valid.iter().any(|(n, _)| n == &p.name) {
-            continue;
-        }
-        let taken = valid.iter().any(|(n, s)| {
-            !lost_to.contains_key(n)
-                && format!("127.0.0.1:{}", s.listener.port) == prev.listen
-                && !selector::disjoint(
-                    s.workload_selector.as_ref(),
-                    prev.workload_selector.as_ref(),
-                )
-        });
-        if taken {
-            continue;
-        }
-        let mut up = prev.clone();
-        if let Ok(Ok(eps)) = p.spec.as_ref().map(|s| resolve(s, services, slices)) {
-            up.endpoints = eps
-                .into_iter()
-                .filter(|(_, f)| usable(*f))
-                .map(|(e, _)| e)
-                .collect();
-        }
-        if let Some(o) = outcomes.get_mut(p.name) {
-            o.endpoints.total = u32::try_from(up.endpoints.len()).unwrap_or(u32::MAX);
-            o.rendered = true;
-        }
-        kept.push(up);
-    }
-    kept
-}
-
-fn resolve(
-    spec: &UpstreamPolicySpec,
-    services: &BTreeMap<&str, &Service>,
-    slices: &BTreeMap<&str, Vec<&EndpointSlice>>,
-) -> Result<Vec<(Endpoint, Flags)>, Cond> {
-    let name = spec.upstream.service.as_str();
-    let svc = services.get(name).ok_or_else(|| {
-        Cond::f(
-            reason::SERVICE_NOT_FOUND,
-            format!("Service {name} does not exist in this namespace"),
-        )
-    })?;
-    let svc_spec = svc.spec.clone().unwrap_or_default();
-    if svc_spec.type_.as_deref() == Some("ExternalName") {
-        return Err(Cond::f(
-            reason::UNSUPPORTED_SERVICE,
-            format!("Service {name} is of type ExternalName and has no endpoints"),
-        ));
-    }
-    let ports = svc_spec.ports.unwrap_or_default();
-    let port = ports
-        .iter()
-        .find(|p| match &spec.upstream.port {
-            IntOrString::Int(n) => p.port == *n,
-            IntOrString::String(s) => p.name.as_deref() == Some(s.as_str()),
-        })
-        .ok_or_else(|| {
-            let have: Vec<String> = ports
-                .iter()
-                .map(|p| match &p.name {
-                    Some(n) if !n.is_empty() => format!("{n}/{}", p.port),
-                    _ => p.port.to_string(),
-                })
-                .collect();
-            Cond::f(
-                reason::PORT_NOT_FOUND,
-                format!(
-                    "Service {name} has no port {} (ports: {})",
-                    port_text(&spec.upstream.port),
-                    if have.is_empty() {
-                        "none".to_string()
-                    } else {
-                        have.join(", ")
-                    }
-                ),
-            )
-        })?;
-    if !is_tcp(port.protocol.as_deref()) {
-        return Err(Cond::f(
-            reason::PORT_NOT_FOUND,
-            format!(
-                "Service {name} port {} is {}, not TCP",
-                port_text(&spec.upstream.port),
-                port.protocol.as_deref().unwrap_or_default()
-            ),
-        ));
-    }
-    // EndpointSlice ports carry the Service port's name ("" for a single unnamed port).
-    let port_name = port.name.as_deref().unwrap_or("");
-    // Dual-stack Services have one slice per family; use the primary family so a pod is one
-    // endpoint, not two.
-    let family = svc_spec
-        .ip_families
-        .as_ref()
-        .and_then(|f| f.first().cloned());
-
-    let mut found: BTreeMap<SocketAddr, (Endpoint, Flags)> = BTreeMap::new();
-    for slice in slices.get(name).into_iter().flatten() {
-        let at = slice.address_type.as_str();
-        if at != "IPv4" && at != "IPv6" {
-            continue;
-        }
-        if family.as_deref().is_some_and(|f| f != at) {
-            continue;
-        }
-        let Some(target) = slice.ports.iter().flatten().find_map(|p| {
-            let same = p.name.as_deref().unwrap_or("") == port_name;
-            (same && is_tcp(p.protocol.as_deref()))
-                .then_some(p.port)
-                .flatten()
-        }) else {
-            continue;
-        };
-        let Ok(target) = u16::try_from(target) else {
-            continue;
-        };
-        for ep in &slice.endpoints {
-            let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
-                continue;
-            };
-            let c = ep.conditions.clone().unwrap_or_default();
-            // nil conditions mean "unknown": ready and serving, not terminating (API docs).
-            let ready = c.ready.unwrap_or(true);
-            let terminating = c.terminating.unwrap_or(false);
-            let flags = Flags {
-                // With publishNotReadyAddresses a terminating pod still reports ready=true; it
-                // must not take new traffic like a ready one.
-                ready: ready && !terminating,
-                serving: c.serving.unwrap_or(ready),
-                terminating,
-            };
-            let addr = SocketAddr::new(ip, target);
-            let pod = ep
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| r.name.clone());
-            let endpoint = Endpoint {
-                address: addr.to_string(),
-                pod,
-                state: if flags.ready {
-                    EndpointState::Ready
-                } else {
-                    EndpointState::Terminating
-                },
-            };
-            // The same address may sit in two slices while the controller moves it; the more
-            // usable report wins.
-            let better = match found.get(&addr) {
-                None => true,
-                Some((_, old)) => rank(flags) > rank(*old),
-            };
-            if better {
-                found.insert(addr, (endpoint, flags));
-            }
-        }
-    }
-    Ok(found.into_values().collect())
-}
-
-/// Ready endpoints take traffic; terminating ones that still serve are a last resort; the rest
-/// (not serving) are left out of the config.
-fn usable(f: Flags) -> bool {
-    f.ready || (f.terminating && f.serving)
-}
-
-fn rank(f: Flags) -> u8 {
-    if f.ready {
-        2
-    } else if f.serving {
-        1
-    } else {
-        0
-    }
-}
-
-/// Counts every distinct address; the returned list keeps only usable endpoints.
-fn count(endpoints: &[(Endpoint, Flags)]) -> EndpointCounts {
-    let mut c = EndpointCounts::default();
-    for (_, f) in endpoints {
-        c.total += 1;
-        c.ready += u32::from(f.ready);
-        c.serving += u32::from(f.serving);
-        c.terminating += u32::from(f.terminating);
-    }
-    c
-}
-
-fn is_tcp(protocol: Option<&str>) -> bool {
-    matches!(protocol, None | Some("TCP"))
-}
-
-fn port_text(p: &IntOrString) -> String {
-    match p {
-        IntOrString::Int(n) => n.to_string(),
-        IntOrString::String(s) => format!("{s:?}"),
-    }
-}
-
-fn list(names: &[&str]) -> String {
-    let set: BTreeSet<&str> = names.iter().copied().collect();
-    let v: Vec<&str> = set.into_iter().collect();
-    if v.len() == 1 {
-        format!("policy {}", v[0])
-    } else {
-        format!("policies {}", v.join(", "))
-    }
-}
-
-fn not_accepted(reason: &'static str, message: String) -> Outcome {
-    Outcome {
-        accepted: Cond::f(reason, message),
-        resolved_refs: Cond {
-            status: "Unknown",
-            reason: reason::NOT_ACCEPTED,
-            message: "references are resolved once the policy is accepted".into(),
-        },
-        ready: Cond::f(
-            reason::NOT_ACCEPTED,
-            "the policy is not accepted (see Accepted)",
-        ),
-        endpoints: EndpointCounts::default(),
-        sidecars: 0,
-        rendered: false,
-    }
-}
-
 // === impl Outcome ===
 
 impl Outcome {
+    /// A policy left out of the config: `Accepted` is false for `reason`, the rest follows.
+    fn not_accepted(reason: &'static str, message: String) -> Outcome {
+        Outcome {
+            accepted: Cond::status_false(reason, message),
+            resolved_refs: Cond {
+                status: ConditionStatus::Unknown,
+                reason: reason::NOT_ACCEPTED,
+                message: "references are resolved once the policy is accepted".into(),
+            },
+            ready: Cond::status_false(
+                reason::NOT_ACCEPTED,
+                "the policy is not accepted (see Accepted)",
+            ),
+            endpoints: EndpointCounts::default(),
+            sidecars: 0,
+            rendered: false,
+        }
+    }
+
+    /// The conditions with their types, in the order of [`condition::ALL`].
+    pub fn conditions(&self) -> [(&'static str, &Cond); 3] {
+        [
+            (condition::ACCEPTED, &self.accepted),
+            (condition::RESOLVED_REFS, &self.resolved_refs),
+            (condition::READY, &self.ready),
+        ]
+    }
+
     /// The API server refused the namespace's ConfigMap: a rendered policy is not Ready, whatever
     /// its endpoints, and the user sees the server's reason. Policies left out or with unresolved
     /// references keep their own, more basic reason.
     pub fn config_not_applied(&mut self, config_map: &str, error: &str) {
-        if self.rendered && self.resolved_refs.status == "True" {
-            self.ready = Cond::f(
+        if self.rendered && self.resolved_refs.status == ConditionStatus::True {
+            self.ready = Cond::status_false(
                 reason::CONFIG_NOT_APPLIED,
                 format!("{config_map} could not be written: {error}"),
             );
@@ -585,17 +199,17 @@ impl Outcome {
 // === impl Cond ===
 
 impl Cond {
-    fn t(reason: &'static str, message: impl Into<String>) -> Self {
+    fn status_true(reason: &'static str, message: impl Into<String>) -> Self {
         Cond {
-            status: "True",
+            status: ConditionStatus::True,
             reason,
             message: message.into(),
         }
     }
 
-    fn f(reason: &'static str, message: impl Into<String>) -> Self {
+    fn status_false(reason: &'static str, message: impl Into<String>) -> Self {
         Cond {
-            status: "False",
+            status: ConditionStatus::False,
             reason,
             message: message.into(),
         }
@@ -604,105 +218,13 @@ impl Cond {
 
 #[cfg(test)]
 mod tests {
+    use super::fixtures::*;
     use super::*;
-    use crate::api::{Listener, UpstreamRef};
-    use k8s_openapi::{
-        api::{
-            core::v1::{ObjectReference, ServicePort, ServiceSpec},
-            discovery::v1::{Endpoint as SliceEndpoint, EndpointConditions, EndpointPort},
-        },
-        apimachinery::pkg::apis::meta::v1::ObjectMeta,
-        jiff::Timestamp,
+    use crate::{
+        api::ConditionStatus::{False, True, Unknown},
+        config::EndpointState,
     };
-
-    fn spec(service: &str, port: IntOrString, listener: u16) -> UpstreamPolicySpec {
-        UpstreamPolicySpec {
-            workload_selector: None,
-            upstream: UpstreamRef {
-                service: service.into(),
-                port,
-            },
-            listener: Listener { port: listener },
-            policy: Default::default(),
-        }
-    }
-
-    fn service(name: &str, ports: &[(Option<&str>, i32)]) -> Service {
-        Service {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            spec: Some(ServiceSpec {
-                ports: Some(
-                    ports
-                        .iter()
-                        .map(|(n, p)| ServicePort {
-                            name: n.map(str::to_string),
-                            port: *p,
-                            ..Default::default()
-                        })
-                        .collect(),
-                ),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    /// (address, ready, serving, terminating)
-    type Ep<'a> = (&'a str, Option<bool>, Option<bool>, Option<bool>);
-
-    fn slice(svc: &str, family: &str, port: (Option<&str>, i32), eps: &[Ep<'_>]) -> EndpointSlice {
-        EndpointSlice {
-            metadata: ObjectMeta {
-                name: Some(format!("{svc}-{family}")),
-                labels: Some([(SERVICE_NAME_LABEL.to_string(), svc.to_string())].into()),
-                ..Default::default()
-            },
-            address_type: family.into(),
-            ports: Some(vec![EndpointPort {
-                name: port.0.map(str::to_string),
-                port: Some(port.1),
-                ..Default::default()
-            }]),
-            endpoints: eps
-                .iter()
-                .enumerate()
-                .map(|(i, (a, r, s, t))| SliceEndpoint {
-                    addresses: vec![a.to_string()],
-                    conditions: Some(EndpointConditions {
-                        ready: *r,
-                        serving: *s,
-                        terminating: *t,
-                    }),
-                    target_ref: Some(ObjectReference {
-                        kind: Some("Pod".into()),
-                        name: Some(format!("{svc}-{i}")),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
-                .collect(),
-        }
-    }
-
-    fn ts(s: i64) -> Time {
-        Time(Timestamp::from_second(s).unwrap())
-    }
-
-    fn input<'a>(
-        name: &'a str,
-        created: &'a Time,
-        spec: &'a UpstreamPolicySpec,
-    ) -> PolicyInput<'a> {
-        PolicyInput {
-            name,
-            created: Some(created),
-            spec: Ok(spec),
-            last_accepted: None,
-        }
-    }
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
     #[test]
     fn endpoint_conditions_map_to_states_and_counts() {
@@ -756,7 +278,7 @@ mod tests {
                 ejected: 0,
             }
         );
-        assert_eq!((o.ready.status, o.ready.reason), ("True", reason::READY));
+        assert_eq!((o.ready.status, o.ready.reason), (True, reason::READY));
         assert_eq!(o.ready.message, "2 of 5 endpoints ready");
         assert_eq!(o.accepted.reason, reason::ACCEPTED);
         assert_eq!(o.resolved_refs.reason, reason::RESOLVED);
@@ -850,13 +372,13 @@ mod tests {
         let a = &r.outcomes["a"];
         assert_eq!(
             (a.resolved_refs.status, a.resolved_refs.reason),
-            ("False", reason::SERVICE_NOT_FOUND)
+            (False, reason::SERVICE_NOT_FOUND)
         );
         assert_eq!(
             (a.ready.status, a.ready.reason),
-            ("False", reason::REFS_NOT_RESOLVED)
+            (False, reason::REFS_NOT_RESOLVED)
         );
-        assert_eq!(a.accepted.status, "True");
+        assert_eq!(a.accepted.status, True);
         let b = &r.outcomes["b"];
         assert_eq!(b.resolved_refs.reason, reason::PORT_NOT_FOUND);
         assert_eq!(
@@ -944,7 +466,7 @@ mod tests {
         let svc = service("pay", &[(None, 80)]);
         let r = render_namespace("ns", &[input("p", &t0, &s)], &[&svc], &[]).unwrap();
         assert_eq!(r.outcomes["p"].ready.reason, reason::NO_ENDPOINTS);
-        assert_eq!(r.outcomes["p"].resolved_refs.status, "True");
+        assert_eq!(r.outcomes["p"].resolved_refs.status, True);
         let term = slice(
             "pay",
             "IPv4",
@@ -955,7 +477,7 @@ mod tests {
         let o = &r.outcomes["p"];
         assert_eq!(
             (o.ready.status, o.ready.reason),
-            ("False", reason::NO_ENDPOINTS)
+            (False, reason::NO_ENDPOINTS)
         );
         assert!(
             o.ready.message.contains("1 terminating"),
@@ -991,7 +513,7 @@ mod tests {
         let young = &r.outcomes["young"];
         assert_eq!(
             (old.accepted.status, old.accepted.reason),
-            ("True", reason::LISTENER_CONFLICT)
+            (True, reason::LISTENER_CONFLICT)
         );
         assert!(
             old.accepted.message.contains("newer policy young"),
@@ -1000,7 +522,7 @@ mod tests {
         );
         assert_eq!(
             (young.accepted.status, young.accepted.reason),
-            ("False", reason::LISTENER_CONFLICT)
+            (False, reason::LISTENER_CONFLICT)
         );
         assert!(young.accepted.message.contains("older policy old"));
         assert_eq!(young.ready.reason, reason::NOT_ACCEPTED);
@@ -1041,18 +563,18 @@ mod tests {
         // x is oldest and keeps the port; xy overlaps it and loses.
         assert_eq!(
             (rx.accepted.status, rx.accepted.reason),
-            ("True", reason::LISTENER_CONFLICT)
+            (True, reason::LISTENER_CONFLICT)
         );
         assert!(rx.accepted.message.contains("newer policy xy"), "{rx:?}");
         assert_eq!(
             (rxy.accepted.status, rxy.accepted.reason),
-            ("False", reason::LISTENER_CONFLICT)
+            (False, reason::LISTENER_CONFLICT)
         );
         assert!(rxy.accepted.message.contains("older policy x "), "{rxy:?}");
         // y overlaps only xy, which holds no port: y serves other pods than x on the same port.
         assert_eq!(
             (ry.accepted.status, ry.accepted.reason),
-            ("True", reason::ACCEPTED)
+            (True, reason::ACCEPTED)
         );
         let bad = &r.outcomes["bad"];
         assert_eq!(bad.accepted.reason, reason::INVALID);
@@ -1100,7 +622,7 @@ mod tests {
         let b = &r.outcomes["bad"];
         assert_eq!(
             (b.accepted.status, b.accepted.reason),
-            ("False", reason::INVALID)
+            (False, reason::INVALID)
         );
         assert!(
             b.accepted
@@ -1109,7 +631,7 @@ mod tests {
             "{}",
             b.accepted.message
         );
-        assert_eq!(b.resolved_refs.status, "Unknown");
+        assert_eq!(b.resolved_refs.status, Unknown);
         assert_eq!(r.outcomes["garbled"].accepted.reason, reason::INVALID);
         // The invalid one did not claim the port.
         assert_eq!(r.outcomes["good"].accepted.reason, reason::ACCEPTED);
@@ -1145,7 +667,7 @@ mod tests {
         let o = &r.outcomes["p"];
         assert_eq!(
             (o.accepted.status, o.accepted.reason),
-            ("False", reason::INVALID)
+            (False, reason::INVALID)
         );
         assert!(
             o.accepted.message.contains("last accepted version"),
@@ -1233,7 +755,7 @@ mod tests {
         a.config_not_applied("detour-config", "Too long: must have at most 1048576 bytes");
         assert_eq!(
             (a.ready.status, a.ready.reason),
-            ("False", "ConfigNotApplied")
+            (False, "ConfigNotApplied")
         );
         assert!(a
             .ready
