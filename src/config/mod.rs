@@ -35,7 +35,7 @@ pub struct Config {
     /// Must be `SidecarConfig`.
     pub kind: String,
     /// One entry per local listener.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty::seq")]
     pub upstreams: Vec<Upstream>,
 }
 
@@ -53,9 +53,9 @@ pub struct Upstream {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_selector: Option<LabelSelector>,
     /// Endpoints to balance over.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty::seq")]
     pub endpoints: Vec<Endpoint>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty::section")]
     pub policy: Policy,
 }
 
@@ -327,6 +327,45 @@ pub(crate) fn yaml_options() -> serde_saphyr::Options {
         reject_unsupported_tags: true,
         non_finite_float_policy: serde_saphyr::NonFiniteFloatPolicy::PassThrough,
         with_snippet: false,
+        // `app:` and `app: null` as label values are the text, as serde_yaml read them.
+        null_as_string: true,
+        // Whole `kubectl get -A -o yaml` lists go through `detour inject`, and a config may
+        // reuse one anchored policy for every upstream: serde-saphyr's defaults (250,000 nodes,
+        // depth 64, at most 10 aliases per anchor) refuse both. These bounds still stop a
+        // billion-laughs document.
+        budget: Some(yaml_budget()),
+    }
+}
+
+fn yaml_budget() -> serde_saphyr::Budget {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = 20_000_000;
+    budget.max_events = 50_000_000;
+    budget.max_depth = 128;
+    budget.enforce_alias_anchor_ratio = false;
+    budget
+}
+
+/// For a list or a section written as a key with no value (`endpoints:`, `retries:`): read it
+/// as an empty list or as the section with its defaults, as if the key were left out (what
+/// serde_yaml did, and what hand-written documents rely on).
+pub(crate) mod null_as_empty {
+    use serde::{de::value::MapDeserializer, Deserialize, Deserializer};
+
+    /// `key:` with no value → an empty list.
+    pub fn seq<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+        Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+    }
+
+    /// `key:` with no value → the section read from an empty mapping (each field's default).
+    pub fn section<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+        match Option::<T>::deserialize(d)? {
+            Some(v) => Ok(v),
+            None => T::deserialize(MapDeserializer::<_, D::Error>::new(std::iter::empty::<(
+                &str,
+                &str,
+            )>())),
+        }
     }
 }
 
@@ -427,6 +466,55 @@ upstreams:
         assert_eq!(u.policy.retries.per_try_timeout, Duration::from_millis(250));
         assert_eq!(u.policy.timeouts, Timeouts::default());
         assert_eq!(u.policy.health_check.protocol, HealthCheckProtocol::Tcp);
+    }
+
+    fn parsed(text: &str) -> Config {
+        parse_with_paths(text, &mut Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn a_key_with_no_value_reads_as_left_out() {
+        let empty = "apiVersion: detour.dev/v1alpha1\nkind: SidecarConfig\nupstreams:\n";
+        assert!(parsed(empty).upstreams.is_empty());
+        let given = |body: &str| {
+            format!("apiVersion: detour.dev/v1alpha1\nkind: SidecarConfig\nupstreams:\n  - name: a\n    listen: 127.0.0.1:1\n{body}")
+        };
+        let blank = parsed(&given("    endpoints:\n    policy:\n"));
+        let left_out = parsed(&given(""));
+        assert_eq!(blank, left_out);
+        let sections = parsed(&given(
+            "    policy:\n      healthCheck:\n      outlierDetection:\n      retries:\n      timeouts:\n",
+        ));
+        assert_eq!(sections, left_out);
+        let lists = parsed(&given(
+            "    policy:\n      retries:\n        on:\n      healthCheck:\n        expectedStatuses:\n",
+        ));
+        assert!(lists.upstreams[0].policy.retries.on.is_empty());
+        assert!(lists.upstreams[0]
+            .policy
+            .health_check
+            .expected_statuses
+            .is_empty());
+    }
+
+    #[test]
+    fn blank_and_null_label_values_are_text_and_anchors_may_be_reused() {
+        let mut text = String::from(
+            "apiVersion: detour.dev/v1alpha1\nkind: SidecarConfig\nupstreams:\n  - name: u0\n    listen: 127.0.0.1:1000\n    workloadSelector:\n      matchLabels:\n        app:\n        tier: null\n    policy: &std\n      retries:\n        attempts: 1\n",
+        );
+        for i in 1..150 {
+            text.push_str(&format!(
+                "  - name: u{i}\n    listen: 127.0.0.1:{}\n    policy: *std\n",
+                1000 + i
+            ));
+        }
+        let cfg = parsed(&text);
+        let selector = cfg.upstreams[0].workload_selector.as_ref().unwrap();
+        let labels = selector.match_labels.as_ref().unwrap();
+        assert_eq!(labels["app"], "");
+        assert_eq!(labels["tier"], "null");
+        assert_eq!(cfg.upstreams.len(), 150);
+        assert!(cfg.upstreams.iter().all(|u| u.policy.retries.attempts == 1));
     }
 
     #[test]

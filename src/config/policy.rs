@@ -14,16 +14,16 @@ use super::{Duration, FieldErrors};
 #[serde(rename_all = "camelCase")]
 pub struct Policy {
     /// Active health checking of every endpoint.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::null_as_empty::section")]
     pub health_check: HealthCheck,
     /// Passive outlier detection: eject endpoints that fail live traffic.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::null_as_empty::section")]
     pub outlier_detection: OutlierDetection,
     /// When and how failed attempts are retried on another endpoint.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::null_as_empty::section")]
     pub retries: Retries,
     /// Request, connect and connection-pool timeouts.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::null_as_empty::section")]
     pub timeouts: Timeouts,
     /// Percent (0-100). When fewer than this share of endpoints is eligible, balance over all
     /// endpoints instead (panic mode), as Envoy does. 0 disables panic mode.
@@ -56,7 +56,10 @@ pub struct HealthCheck {
     #[schemars(regex(pattern = r"^/[^\s]*$"), length(max = 1024))]
     pub path: String,
     /// Status ranges that count as healthy, e.g. `["200-399"]` or `["200", "204"]`.
-    #[serde(default = "defaults::hc_statuses")]
+    #[serde(
+        default = "defaults::hc_statuses",
+        deserialize_with = "super::null_as_empty::seq"
+    )]
     #[schemars(length(min = 1, max = 16))]
     pub expected_statuses: Vec<StatusRange>,
     /// Time between two checks of one endpoint.
@@ -135,7 +138,10 @@ pub struct Retries {
     #[schemars(range(min = 0, max = 10))]
     pub attempts: u32,
     /// Failure kinds that are retried.
-    #[serde(default = "defaults::retry_on")]
+    #[serde(
+        default = "defaults::retry_on",
+        deserialize_with = "super::null_as_empty::seq"
+    )]
     #[schemars(length(max = 4), extend("x-kubernetes-list-type" = "set"))]
     pub on: Vec<RetryOn>,
     /// Time each attempt may take to produce response headers, for requests that can be retried
