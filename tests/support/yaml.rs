@@ -1,5 +1,6 @@
-//! YAML in the tests, read the way Kubernetes and Helm read it (YAML 1.2): `yes`, `on` and `y`
-//! stay strings. One set of options for every test; `support` declares it, and the tests that do
+//! YAML in the tests, read with YAML 1.2 scalars as detour reads its own documents: `yes`, `on`
+//! and `y` stay strings (kubectl reads YAML 1.1 and would make booleans of them, so manifests
+//! meant for it, like examples/upstreampolicy.yaml, quote them). One set of options for every test; `support` declares it, and the tests that do
 //! not include `support` include it by path (`#[path = "support/yaml.rs"]`).
 #![allow(dead_code)]
 
