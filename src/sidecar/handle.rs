@@ -199,42 +199,26 @@ async fn follow(shared: Arc<Shared>, source: ConfigSource) {
                 problem(&shared, why);
             }
             Update::Disconnected(error) => {
-                let mut s = shared.source.lock();
-                s.set_connected(false);
-                tracing::warn!(source = %s.origin, %error, hash = %shared.view.load().hash,
-                    "config source unreachable: serving the last good config, retrying");
+                let hash = shared.view.load().hash.clone();
+                shared.source.lock().disconnected(&error, &hash);
             }
-            Update::Connected => {
-                let mut s = shared.source.lock();
-                if !s.connected {
-                    s.set_connected(true);
-                    tracing::info!(source = %s.origin, "config source reachable again");
-                }
-            }
+            Update::Connected => shared.source.lock().reconnected(),
         }
     }
 }
 
 fn refuse(shared: &Shared, err: &dyn std::error::Error, what: &str) {
-    let origin = shared.source.lock().origin.clone();
-    problem(shared, format!("{origin} {what}: {err}"));
+    let hash = shared.view.load().hash.clone();
+    shared.source.lock().refused(err, what, &hash);
 }
 
 fn problem(shared: &Shared, why: String) {
-    let mut s = shared.source.lock();
-    if s.problem.as_deref() != Some(why.as_str()) {
-        tracing::warn!(source = %s.origin, problem = %why, hash = %shared.view.load().hash,
-            "the running config stays in place");
-    }
-    s.set_problem(Some(why));
+    let hash = shared.view.load().hash.clone();
+    shared.source.lock().problem(why, &hash);
 }
 
 fn resolve(shared: &Shared) {
-    let mut s = shared.source.lock();
-    if let Some(p) = s.problem.take() {
-        tracing::info!(source = %s.origin, was = %p, "config source is fine again");
-    }
-    s.set_problem(None);
+    shared.source.lock().resolved();
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

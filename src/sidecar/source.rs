@@ -296,10 +296,10 @@ impl Backoff for Retry {
 pub(super) struct SourceStatus {
     /// `file`, `kubernetes`, or `api` when configs are only applied by the embedding program.
     kind: &'static str,
-    pub(super) origin: String,
-    pub(super) connected: bool,
+    origin: String,
+    connected: bool,
     /// Why the running config may not be what the source holds now.
-    pub(super) problem: Option<String>,
+    problem: Option<String>,
     applied_at: Option<SystemTime>,
     metrics: SourceMetrics,
 }
@@ -358,7 +358,7 @@ impl SourceStatus {
         self.set_connected(kind != "kubernetes");
     }
 
-    pub(super) fn set_connected(&mut self, up: bool) {
+    fn set_connected(&mut self, up: bool) {
         self.connected = up;
         self.metrics
             .connected
@@ -367,9 +367,47 @@ impl SourceStatus {
         self.update_stale();
     }
 
-    pub(super) fn set_problem(&mut self, problem: Option<String>) {
+    fn set_problem(&mut self, problem: Option<String>) {
         self.problem = problem;
         self.update_stale();
+    }
+
+    /// The source cannot be reached; `hash` is the config that keeps serving.
+    pub(super) fn disconnected(&mut self, error: &str, hash: &str) {
+        self.set_connected(false);
+        tracing::warn!(source = %self.origin, %error, %hash,
+            "config source unreachable: serving the last good config, retrying");
+    }
+
+    /// The source answers (again); logged only when it had not.
+    pub(super) fn reconnected(&mut self) {
+        if !self.connected {
+            self.set_connected(true);
+            tracing::info!(source = %self.origin, "config source reachable again");
+        }
+    }
+
+    /// What the source holds cannot be applied (`what`, because of `err`).
+    pub(super) fn refused(&mut self, err: &dyn std::error::Error, what: &str, hash: &str) {
+        let why = format!("{} {what}: {err}", self.origin);
+        self.problem(why, hash);
+    }
+
+    /// Why the running config (`hash`) may not be what the source holds; logged when it changes.
+    pub(super) fn problem(&mut self, why: String, hash: &str) {
+        if self.problem.as_deref() != Some(why.as_str()) {
+            tracing::warn!(source = %self.origin, problem = %why, %hash,
+                "the running config stays in place");
+        }
+        self.set_problem(Some(why));
+    }
+
+    /// The running config is what the source holds; logged when a problem ends.
+    pub(super) fn resolved(&mut self) {
+        if let Some(p) = self.problem.take() {
+            tracing::info!(source = %self.origin, was = %p, "config source is fine again");
+        }
+        self.set_problem(None);
     }
 
     /// Stale while the source has a problem or cannot be reached.
