@@ -13,9 +13,8 @@ mod webhooks;
 mod yaml;
 
 use std::{
-    io::Write,
     path::PathBuf,
-    process::{Command, Output, Stdio},
+    process::{Command, Output},
 };
 
 use serde_json::{json, Value};
@@ -177,21 +176,12 @@ impl Rendered {
 }
 
 fn validate_prometheus_operator(objects: &[&Value]) -> Result<String, String> {
-    let mut child = Command::new("node")
-        .arg(root().join("scripts/validate-prometheus-operator.js"))
-        .arg(models_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("node");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(serde_json::to_string(objects).unwrap().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = validate::output_with_stdin(
+        Command::new("node")
+            .arg(root().join("scripts/validate-prometheus-operator.js"))
+            .arg(models_dir()),
+        &serde_json::to_string(objects).unwrap(),
+    );
     let report =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     if out.status.success() && report.matches("valid ").count() == objects.len() {

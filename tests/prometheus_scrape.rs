@@ -10,7 +10,7 @@
 mod real_prometheus;
 mod support;
 
-use std::{fs, io::Write, net::SocketAddr, process::Command, process::Stdio, time::Duration};
+use std::{fs, net::SocketAddr, process::Command, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -88,20 +88,10 @@ async fn real_prometheus_scrapes_the_admin_port() {
     fs::write(&metrics_file, &metrics).expect("write metrics");
     let promtool = tools.promtool.clone();
     let check = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(&promtool)
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run promtool");
-        child
-            .stdin
-            .take()
-            .expect("promtool stdin")
-            .write_all(metrics.as_bytes())
-            .expect("feed promtool");
-        child.wait_with_output().expect("promtool finishes")
+        support::validate::output_with_stdin(
+            Command::new(&promtool).args(["check", "metrics"]),
+            &metrics,
+        )
     })
     .await
     .expect("promtool task");
